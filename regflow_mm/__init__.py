@@ -1,0 +1,2 @@
+"""regflow-mm: Boltzmann generators for OpenMM."""
+__version__ = "0.1.0"
