@@ -1,0 +1,75 @@
+"""`regflow-mm systems`, `simulate`, `dataset-info`, `export-traj`."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("systems", help="list the built-in systems")
+    p.set_defaults(func=_systems)
+
+    p = subparsers.add_parser("simulate", help="run MD into an HDF5 dataset (resumes if it exists)")
+    p.add_argument("system", help="built-in name (aldp, al3, al4) or a system spec .toml")
+    p.add_argument("--ns", type=float, required=True, help="total production length, ns")
+    p.add_argument("--out", required=True, help="dataset file (.h5); rerun the same command to resume")
+    p.add_argument("--save-interval-ps", type=float, default=1.0, help="ps between saved frames (default 1)")
+    p.add_argument("--timestep-fs", type=float, default=1.0, help="integration step, fs (default 1)")
+    p.add_argument("--friction", type=float, default=None, help="Langevin friction, 1/ps (default: the system's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--platform", default="auto", help="OpenMM platform: auto (default), Reference, CPU, CUDA, OpenCL")
+    p.add_argument("--threads", type=int, default=1, help="CPU platform threads (default 1)")
+    p.add_argument("--equilibration-ps", type=float, default=10.0, help="unsaved MD before production, ps")
+    p.add_argument("--chunk-frames", type=int, default=100, help="frames written per chunk (at most this many are lost on a kill)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--test-fraction", type=float, default=0.1)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_simulate)
+
+    p = subparsers.add_parser("dataset-info", help="print a dataset's summary")
+    p.add_argument("dataset")
+    p.set_defaults(func=_info)
+
+    p = subparsers.add_parser("export-traj", help="write a dataset as DCD/XTC/PDB for VMD or PyMOL")
+    p.add_argument("dataset")
+    p.add_argument("--out", required=True, help="output file: .dcd, .xtc, .pdb or .h5")
+    p.add_argument("--split", default=None, choices=["train", "val", "test"])
+    p.set_defaults(func=_export)
+
+
+def _systems(args) -> int:
+    from ..systems import get_system, list_systems
+
+    for name in list_systems():
+        s = get_system(name)
+        print(f"{name:6s} {s.n_atoms:3d} atoms  {s.temperature:.0f} K  {' + '.join(s.spec.forcefield)}  "
+              f"{s.spec.nonbonded_method}  torsions: {', '.join(s.torsions)}")
+    return 0
+
+
+def _simulate(args) -> int:
+    from ..systems import get_system
+    from .dataset import load_dataset
+    from .simulate import simulate
+
+    system = get_system(args.system)
+    out = simulate(system, args.out, ns=args.ns, save_interval_ps=args.save_interval_ps,
+                   timestep_fs=args.timestep_fs, friction_per_ps=args.friction, seed=args.seed,
+                   platform=args.platform, threads=args.threads, equilibration_ps=args.equilibration_ps,
+                   chunk_frames=args.chunk_frames, val_fraction=args.val_fraction,
+                   test_fraction=args.test_fraction, progress=not args.quiet)
+    print(load_dataset(out, system).summary())
+    return 0
+
+
+def _info(args) -> int:
+    from .dataset import load_dataset
+
+    print(load_dataset(args.dataset).summary())
+    return 0
+
+
+def _export(args) -> int:
+    from .simulate import export_trajectory
+
+    print(f"wrote {export_trajectory(args.dataset, args.out, args.split)}")
+    return 0

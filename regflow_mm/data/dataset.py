@@ -1,0 +1,171 @@
+"""MD datasets on disk (HDF5) and in memory.
+
+File layout (one HDF5 file, readable with h5py or any HDF5 tool)::
+
+    /positions   (T, n_atoms, 3) float32   nm
+    /energies    (T,)            float64   kJ/mol (potential energy)
+    /forces      (T, n_atoms, 3) float32   kJ/mol/nm
+    /time        (T,)            float64   ps since the start of production
+    /splits/{train,val,test}     int64     frame indices, contiguous time blocks
+    /checkpoint                  uint8     OpenMM checkpoint after the last stored frame (resume)
+    attrs: metadata (JSON: system spec and hash, temperature, seed, integrator, versions),
+           topology_pdb (the system's PDB text), n_frames (frames committed)
+
+``n_frames`` is written last in every append, so a process killed during a write
+leaves at most a partial chunk that the next open truncates away.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..systems import MolecularSystem, get_system, list_systems, load_system
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass
+class Dataset:
+    """An MD dataset in memory. Arrays: positions (T, n, 3) nm float32, energies (T,) kJ/mol,
+    forces (T, n, 3) kJ/mol/nm, time (T,) ps; ``splits`` maps train/val/test to frame indices."""
+
+    path: Path
+    positions: np.ndarray
+    energies: np.ndarray
+    forces: np.ndarray
+    time: np.ndarray
+    splits: dict[str, np.ndarray]
+    metadata: dict
+    system: MolecularSystem
+
+    def __len__(self):
+        return len(self.energies)
+
+    def split(self, name: str) -> np.ndarray:
+        """Positions (n_frames, n_atoms, 3) nm of one split."""
+        return self.positions[self.split_indices(name)]
+
+    def split_indices(self, name: str) -> np.ndarray:
+        if name not in self.splits:
+            raise ValueError(f"dataset {self.path} has splits {sorted(self.splits)}, not {name!r}")
+        return self.splits[name]
+
+    def reduced_energies(self) -> np.ndarray:
+        """(T,) stored energies in kT."""
+        return self.energies / self.system.kT
+
+    def summary(self) -> str:
+        md = self.metadata
+        lines = [f"dataset {self.path}",
+                 f"  system       {md['system']['name']} ({self.system.n_atoms} atoms, {md['temperature']} K, "
+                 f"hash {md['system_hash'][:12]})",
+                 f"  frames       {len(self)} every {md['integrator']['save_interval_ps']} ps "
+                 f"({self.time[-1] / 1000 if len(self) else 0:.3f} ns)",
+                 f"  integrator   {md['integrator']['name']}, dt {md['integrator']['timestep_fs']} fs, "
+                 f"friction {md['integrator']['friction_per_ps']}/ps, seed {md['seed']}",
+                 f"  energy       mean {self.energies.mean():.2f} kJ/mol, std {self.energies.std():.2f} kJ/mol",
+                 "  splits       " + ", ".join(f"{k} {len(v)}" for k, v in self.splits.items())]
+        for name, idx in self.system.torsions.items():
+            if name.startswith("phi"):
+                phi = dihedrals(self.positions, [idx])[:, 0]
+                lines.append(f"  {name} > 0     {np.mean(phi > 0):.3%} of frames")
+        return "\n".join(lines)
+
+
+def dihedrals(x: np.ndarray, quads) -> np.ndarray:
+    """Dihedral angles (rad, in (-pi, pi]) of atom quadruples: x (T, n, 3) -> (T, len(quads))."""
+    quads = np.asarray(quads)
+    p0, p1, p2, p3 = (x[:, quads[:, k]] for k in range(4))
+    b0, b1, b2 = p0 - p1, p2 - p1, p3 - p2
+    b1n = b1 / np.linalg.norm(b1, axis=-1, keepdims=True)
+    v = b0 - np.sum(b0 * b1n, axis=-1, keepdims=True) * b1n
+    w = b2 - np.sum(b2 * b1n, axis=-1, keepdims=True) * b1n
+    return np.arctan2(np.sum(np.cross(b1n, v) * w, axis=-1), np.sum(v * w, axis=-1))
+
+
+def contiguous_splits(n_frames: int, val_fraction: float = 0.1, test_fraction: float = 0.1) -> dict[str, np.ndarray]:
+    """Train / val / test as consecutive time blocks (in that order) of an n_frames trajectory."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"split fractions must be in [0, 1) and sum below 1; got val {val_fraction}, "
+                         f"test {test_fraction}")
+    n_val, n_test = int(round(n_frames * val_fraction)), int(round(n_frames * test_fraction))
+    n_train = n_frames - n_val - n_test
+    if n_train < 1 or (val_fraction > 0 and n_val < 1) or (test_fraction > 0 and n_test < 1):
+        raise ValueError(f"{n_frames} frames are too few for train/val/test fractions "
+                         f"{1 - val_fraction - test_fraction:.2f}/{val_fraction}/{test_fraction}: "
+                         "simulate longer (--ns) or save more often (--save-interval-ps)")
+    edges = np.cumsum([0, n_train, n_val, n_test])
+    return {name: np.arange(edges[i], edges[i + 1]) for i, name in enumerate(SPLIT_NAMES)}
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The metadata dict of a dataset file (fast: reads no arrays)."""
+    with _open(path, "r") as fh:
+        return json.loads(fh.attrs["metadata"])
+
+
+def load_dataset(path: str | Path, system: MolecularSystem | None = None) -> Dataset:
+    """Load a dataset written by ``regflow-mm simulate``; ``system`` (optional) must match its hash."""
+    path = Path(path)
+    with _open(path, "r") as fh:
+        metadata = json.loads(fh.attrs["metadata"])
+        n = int(fh.attrs["n_frames"])
+        arrays = {k: fh[k][:n] for k in ("positions", "energies", "forces", "time")}
+        splits = {k: fh["splits"][k][:] for k in fh["splits"]} if "splits" in fh else {}
+        pdb_text = fh.attrs["topology_pdb"]
+    if n == 0:
+        raise ValueError(f"dataset {path} has no frames yet: run `regflow-mm simulate` to fill it")
+    bad = ~np.isfinite(arrays["positions"]).all(axis=(1, 2))
+    if bad.any():
+        raise ValueError(f"dataset {path} has non-finite positions in {bad.sum()} frames (first: {np.flatnonzero(bad)[0]}); "
+                         "the simulation blew up: re-simulate with a smaller --timestep-fs")
+    if any(idx.size and idx.max() >= n for idx in splits.values()):
+        raise ValueError(f"dataset {path}: stored splits index past the {n} stored frames; the file is inconsistent")
+    if system is None:
+        system = _system_from_metadata(metadata, pdb_text, path)
+    elif system.spec_hash != metadata["system_hash"]:
+        raise ValueError(f"dataset {path} was made for system {metadata['system']['name']!r} "
+                         f"(hash {metadata['system_hash'][:12]}), not {system.name!r} (hash {system.spec_hash[:12]})")
+    return Dataset(path=path, splits=splits, metadata=metadata, system=system, **arrays)
+
+
+def _open(path, mode):
+    path = Path(path)
+    if mode == "r" and not path.is_file():
+        raise FileNotFoundError(f"dataset {path} not found: create it with `regflow-mm simulate SYSTEM --out {path}`")
+    try:
+        fh = h5py.File(path, mode)
+    except OSError as err:
+        raise ValueError(f"{path} is not a readable HDF5 dataset ({err}); it may be truncated or not a "
+                         "regflow-mm dataset") from None
+    if "metadata" not in fh.attrs and mode == "r":
+        fh.close()
+        raise ValueError(f"{path} is an HDF5 file but not a regflow-mm dataset (no metadata)")
+    return fh
+
+
+def _system_from_metadata(metadata: dict, pdb_text: str, path: Path) -> MolecularSystem:
+    """Rebuild the dataset's system: the built-in of that name if its hash matches, else from the stored PDB."""
+    spec = metadata["system"]
+    builtins = list_systems()
+    if spec["name"] in builtins:
+        system = get_system(spec["name"])
+        if system.spec_hash == metadata["system_hash"]:
+            return system
+    cache = Path(tempfile.gettempdir()) / "regflow_mm_systems"
+    cache.mkdir(exist_ok=True)
+    pdb = cache / f"{metadata['system_hash'][:16]}.pdb"
+    pdb.write_text(pdb_text)
+    options = {k: spec[k] for k in ("solute_dielectric", "solvent_dielectric", "friction") if spec.get(k) is not None}
+    system = load_system(pdb, spec["forcefield"], spec["temperature"], name=spec["name"],
+                         nonbonded_method=spec["nonbonded_method"], nonbonded_cutoff=spec["nonbonded_cutoff"],
+                         **options)
+    if system.spec_hash != metadata["system_hash"]:
+        raise ValueError(f"dataset {path}: cannot rebuild its system {spec['name']!r} (hash mismatch: force-field "
+                         "files changed?); pass the system explicitly to load_dataset")
+    return system

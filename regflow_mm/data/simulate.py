@@ -1,0 +1,220 @@
+"""Equilibrium MD with OpenMM, written incrementally to an HDF5 dataset and resumable.
+
+Every ``chunk_frames`` frames the new frames, an OpenMM checkpoint and the frame count
+are appended to the file and the file is closed again, so a killed run loses at most
+the chunk in progress; running the same command again resumes from the checkpoint and
+appends (the RNG state travels in the checkpoint, so the continued trajectory is the
+one an uninterrupted run produces on a deterministic platform).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time as wallclock
+from dataclasses import asdict
+from pathlib import Path
+
+import h5py
+import numpy as np
+import openmm
+from openmm import app, unit
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..systems import MolecularSystem
+from ..systems.platforms import platform_properties, resolve_platform
+from .dataset import _open, contiguous_splits
+
+log = logging.getLogger(__name__)
+
+# Settings that must agree between a dataset on disk and a run that appends to it.
+_RESUME_KEYS = ("timestep_fs", "friction_per_ps", "save_interval_ps", "name")
+
+
+def _versions() -> dict:
+    import h5py as _h5
+    import torch
+
+    return {"regflow_mm": __version__, "openmm": openmm.__version__, "numpy": np.__version__,
+            "h5py": _h5.__version__, "torch": torch.__version__}
+
+
+def _integrator(system: MolecularSystem, settings: dict, seed: int) -> openmm.Integrator:
+    integrator = openmm.LangevinMiddleIntegrator(system.temperature * unit.kelvin,
+                                                 settings["friction_per_ps"] / unit.picosecond,
+                                                 settings["timestep_fs"] * unit.femtosecond)
+    integrator.setRandomNumberSeed(seed)
+    return integrator
+
+
+def simulate(system: MolecularSystem, out: str | Path, ns: float, save_interval_ps: float = 1.0,
+             timestep_fs: float = 1.0, friction_per_ps: float | None = None, seed: int = 0,
+             platform: str = "auto", threads: int | None = 1, equilibration_ps: float = 10.0,
+             chunk_frames: int = 100, val_fraction: float = 0.1, test_fraction: float = 0.1,
+             progress: bool = True) -> Path:
+    """Run Langevin MD (LangevinMiddle) of ``system`` until ``out`` holds ``ns`` nanoseconds of frames.
+
+    Frames every ``save_interval_ps`` ps; ``friction_per_ps`` defaults to the system spec's friction;
+    ``equilibration_ps`` of unsaved MD precede production. Re-running with the same ``out`` resumes.
+    ``platform``: OpenMM platform name or "auto" (see ``regflow_mm.systems.platforms``);
+    ``threads``: CPU-platform threads (default 1: a 22-42 atom system does not scale past one thread,
+    and spinning extra threads costs more than they give on a busy machine).
+    Returns the dataset path.
+    """
+    out = Path(out)
+    if ns <= 0 or save_interval_ps <= 0 or timestep_fs <= 0:
+        raise ValueError(f"ns, save_interval_ps and timestep_fs must be positive; got {ns}, {save_interval_ps}, {timestep_fs}")
+    steps_per_frame = save_interval_ps * 1000.0 / timestep_fs
+    if abs(steps_per_frame - round(steps_per_frame)) > 1e-9:
+        raise ValueError(f"save interval {save_interval_ps} ps is not a whole number of {timestep_fs} fs steps")
+    steps_per_frame = int(round(steps_per_frame))
+    target = int(round(ns * 1000.0 / save_interval_ps))
+    settings = {"name": "LangevinMiddleIntegrator", "timestep_fs": timestep_fs,
+                "friction_per_ps": system.spec.friction if friction_per_ps is None else friction_per_ps,
+                "save_interval_ps": save_interval_ps, "equilibration_ps": equilibration_ps}
+    platform = resolve_platform(platform, system.n_atoms)
+    properties = platform_properties(platform, threads)
+    context = openmm.Context(system.system, _integrator(system, settings, seed),
+                             openmm.Platform.getPlatformByName(platform), properties)
+    log.info("simulating %s on the %s platform", system.name, platform)
+
+    if out.exists():
+        n_done = _prepare_resume(out, system, settings, seed, context)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _create(out, system, settings, seed, platform, val_fraction, test_fraction)
+        context.setPositions(system.positions * unit.nanometer)
+        context.setVelocitiesToTemperature(system.temperature * unit.kelvin, seed)
+        n_equil = int(round(equilibration_ps * 1000.0 / timestep_fs))
+        if n_equil:
+            context.getIntegrator().step(n_equil)
+        n_done = 0
+
+    bar = tqdm(total=target, initial=min(n_done, target), unit="frame", disable=not progress,
+               desc=f"MD {system.name}", dynamic_ncols=True, mininterval=1.0)
+    started, frames_this_run = wallclock.perf_counter(), 0
+    integrator = context.getIntegrator()
+    try:
+        while n_done < target:
+            n_chunk = min(chunk_frames, target - n_done)
+            pos = np.empty((n_chunk, system.n_atoms, 3), np.float32)
+            frc = np.empty_like(pos)
+            ene = np.empty(n_chunk)
+            for k in range(n_chunk):
+                integrator.step(steps_per_frame)
+                state = context.getState(getPositions=True, getEnergy=True, getForces=True)
+                ene[k] = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+                if not np.isfinite(ene[k]):
+                    raise RuntimeError(f"{system.name}: MD blew up at frame {n_done + k} (energy {ene[k]}); "
+                                       f"{n_done} frames are kept in {out}; use a smaller --timestep-fs")
+                pos[k] = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+                frc[k] = state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)
+                bar.update(1)
+                frames_this_run += 1
+                elapsed = wallclock.perf_counter() - started
+                bar.set_postfix(ns_per_day=f"{frames_this_run * save_interval_ps * 1e-3 * 86400 / max(elapsed, 1e-9):.0f}",
+                                refresh=False)
+            _append(out, pos, ene, frc, n_done, save_interval_ps, context.createCheckpoint())
+            n_done += n_chunk
+    finally:
+        bar.close()
+    return out
+
+
+def _create(out, system, settings, seed, platform, val_fraction, test_fraction):
+    n = system.n_atoms
+    pdb = _pdb_text(system)
+    metadata = {"format": "regflow-mm dataset 1", "system": asdict(system.spec), "system_hash": system.spec_hash,
+                "temperature": system.temperature, "kT": system.kT, "seed": seed, "integrator": settings,
+                "platform": platform, "versions": _versions(),
+                "split_fractions": {"val": val_fraction, "test": test_fraction},
+                "units": {"positions": "nm", "energies": "kJ/mol", "forces": "kJ/mol/nm", "time": "ps"}}
+    with h5py.File(out, "w") as fh:
+        fh.attrs["metadata"] = json.dumps(metadata)
+        fh.attrs["topology_pdb"] = pdb
+        fh.attrs["n_frames"] = 0
+        for name, shape, dtype in (("positions", (n, 3), np.float32), ("forces", (n, 3), np.float32),
+                                   ("energies", (), np.float64), ("time", (), np.float64)):
+            fh.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
+                              chunks=(256, *shape), compression="gzip" if shape else None)
+
+
+def _prepare_resume(out, system, settings, seed, context) -> int:
+    with _open(out, "r+") as fh:
+        md = json.loads(fh.attrs["metadata"])
+        if md["system_hash"] != system.spec_hash:
+            raise ValueError(f"{out} holds system {md['system']['name']!r} (hash {md['system_hash'][:12]}); refusing to "
+                             f"append {system.name!r} (hash {system.spec_hash[:12]}): choose another --out")
+        stored = {k: md["integrator"][k] for k in _RESUME_KEYS}
+        asked = {k: settings[k] for k in _RESUME_KEYS}
+        if stored != asked or md["seed"] != seed:
+            raise ValueError(f"{out} was simulated with {stored}, seed {md['seed']}; this run asks for {asked}, "
+                             f"seed {seed}: use the same settings to resume, or another --out")
+        n_done = int(fh.attrs["n_frames"])
+        for name in ("positions", "forces", "energies", "time"):
+            if fh[name].shape[0] != n_done:  # a chunk cut short by a kill: drop it
+                fh[name].resize(n_done, axis=0)
+        if n_done == 0 or "checkpoint" not in fh:
+            raise ValueError(f"{out} has no completed chunk to resume from; delete it and start again")
+        checkpoint = fh["checkpoint"][()].tobytes()
+    try:
+        context.loadCheckpoint(checkpoint)
+    except Exception as err:  # OpenMM raises OpenMMException for a checkpoint of another platform/system
+        raise ValueError(f"cannot resume {out}: its checkpoint does not load on this platform ({err}); "
+                         "resume with the same --platform") from None
+    log.info("resuming %s at frame %d", out, n_done)
+    return n_done
+
+
+def _append(out, pos, ene, frc, n_done, save_interval_ps, checkpoint: bytes):
+    n_new = n_done + len(ene)
+    with h5py.File(out, "r+") as fh:
+        for name, arr in (("positions", pos), ("forces", frc), ("energies", ene),
+                          ("time", (np.arange(n_done, n_new) + 1) * save_interval_ps)):
+            fh[name].resize(n_new, axis=0)
+            fh[name][n_done:n_new] = arr
+        if "checkpoint" in fh:
+            del fh["checkpoint"]
+        fh.create_dataset("checkpoint", data=np.frombuffer(checkpoint, dtype=np.uint8))
+        fractions = json.loads(fh.attrs["metadata"])["split_fractions"]
+        if "splits" in fh:
+            del fh["splits"]
+        try:
+            splits = contiguous_splits(n_new, fractions["val"], fractions["test"])
+        except ValueError:
+            splits = {}  # too few frames yet; written once there are enough
+        group = fh.create_group("splits")
+        for name, idx in splits.items():
+            group.create_dataset(name, data=idx)
+        fh.flush()
+        fh.attrs["n_frames"] = n_new  # last: marks the chunk as committed
+
+
+def _pdb_text(system: MolecularSystem) -> str:
+    import io
+
+    buf = io.StringIO()
+    app.PDBFile.writeFile(system.topology, system.positions * unit.nanometer, buf)
+    return buf.getvalue()
+
+
+def export_trajectory(dataset_path: str | Path, out: str | Path, split: str | None = None) -> Path:
+    """Write a dataset's frames as DCD/XTC/PDB (by extension, via mdtraj) for VMD/PyMOL users.
+
+    A DCD/XTC also gets a ``.pdb`` topology next to it.
+    """
+    import mdtraj
+
+    from .dataset import load_dataset
+
+    data = load_dataset(dataset_path)
+    xyz = data.split(split) if split else data.positions
+    top = mdtraj.Topology.from_openmm(data.system.topology)
+    traj = mdtraj.Trajectory(xyz, top, time=data.time[data.split_indices(split)] if split else data.time)
+    out = Path(out)
+    if out.suffix not in (".dcd", ".xtc", ".pdb", ".h5"):
+        raise ValueError(f"unsupported trajectory format {out.suffix!r}: use .dcd, .xtc, .pdb or .h5")
+    traj.save(str(out))
+    if out.suffix in (".dcd", ".xtc"):
+        traj[0].save_pdb(str(out.with_suffix(".pdb")))
+    return out

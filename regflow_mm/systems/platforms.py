@@ -1,0 +1,39 @@
+"""Choosing the OpenMM platform.
+
+Measured on a 2-core VM (see BENCHMARKS.md): for 22-42 atom implicit-solvent peptides the
+single-threaded Reference platform beats the CPU platform (aldp ~3900 vs ~140 ns/day,
+al4 ~1200 vs ~150 ns/day: the CPU platform's thread synchronisation dominates such tiny
+systems), so "auto" prefers Reference for small systems when no GPU is present.
+"""
+from __future__ import annotations
+
+import logging
+
+import openmm
+
+log = logging.getLogger(__name__)
+
+SMALL_SYSTEM_ATOMS = 200
+
+
+def available_platforms() -> list[str]:
+    return [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
+
+
+def resolve_platform(name: str | None, n_atoms: int) -> str:
+    """Platform name for ``name`` ('auto'/None: CUDA if present, else Reference for small systems, else CPU)."""
+    available = available_platforms()
+    if name in (None, "auto"):
+        if "CUDA" in available:
+            chosen = "CUDA"
+        else:
+            chosen = "Reference" if n_atoms < SMALL_SYSTEM_ATOMS else "CPU"
+        log.info("OpenMM platform: %s (auto; available: %s)", chosen, ", ".join(available))
+        return chosen
+    if name not in available:
+        raise ValueError(f"OpenMM platform {name!r} is not available here; available: {', '.join(available)}")
+    return name
+
+
+def platform_properties(name: str, threads: int | None) -> dict:
+    return {"Threads": str(threads)} if (name == "CPU" and threads) else {}
