@@ -139,7 +139,8 @@ def _open(path, mode):
     if mode == "r" and not path.is_file():
         raise FileNotFoundError(f"dataset {path} not found: create it with `regflow-mm simulate SYSTEM --out {path}`")
     try:
-        fh = h5py.File(path, mode)
+        # Readers take no HDF5 file lock, so inspecting a dataset never blocks a running simulate.
+        fh = h5py.File(path, mode, locking=False) if mode == "r" else h5py.File(path, mode)
     except OSError as err:
         raise ValueError(f"{path} is not a readable HDF5 dataset ({err}); it may be truncated or not a "
                          "regflow-mm dataset") from None
