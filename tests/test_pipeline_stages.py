@@ -1,0 +1,75 @@
+"""Stage caching and pipeline config validation."""
+import json
+
+import pytest
+
+from regflow_mm.pipeline.config import SCHEMA, load_config, validate
+from regflow_mm.pipeline.stages import Stage, StagedRun
+
+
+def _counting_stage(name, calls, settings, needs=()):
+    def run(folder, inputs):
+        calls.append(name)
+        (folder / "out.txt").write_text(json.dumps(inputs))
+        return {"value": settings["x"] + sum(r["value"] for r in inputs.values())}
+    return Stage(name, run, settings, needs)
+
+
+def test_second_run_does_no_work_and_changes_propagate_downstream(tmp_path):
+    calls = []
+
+    def pipeline(xa, xb):
+        run = StagedRun(tmp_path)
+        run.run(_counting_stage("a", calls, {"x": xa}))
+        return run.run(_counting_stage("b", calls, {"x": xb}, needs=("a",)))
+
+    assert pipeline(1, 10) == {"value": 11}
+    assert calls == ["a", "b"]
+    assert pipeline(1, 10) == {"value": 11}
+    assert calls == ["a", "b"], "a cached run must do no work"
+    assert pipeline(2, 10) == {"value": 12}
+    assert calls == ["a", "b", "a", "b"], "changing a re-runs a and its dependant b"
+    assert pipeline(2, 20) == {"value": 22}
+    assert calls[-1] == "b" and calls.count("a") == 2
+
+
+def test_interrupted_stage_reruns(tmp_path):
+    calls = []
+
+    def flaky(folder, inputs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return {"ok": True}
+
+    with pytest.raises(KeyboardInterrupt):
+        StagedRun(tmp_path).run(Stage("s", flaky, {}))
+    assert not (tmp_path / "s" / "stage.json").exists()
+    assert StagedRun(tmp_path).run(Stage("s", flaky, {})) == {"ok": True}
+    assert StagedRun(tmp_path).run(Stage("s", flaky, {})) == {"ok": True}
+    assert len(calls) == 2
+
+
+def test_stage_order_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="needs \\['a'\\] to run first"):
+        StagedRun(tmp_path).run(Stage("b", lambda f, i: {}, {}, needs=("a",)))
+
+
+def test_config_defaults_and_errors(tmp_path):
+    cfg = validate({"md": {"ns": 2}})
+    assert cfg["md"]["ns"] == 2.0 and isinstance(cfg["md"]["ns"], float)
+    assert cfg["train"] == SCHEMA["train"]
+    with pytest.raises(ValueError, match="unknown key 'nss' in \\[md\\]; allowed: ns, "):
+        validate({"md": {"nss": 2}})
+    with pytest.raises(ValueError, match="unknown section \\[mdd\\]"):
+        validate({"mdd": {}})
+    with pytest.raises(ValueError, match="\\[md\\].ns must be a number, got 'long'"):
+        validate({"md": {"ns": "long"}})
+    with pytest.raises(ValueError, match="\\[train\\].epochs must be an integer, got a boolean"):
+        validate({"train": {"epochs": True}})
+    path = tmp_path / "c.toml"
+    path.write_text("[md]\nns = [1\n")
+    with pytest.raises(ValueError, match="is not valid TOML"):
+        load_config(path)
+    with pytest.raises(FileNotFoundError, match="examples"):
+        load_config(tmp_path / "none.toml")
