@@ -1,0 +1,8 @@
+"""A flow's energy -kT log q(x) as an OpenMM force (openmm-torch TorchForce or openmm.PythonForce).
+
+    >>> from regflow_mm.export import flow_force
+    >>> system.addForce(flow_force(flow, backend="torch", force_group=1))
+"""
+from .forces import BACKENDS, FlowEnergyModule, export_torchscript, flow_force
+
+__all__ = ["BACKENDS", "FlowEnergyModule", "export_torchscript", "flow_force"]

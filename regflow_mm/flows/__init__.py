@@ -1,0 +1,16 @@
+"""Normalizing flows: layers with exact log-dets, priors, and BoltzmannFlow (the object users touch).
+
+    >>> from regflow_mm.flows import build_flow, load_flow
+    >>> flow = build_flow(system, representation="cartesian", architecture="nsf", fit_to=train_positions)
+    >>> x, log_q = flow.sample(1000); flow.save("flow.pt")
+"""
+from .base import Flow, SequentialFlow
+from .boltzmann import BoltzmannFlow
+from .elementwise import ElementwiseAffine, NormalCDF
+from .factory import architectures, build_flow, default_prior, flow_from_config, get_architecture, register_architecture
+from .io import flow_file_hash, load_flow, save_flow
+from .priors import Prior, StandardNormal, UniformBox, prior_from_config
+
+__all__ = ["Flow", "SequentialFlow", "BoltzmannFlow", "ElementwiseAffine", "NormalCDF", "build_flow",
+           "register_architecture", "architectures", "get_architecture", "default_prior", "flow_from_config",
+           "load_flow", "save_flow", "flow_file_hash", "Prior", "StandardNormal", "UniformBox", "prior_from_config"]

@@ -1,0 +1,233 @@
+"""Smooth coupling layers on products of intervals [0, 1] and circles (flow coordinates in [0, 1)).
+
+A :class:`SmoothCouplingLayer` transforms a subset of the coordinates with the C-infinity mixture
+transforms of :mod:`regflow_mm.flows.smooth`, whose parameters (weights, concentrations, locations,
+identity mixing, ramp steepness, and a rotation for circle coordinates) are all outputs of a conditioner
+network of the remaining coordinates. The conditioner embeds circle inputs as ``(cos 2 pi x, sin 2 pi x)``
+so it is smooth and periodic across the seam, and uses SiLU activations so the density stays C-infinity.
+
+Which direction is analytic is configurable: ``analytic='inverse'`` (default) evaluates the mixture on
+data -> noise (densities and forces of data analytic; sampling needs root finding),
+``analytic='forward'`` evaluates it on noise -> data (sampling analytic; densities of data need the
+numerical inverse, and forces of data then need its second derivatives).
+Both directions have exact log-dets and gradients to second order.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .base import Flow, SequentialFlow
+from .rootfinding import RootFindingConfig, RootFindingStats, implicit_inverse
+from .smooth import DOMAINS, SmoothParams, SmoothTransformConfig, constrain_params, initial_raw, mixture_cdf
+
+ANALYTIC = ("forward", "inverse")
+
+
+def _mixture_fn(x: torch.Tensor, params: Sequence[torch.Tensor], derivative: bool = True, *,
+                config: SmoothTransformConfig):
+    return mixture_cdf(x, SmoothParams(*params), config, derivative)
+
+
+class SmoothConditioner(nn.Module):
+    """MLP from conditioning coordinates (B, C) in [0, 1) to raw parameters (B, n_out).
+
+    Circle coordinates enter as (cos 2 pi x, sin 2 pi x), interval coordinates as 2 x - 1. The output
+    layer starts at zero weight and bias ``init`` (a near-identity transform). With C = 0 the
+    parameters are learned constants.
+    """
+
+    def __init__(self, domains: Sequence[str], init: torch.Tensor, hidden: Sequence[int] = (64, 64)):
+        super().__init__()
+        self.register_buffer("is_circle", torch.tensor([d == "circle" for d in domains], dtype=torch.bool))
+        n_in = sum(2 if d == "circle" else 1 for d in domains)
+        self.n_cond = len(domains)
+        if self.n_cond == 0:
+            self.net = None
+            self.bias = nn.Parameter(init.clone())
+            return
+        layers: list[nn.Module] = []
+        width = n_in
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.SiLU()]
+            width = h
+        out = nn.Linear(width, init.numel())
+        nn.init.zeros_(out.weight)
+        with torch.no_grad():
+            out.bias.copy_(init)
+        self.net = nn.Sequential(*layers, out)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C) -> (B, C + n_circle) smooth, seam-free features."""
+        angle = 2.0 * math.pi * x[:, self.is_circle]
+        return torch.cat([2.0 * x[:, ~self.is_circle] - 1.0, torch.cos(angle), torch.sin(angle)], dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.net is None:
+            return self.bias.to(x.dtype).expand(x.shape[0], -1)
+        return self.net(self.embed(x))
+
+
+class SmoothCouplingLayer(Flow):
+    """Coupling layer: coordinates ``transformed`` are mapped by smooth mixtures conditioned on the rest.
+
+    ``domains``: 'interval' or 'circle' for each of the D coordinates (all in [0, 1]; circles are [0, 1)
+    with 0 ~ 1). ``n_components``: mixture size K; ``beta``: ramp power; ``hidden``: conditioner widths;
+    ``analytic``: which direction evaluates the mixture in closed form; ``rootfinding``: inverse settings;
+    ``circle_shift``: add a conditioned rotation to circle coordinates; ``c_min``: density floor.
+    Root-finding statistics of this layer are in ``self.rootfinding_stats``.
+    """
+
+    def __init__(self, domains: Sequence[str], transformed: Sequence[int], n_components: int = 8, beta: int = 1,
+                 hidden: Sequence[int] = (64, 64), analytic: str = "inverse",
+                 rootfinding: RootFindingConfig = RootFindingConfig(), circle_shift: bool = True,
+                 c_min: float = 1e-3):
+        super().__init__()
+        domains = list(domains)
+        bad = [d for d in domains if d not in DOMAINS]
+        if bad:
+            raise ValueError(f"domains must be 'interval' or 'circle', got {bad[:3]}")
+        if analytic not in ANALYTIC:
+            raise ValueError(f"analytic must be 'forward' or 'inverse', got {analytic!r}")
+        transformed = sorted(set(int(i) for i in transformed))
+        if not transformed or transformed[0] < 0 or transformed[-1] >= len(domains):
+            raise ValueError(f"transformed must be non-empty indices in [0, {len(domains)}), got {transformed}")
+        conditioning = [i for i in range(len(domains)) if i not in transformed]
+        self.dim = len(domains)
+        self.analytic = analytic
+        self.rootfinding = rootfinding
+        self.rootfinding_stats = RootFindingStats()
+        self.domains = domains
+        self.register_buffer("idx_cond", torch.tensor(conditioning, dtype=torch.long))
+        self.register_buffer("idx_int", torch.tensor([i for i in transformed if domains[i] == "interval"],
+                                                     dtype=torch.long))
+        self.register_buffer("idx_circ", torch.tensor([i for i in transformed if domains[i] == "circle"],
+                                                      dtype=torch.long))
+        self.config_int = SmoothTransformConfig("interval", n_components, beta, a_min=1.0, c_min=c_min)
+        self.config_circ = SmoothTransformConfig("circle", n_components, beta, a_min=1.0, c_min=c_min)
+        self.circle_shift = circle_shift and len(self.idx_circ) > 0
+        n_int, n_circ = len(self.idx_int), len(self.idx_circ)
+        init = [initial_raw(self.config_int).repeat(n_int), initial_raw(self.config_circ).repeat(n_circ)]
+        if self.circle_shift:
+            init.append(torch.zeros(n_circ))
+        self.conditioner = SmoothConditioner([domains[i] for i in conditioning], torch.cat(init), hidden)
+
+    def _params(self, x: torch.Tensor):
+        """One conditioner pass: (interval params, circle params, circle shift or None)."""
+        raw = self.conditioner(x[:, self.idx_cond])
+        n_int, n_circ = len(self.idx_int), len(self.idx_circ)
+        k_int, k_circ = self.config_int.n_raw, self.config_circ.n_raw
+        batch = x.shape[0]
+        raw_int = raw[:, : n_int * k_int].reshape(batch, n_int, k_int)
+        raw_circ = raw[:, n_int * k_int: n_int * k_int + n_circ * k_circ].reshape(batch, n_circ, k_circ)
+        shift = torch.sigmoid(raw[:, n_int * k_int + n_circ * k_circ:]) if self.circle_shift else None
+        return constrain_params(raw_int, self.config_int), constrain_params(raw_circ, self.config_circ), shift
+
+    def _closed_form(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p_int, p_circ, shift = self._params(u)
+        v = u.clone()
+        logdet = u.new_zeros(u.shape[0])
+        if len(self.idx_int):
+            y, dy = mixture_cdf(u[:, self.idx_int], p_int, self.config_int)
+            v[:, self.idx_int] = y.clamp(0.0, 1.0)  # f maps [0, 1] onto itself; remove rounding overshoot
+            logdet = logdet + torch.log(dy).sum(-1)
+        if len(self.idx_circ):
+            t = u[:, self.idx_circ]
+            if shift is not None:
+                t = torch.remainder(t - shift, 1.0)
+            y, dy = mixture_cdf(t, p_circ, self.config_circ)
+            if shift is not None:
+                y = torch.remainder(y + shift, 1.0)
+            v[:, self.idx_circ] = y
+            logdet = logdet + torch.log(dy).sum(-1)
+        return v, logdet
+
+    def _root_found(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p_int, p_circ, shift = self._params(v)
+        u = v.clone()
+        logdet = v.new_zeros(v.shape[0])
+        for idx, params, config in ((self.idx_int, p_int, self.config_int), (self.idx_circ, p_circ, self.config_circ)):
+            if not len(idx):
+                continue
+            t = v[:, idx]
+            circle = config.domain == "circle" and shift is not None
+            if circle:
+                t = torch.remainder(t - shift, 1.0)
+            fn = functools.partial(_mixture_fn, config=config)
+            x = implicit_inverse(fn, t, tuple(params), self.rootfinding, self.rootfinding_stats)
+            _, dx = mixture_cdf(x, params, config)
+            if circle:
+                x = torch.remainder(x + shift, 1.0)
+            u[:, idx] = x
+            logdet = logdet - torch.log(dx).sum(-1)
+        return u, logdet
+
+    def _forward(self, x):
+        return self._closed_form(x) if self.analytic == "forward" else self._root_found(x)
+
+    def _inverse(self, y):
+        return self._root_found(y) if self.analytic == "forward" else self._closed_form(y)
+
+
+def coupling_splits(dim: int, n_layers: int, seed: int = 0) -> list[list[int]]:
+    """Transformed index sets for ``n_layers`` couplings: pairs of complementary random halves.
+
+    With ``dim == 1`` every layer transforms the single coordinate unconditionally.
+    """
+    if dim < 1 or n_layers < 1:
+        raise ValueError(f"need dim >= 1 and n_layers >= 1, got dim={dim}, n_layers={n_layers}")
+    if dim == 1:
+        return [[0] for _ in range(n_layers)]
+    gen = torch.Generator().manual_seed(seed)
+    splits = []
+    while len(splits) < n_layers:
+        perm = torch.randperm(dim, generator=gen).tolist()
+        half = sorted(perm[: dim // 2])
+        splits += [half, sorted(perm[dim // 2:])]
+    return splits[:n_layers]
+
+
+def smooth_coupling_flow(domains: Sequence[str], n_layers: int = 4, splits: Sequence[Sequence[int]] | None = None,
+                         seed: int = 0, **layer_kwargs) -> SequentialFlow:
+    """Stack of :class:`SmoothCouplingLayer` over coordinates with the given ``domains``.
+
+    ``splits``: transformed indices per layer (default :func:`coupling_splits`, seeded);
+    ``layer_kwargs``: passed to every layer (n_components, beta, hidden, analytic, rootfinding, ...).
+    """
+    splits = coupling_splits(len(domains), n_layers, seed) if splits is None else splits
+    return SequentialFlow([SmoothCouplingLayer(domains, s, **layer_kwargs) for s in splits])
+
+
+def smooth_architecture(representation, n_layers: int = 4, n_components: int = 8, beta: int = 1,
+                        hidden: Sequence[int] = (64, 64), analytic: str = "inverse", circle_shift: bool = True,
+                        c_min: float = 1e-3, n_bins: int = 64, tol: float | None = None, max_passes: int = 60,
+                        n_newton: int = 2, on_failure: str = "raise", seed: int = 0):
+    """Architecture builder ``'smooth'`` for ``build_flow``: (smooth coupling flow, uniform prior on the box).
+
+    Needs a representation with ``domain == 'box'`` (internal coordinates): its ``circular`` dimensions
+    (torsions) are circles, the others (bonds, angles) intervals. ``seed`` fixes the coupling splits.
+    """
+    from .factory import default_prior
+
+    if getattr(representation, "domain", None) != "box":
+        raise ValueError("architecture 'smooth' needs a [0, 1]^D flow space: use representation='internal'")
+    domains = ["circle" if bool(c) else "interval" for c in representation.circular]
+    rootfinding = RootFindingConfig(n_bins=n_bins, tol=tol, max_passes=max_passes, n_newton=n_newton,
+                                    on_failure=on_failure)
+    transform = smooth_coupling_flow(domains, n_layers=n_layers, seed=seed, n_components=n_components, beta=beta,
+                                     hidden=tuple(hidden), analytic=analytic, rootfinding=rootfinding,
+                                     circle_shift=circle_shift, c_min=c_min)
+    return transform, default_prior(representation)
+
+
+def _register() -> None:
+    from .factory import register_architecture
+
+    register_architecture("smooth", smooth_architecture)
+
+
+_register()

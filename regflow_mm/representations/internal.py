@@ -1,0 +1,166 @@
+"""Internal coordinates (bonds, angles, torsions of a Z-matrix) mapped to the unit box.
+
+Flow space, dimension D = 3N - 6, in the order [bonds (N-1) | angles (N-2) | torsions (N-3)]:
+bonds r (nm) and angles theta (rad) are mapped affinely to [0, 1] by fitted bounds
+u = (v - lo) / (hi - lo); torsions phi in [-pi, pi) map to the circle u = (phi + pi) / (2 pi) in [0, 1).
+The seed bonds r(s0,s1), r(s1,s2) and angle theta(s0,s1,s2) lead each block.
+
+Density: log q(x) = log q_U(u) + logdet_to is the density of the configuration modulo rigid motions,
+with respect to the measure dx / (dt dR) that Lebesgue measure on R^{3N} induces on R^{3N}/SE(3)
+(translations t with Lebesgue measure, rotations R with the Haar measure of total volume 8 pi^2).
+So for a rigid-motion-invariant energy u(x), exp(-u(x)) / Z is the target density in the same
+measure and log w = -u(x) - log q(x) are correct importance weights. With
+J(x) = r01^2 r12^2 sin(theta012) prod_rows r_i^2 sin(theta_i)  (the Jacobian of the Z-matrix,
+seeds included), logdet_to = -log J - sum log(hi - lo) over bonds and angles - (N-3) log(2 pi).
+``from_flow_space`` puts the seeds in the reference frame s0 = 0, s1 on +x, s2 in the xy plane (y > 0).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import Representation, as_positions
+from .zmatrix import ZMatrix, zmatrix_from_topology
+
+
+def bond_lengths(x, i, j):
+    """|x_i - x_j| for index tensors i, j: x (B, N, 3) -> (B, len(i))."""
+    return (x[:, i] - x[:, j]).norm(dim=-1)
+
+
+def bond_angles(x, i, j, k):
+    """Angle i-j-k at j in rad, (B, len(i)), via atan2 (accurate near 0 and pi)."""
+    a, b = x[:, i] - x[:, j], x[:, k] - x[:, j]
+    return torch.atan2(torch.linalg.cross(a, b).norm(dim=-1), (a * b).sum(-1))
+
+
+def torsion_angles(x, i, j, k, l):
+    """Dihedral i-j-k-l in rad in (-pi, pi], (B, len(i)) (IUPAC sign; equal to dihedral l-k-j-i)."""
+    b1, b2, b3 = x[:, j] - x[:, i], x[:, k] - x[:, j], x[:, l] - x[:, k]
+    n1, n2 = torch.linalg.cross(b1, b2), torch.linalg.cross(b2, b3)
+    sin_part = (torch.linalg.cross(n1, n2) * b2).sum(-1) / b2.norm(dim=-1)
+    return torch.atan2(sin_part, (n1 * n2).sum(-1))
+
+
+def place_atom(xj, xk, xl, r, theta, phi):
+    """NeRF: position of atom i with |ij| = r, angle i-j-k = theta, torsion i-j-k-l = phi; (B, 3)."""
+    bc = xj - xk
+    bc = bc / bc.norm(dim=-1, keepdim=True)
+    n = torch.linalg.cross(xk - xl, bc)
+    n = n / n.norm(dim=-1, keepdim=True)
+    m = torch.linalg.cross(n, bc)
+    d = (-r * torch.cos(theta))[:, None] * bc + (r * torch.sin(theta))[:, None] * (
+        torch.cos(phi)[:, None] * m + torch.sin(phi)[:, None] * n)
+    return xj + d
+
+
+class InternalCoordinates(Representation):
+    """Z-matrix internal coordinates on [0, 1]^{3N-6} (torsions periodic). See the module docstring.
+
+    Args:
+        zmatrix: the Z-matrix (``zmatrix_from_topology``).
+        margin: fraction of the fitted range added on each side of the bond/angle bounds by ``fit``.
+    """
+
+    name = "internal"
+    domain = "box"
+
+    def __init__(self, zmatrix: ZMatrix, margin: float = 0.25):
+        n = zmatrix.n_atoms
+        if n < 3:
+            raise ValueError(f"internal coordinates need >= 3 atoms, got {n}")
+        super().__init__(n, 3 * n - 6)
+        if not margin >= 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
+        self.zmatrix = zmatrix
+        self.margin = float(margin)
+        s0, s1, s2 = zmatrix.seeds
+        rows = torch.tensor(zmatrix.rows, dtype=torch.long).reshape(-1, 4)
+        self.register_buffer("_rows", rows, persistent=False)
+        self.register_buffer("_bond_i", torch.cat([torch.tensor([s1, s2]), rows[:, 0]]), persistent=False)
+        self.register_buffer("_bond_j", torch.cat([torch.tensor([s0, s1]), rows[:, 1]]), persistent=False)
+        self.register_buffer("_angle_i", torch.cat([torch.tensor([s2]), rows[:, 0]]), persistent=False)
+        self.register_buffer("_angle_j", torch.cat([torch.tensor([s1]), rows[:, 1]]), persistent=False)
+        self.register_buffer("_angle_k", torch.cat([torch.tensor([s0]), rows[:, 2]]), persistent=False)
+        self.n_bonds, self.n_angles, self.n_torsions = n - 1, n - 2, n - 3
+        dtype = torch.get_default_dtype()
+        # Unfitted defaults cover covalent bonds and bond angles; fit() narrows them to the data.
+        self.register_buffer("bond_lo", torch.full((n - 1,), 0.05, dtype=dtype))
+        self.register_buffer("bond_hi", torch.full((n - 1,), 0.25, dtype=dtype))
+        self.register_buffer("angle_lo", torch.full((n - 2,), 0.5, dtype=dtype))
+        self.register_buffer("angle_hi", torch.full((n - 2,), math.pi - 0.01, dtype=dtype))
+        self.circular[self.n_bonds + self.n_angles:] = True
+
+    @classmethod
+    def from_topology(cls, topology, margin: float = 0.25) -> "InternalCoordinates":
+        return cls(zmatrix_from_topology(topology), margin=margin)
+
+    def get_config(self):
+        return {"type": self.name, "n_atoms": self.n_atoms, "zmatrix": self.zmatrix.to_config(),
+                "margin": self.margin}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "InternalCoordinates":
+        return cls(ZMatrix.from_config(config["zmatrix"]), margin=config.get("margin", 0.25))
+
+    @property
+    def torsion_atoms(self) -> torch.Tensor:
+        """(N-3, 4) atom indices (i, j, k, l) of the torsion coordinates, in flow-space order."""
+        return self._rows
+
+    def internal(self, x: torch.Tensor):
+        """Bonds (B, N-1) nm, angles (B, N-2) rad, torsions (B, N-3) rad in [-pi, pi] of positions."""
+        r = self._rows
+        bonds = bond_lengths(x, self._bond_i, self._bond_j)
+        angles = bond_angles(x, self._angle_i, self._angle_j, self._angle_k)
+        torsions = torsion_angles(x, r[:, 0], r[:, 1], r[:, 2], r[:, 3])
+        return bonds, angles, torsions
+
+    @torch.no_grad()
+    def fit(self, positions):
+        """Bounds from training positions (B, N, 3) nm: [min - m*range, max + m*range], m = margin."""
+        x = as_positions(positions, self.n_atoms, torch.float64)
+        bonds, angles, _ = self.internal(x)
+        for values, lo, hi, floor, ceil, min_range in ((bonds, self.bond_lo, self.bond_hi, 1e-3, math.inf, 1e-3),
+                                                       (angles, self.angle_lo, self.angle_hi, 1e-3,
+                                                        math.pi - 1e-3, 1e-2)):
+            vmin, vmax = values.min(0).values, values.max(0).values
+            span = (vmax - vmin).clamp_min(min_range)
+            lo.copy_((vmin - self.margin * span).clamp_min(floor))
+            hi.copy_((vmax + self.margin * span).clamp_max(ceil))
+        return self
+
+    def _jacobian_log(self, bonds, angles):
+        """log J = log(r01^2 r12^2 sin theta012 prod r_i^2 sin theta_i)  (module docstring)."""
+        return 2 * bonds.log().sum(-1) + angles.sin().log().sum(-1)
+
+    def _scale_log(self):
+        return ((self.bond_hi - self.bond_lo).log().sum() + (self.angle_hi - self.angle_lo).log().sum()
+                + self.n_torsions * math.log(2 * math.pi))
+
+    def to_flow_space(self, x):
+        x = self.positions(x)
+        bonds, angles, torsions = self.internal(x)
+        u = torch.cat([(bonds - self.bond_lo) / (self.bond_hi - self.bond_lo),
+                       (angles - self.angle_lo) / (self.angle_hi - self.angle_lo),
+                       torch.remainder((torsions + math.pi) / (2 * math.pi), 1.0)], dim=-1)
+        return u, -self._jacobian_log(bonds, angles) - self._scale_log()
+
+    def from_flow_space(self, y):
+        u = self._check_flow(y)
+        nb, na = self.n_bonds, self.n_angles
+        bonds = self.bond_lo + (self.bond_hi - self.bond_lo) * u[:, :nb]
+        angles = self.angle_lo + (self.angle_hi - self.angle_lo) * u[:, nb:nb + na]
+        torsions = 2 * math.pi * u[:, nb + na:] - math.pi
+        batch = u.shape[0]
+        zeros = u.new_zeros(batch)
+        s0, s1, s2 = self.zmatrix.seeds
+        pos = {s0: u.new_zeros(batch, 3),
+               s1: torch.stack([bonds[:, 0], zeros, zeros], -1)}
+        pos[s2] = pos[s1] + torch.stack([-bonds[:, 1] * angles[:, 0].cos(), bonds[:, 1] * angles[:, 0].sin(),
+                                         zeros], -1)
+        for row, (i, j, k, l) in enumerate(self.zmatrix.rows):
+            pos[i] = place_atom(pos[j], pos[k], pos[l], bonds[:, row + 2], angles[:, row + 1], torsions[:, row])
+        x = torch.stack([pos[a] for a in range(self.n_atoms)], dim=1)
+        return x, self._jacobian_log(bonds, angles) + self._scale_log()

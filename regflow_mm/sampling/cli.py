@@ -1,0 +1,153 @@
+"""`regflow-mm mc`, `regflow-mm reweight` and `regflow-mm free-energy`."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("mc", help="hybrid MD / flow Monte Carlo walkers (resumable)",
+                              description="Walkers alternating Langevin MD and flow independence Metropolis-Hastings "
+                                          "moves; writes frames incrementally to an HDF5 file and resumes after a kill.")
+    p.add_argument("system", help="built-in system name or spec TOML")
+    p.add_argument("flow", help="saved flow file")
+    p.add_argument("--out", required=True, help="output HDF5 (rerun the same command to resume)")
+    p.add_argument("--iterations", type=int, required=True, help="frames per walker (one per MD + flow iteration)")
+    p.add_argument("--walkers", type=int, default=2)
+    p.add_argument("--md-steps", type=int, default=500, help="Langevin steps per iteration (0: flow moves only)")
+    p.add_argument("--timestep-fs", type=float, default=1.0)
+    p.add_argument("--friction", type=float, default=None, help="1/ps (default: the system's)")
+    p.add_argument("--flow-moves", type=int, default=1, help="flow proposals per iteration")
+    p.add_argument("--batch-size", type=int, default=256, help="flow proposals drawn per flow call")
+    p.add_argument("--allow-d", action="store_true", help="do not reject D-chirality proposals")
+    p.add_argument("--platform", default="Reference", help="OpenMM platform (Reference is fastest for ~20 atoms)")
+    p.add_argument("--checkpoint-every", type=int, default=20, help="iterations per committed block")
+    p.add_argument("--dcd-prefix", default=None, help="also write PREFIX_walker<k>.dcd at the end (mdtraj)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_mc)
+
+    for name, helptext in (("reweight", "importance-reweighted observables from flow samples"),
+                           ("free-energy", "free-energy difference between two torsion-defined states")):
+        q = subparsers.add_parser(name, help=helptext)
+        q.add_argument("system", help="built-in system name or spec TOML")
+        q.add_argument("flow", help="saved flow file")
+        q.add_argument("-n", "--n-samples", type=int, default=100_000)
+        q.add_argument("--chunk-size", type=int, default=10_000, help="flow samples per streamed chunk")
+        q.add_argument("--workers", type=int, default=None, help="energy worker processes (default: cores)")
+        q.add_argument("--platform", default="Reference")
+        q.add_argument("--allow-d", action="store_true", help="keep D-chirality samples (default: weight 0)")
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--json", default=None, help="also write the results as JSON here")
+        if name == "reweight":
+            q.add_argument("--bins", type=int, default=60, help="torsion histogram bins over (-180, 180] degrees")
+            q.add_argument("--histograms", default=None, help="write reweighted torsion histograms (npz) here")
+            q.set_defaults(func=_reweight)
+        else:
+            q.add_argument("--state-a", default="phi1 < 0", help="expression over torsions in degrees")
+            q.add_argument("--state-b", default="phi1 > 0", help="expression over torsions in degrees")
+            q.set_defaults(func=_free_energy)
+
+
+def _mc(args) -> int:
+    from regflow_mm.sampling.hybrid import export_walker_trajectory, run_hybrid_mc
+    from regflow_mm.systems import get_system
+
+    summary = run_hybrid_mc(get_system(args.system), args.flow, args.out, args.iterations, n_walkers=args.walkers,
+                            md_steps=args.md_steps, timestep_fs=args.timestep_fs, friction_per_ps=args.friction,
+                            flow_moves=args.flow_moves, reject_d_chirality=not args.allow_d,
+                            batch_size=args.batch_size, seed=args.seed, platform=args.platform,
+                            checkpoint_every=args.checkpoint_every)
+    if args.dcd_prefix:
+        for w in range(args.walkers):
+            export_walker_trajectory(args.out, w, f"{args.dcd_prefix}_walker{w}.dcd")
+    print(f"| quantity | value |\n|---|---|\n| iterations per walker | {summary['n_iterations']} |\n"
+          f"| walkers | {summary['n_walkers']} |\n| flow acceptance | {summary['acceptance']:.4f} |")
+    for key, value in summary.items():
+        if key.endswith("_positive_fraction"):
+            print(f"| {key} | {value:.4f} +- {summary[key + '_err']:.4f} |")
+        elif key.endswith("_sign_changes"):
+            print(f"| {key} (per walker) | {value} |")
+    print(f"| CPU s per flow move (this run) | {summary['cpu_s_per_flow_move']:.2e} |")
+    return 0
+
+
+def _weighted_samples(args):
+    from regflow_mm.energy import EnergyEvaluator
+    from regflow_mm.flows import load_flow
+    from regflow_mm.sampling.reweighting import draw_weighted_samples
+    from regflow_mm.systems import get_system
+
+    system = get_system(args.system)
+    if not Path(args.flow).is_file():
+        raise FileNotFoundError(f"flow file {args.flow} not found")
+    flow = load_flow(args.flow)
+    if getattr(flow, "spec_hash", system.spec_hash) != system.spec_hash:
+        raise ValueError(f"{args.flow} was trained for another system than {system.name!r}: use its own flow")
+    with EnergyEvaluator(system, n_workers=args.workers, platform=args.platform) as evaluator:
+        samples = draw_weighted_samples(flow, evaluator, args.n_samples, chunk_size=args.chunk_size, seed=args.seed,
+                                        molecular_system=system)
+    if not args.allow_d and samples.is_l is not None:
+        samples.log_w = np.where(samples.is_l, samples.log_w, -np.inf)
+    return system, samples
+
+
+def _common(samples) -> dict:
+    ess = samples.ess()
+    return {"n": samples.n, "ess_fraction": ess["ess"], "ess": ess["ess"] * samples.n,
+            "n_zero_weight": samples.n_nonfinite,
+            "d_fraction": None if samples.is_l is None else float(1.0 - samples.is_l.mean())}
+
+
+def _reweight(args) -> int:
+    from regflow_mm.sampling.reweighting import weighted_histogram, weighted_mean
+
+    system, samples = _weighted_samples(args)
+    result = _common(samples)
+    lines = ["| observable | reweighted | +- |", "|---|---|---|",
+             f"| Kish ESS / N | {result['ess_fraction']:.4f} | |",
+             f"| zero-weight samples | {result['n_zero_weight']} | |"]
+    u_mean, u_err = weighted_mean(samples.reduced_energy, samples.log_w)
+    result["mean_reduced_energy"] = [float(u_mean), float(u_err)]
+    lines.append(f"| <u> (kT) | {u_mean:.4f} | {u_err:.4f} |")
+    histograms = {}
+    for name, angles in samples.torsions.items():
+        p, err = weighted_mean(angles > 0, samples.log_w)
+        result[f"{name}_positive_fraction"] = [float(p), float(err)]
+        lines.append(f"| P({name} > 0) | {p:.5f} | {err:.5f} |")
+        density, d_err, edges = weighted_histogram(angles, samples.log_w, bins=args.bins)
+        histograms[name] = density
+        histograms[f"{name}_err"] = d_err
+        histograms["edges_rad"] = edges
+    print("\n".join(lines))
+    if args.histograms:
+        np.savez(args.histograms, **histograms)
+    _write_json(args.json, result)
+    return 0
+
+
+def _free_energy(args) -> int:
+    from regflow_mm.sampling.free_energy import parse_torsion_predicate, state_delta_f, torsion_state
+
+    system, samples = _weighted_samples(args)
+    in_a = torsion_state(samples.torsions, parse_torsion_predicate(args.state_a))
+    in_b = torsion_state(samples.torsions, parse_torsion_predicate(args.state_b))
+    result = {**_common(samples), **state_delta_f(samples.log_w, in_a, in_b),
+              "state_a": args.state_a, "state_b": args.state_b, "kT_kJ_per_mol": system.kT}
+    print("| quantity | value |\n|---|---|")
+    print(f"| Delta F ({args.state_a} -> {args.state_b}) | {result['delta_f']:.4f} +- {result['ddelta_f']:.4f} kT |")
+    print(f"| Delta F in kJ/mol | {result['delta_f'] * system.kT:.4f} +- {result['ddelta_f'] * system.kT:.4f} |")
+    print(f"| P(A), P(B) | {result['p_a']:.5f}, {result['p_b']:.5f} |")
+    print(f"| samples (in A, in B) | {result['n']} ({result['n_a']}, {result['n_b']}) |")
+    print(f"| Kish ESS / N | {result['ess_fraction']:.4f} |")
+    _write_json(args.json, result)
+    return 0
+
+
+def _write_json(path, result: dict) -> None:
+    if path:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}
+        Path(path).write_text(json.dumps(clean, indent=2, default=float))

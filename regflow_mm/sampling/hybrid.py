@@ -1,0 +1,291 @@
+"""Hybrid MD / flow Monte Carlo walkers with an incremental, resumable trajectory file.
+
+One iteration of a walker = ``md_steps`` of Langevin dynamics (openmmtools ``LangevinDynamicsMove``
+with a seeded integrator) followed by ``flow_moves`` :class:`FlowIndependenceMove` proposals,
+i.e. the ``SequenceMove([LangevinDynamicsMove, FlowIndependenceMove])`` of
+``examples/hybrid_mc_recipe.py``; one frame per walker per iteration is stored.
+
+Output: one HDF5 file (h5py)::
+
+    positions   (T, W, n_atoms, 3) float32 nm     one frame per iteration and walker
+    accepted    (T, W) int16                      flow moves accepted in that iteration
+    checkpoint/ positions, velocities (W, n, 3) float64; move_state (JSON per walker)
+    attrs       metadata (JSON: system, flow hash, settings, seed), n_iterations (committed)
+
+Frames are written in blocks of ``checkpoint_every`` iterations together with the checkpoint;
+``n_iterations`` is written last and marks the block as committed. After a kill, rerunning the
+same command truncates any uncommitted rows and continues from the checkpoint: no frame is lost
+or duplicated. The resumed chain is exact in distribution; its Langevin noise is reseeded from
+(seed, walker, iteration), so a resumed run is not bitwise equal to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import openmm
+from openmm import unit
+from openmmtools import cache as mm_cache
+from openmmtools.mcmc import LangevinDynamicsMove
+from openmmtools.states import SamplerState, ThermodynamicState
+from tqdm.auto import tqdm
+
+from regflow_mm.sampling.moves import FlowIndependenceMove, maxwell_boltzmann_velocities
+
+log = logging.getLogger(__name__)
+
+FORMAT = "regflow-mm hybrid-mc 1"
+_RESUME_KEYS = ("md_steps", "timestep_fs", "friction_per_ps", "flow_moves", "reject_d_chirality", "batch_size",
+                "n_walkers")
+
+
+class SeededLangevinDynamicsMove(LangevinDynamicsMove):
+    """``LangevinDynamicsMove`` whose integrator gets a fixed random seed (openmmtools leaves it unset)."""
+
+    def __init__(self, random_seed: int, **kwargs):
+        super().__init__(**kwargs)
+        if not 0 < random_seed < 2**31:
+            raise ValueError(f"random_seed must be in 1..2^31-1 (0 means 'random' to OpenMM), got {random_seed}")
+        self.random_seed = int(random_seed)
+
+    def _get_integrator(self, thermodynamic_state):
+        integrator = super()._get_integrator(thermodynamic_state)
+        integrator.setRandomNumberSeed(self.random_seed)
+        return integrator
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "random_seed": self.random_seed}
+
+    def __setstate__(self, serialization):
+        super().__setstate__(serialization)
+        self.random_seed = int(serialization["random_seed"])
+
+
+def _openmm_seed(seed: int, walker: int, iteration: int) -> int:
+    return int(np.random.SeedSequence([seed, walker, iteration]).generate_state(1)[0] % (2**31 - 2)) + 1
+
+
+def run_hybrid_mc(system, flow_path: str | Path, out: str | Path, n_iterations: int, *, n_walkers: int = 2,
+                  md_steps: int = 500, timestep_fs: float = 1.0, friction_per_ps: float | None = None,
+                  flow_moves: int = 1, reject_d_chirality: bool = True, batch_size: int = 256, seed: int = 0,
+                  platform: str = "Reference", checkpoint_every: int = 20, progress: bool = True) -> dict:
+    """Run ``n_walkers`` hybrid chains until ``out`` holds ``n_iterations`` frames per walker.
+
+    system: ``MolecularSystem`` or a name for ``get_system``; flow_path: a saved flow of that
+    system. md_steps: Langevin steps of ``timestep_fs`` fs per iteration (0 = flow moves only);
+    friction_per_ps defaults to the system's. platform: OpenMM platform of the walkers' contexts.
+    Reruns with the same ``out`` resume. Returns the summary of :func:`hybrid_summary` plus timings
+    of this run (CPU seconds in MD and in flow moves).
+    """
+    from regflow_mm.flows import flow_file_hash, load_flow
+    from regflow_mm.systems import get_system
+
+    if isinstance(system, str):
+        system = get_system(system)
+    if n_iterations < 1 or n_walkers < 1 or md_steps < 0 or flow_moves < 0 or checkpoint_every < 1:
+        raise ValueError("n_iterations, n_walkers, checkpoint_every must be >= 1 and md_steps, flow_moves >= 0; got "
+                         f"{n_iterations}, {n_walkers}, {checkpoint_every}, {md_steps}, {flow_moves}")
+    flow_path = Path(flow_path)
+    if not flow_path.is_file():
+        raise FileNotFoundError(f"flow file {flow_path} not found")
+    out = Path(out)
+    settings = {"md_steps": int(md_steps), "timestep_fs": float(timestep_fs),
+                "friction_per_ps": float(system.spec.friction if friction_per_ps is None else friction_per_ps),
+                "flow_moves": int(flow_moves), "reject_d_chirality": bool(reject_d_chirality),
+                "batch_size": int(batch_size), "n_walkers": int(n_walkers), "platform": platform}
+    flow_hash = flow_file_hash(flow_path)
+    flow = load_flow(flow_path)
+    thermo = ThermodynamicState(system.system, system.temperature * unit.kelvin)
+
+    if out.exists():
+        n_done, positions, velocities, move_states = _prepare_resume(out, system, flow_hash, settings, seed)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _create(out, system, flow_path, flow_hash, settings, seed)
+        n_done, move_states = 0, [None] * n_walkers
+        positions = np.repeat(system.positions[None], n_walkers, axis=0)
+        velocities = np.stack([maxwell_boltzmann_velocities(system.system, system.temperature,
+                                                            np.random.default_rng([seed, w, 0]))
+                               for w in range(n_walkers)])
+
+    walkers = []
+    for w in range(n_walkers):
+        if move_states[w] is None:
+            flow_move = FlowIndependenceMove(flow, flow_path=flow_path, molecular_system=system,
+                                             reject_d_chirality=reject_d_chirality, batch_size=batch_size,
+                                             seed=int(np.random.SeedSequence([seed, w]).generate_state(1)[0]))
+        else:
+            flow_move = FlowIndependenceMove.__new__(FlowIndependenceMove)
+            flow_move.__setstate__(move_states[w])
+        md_move = SeededLangevinDynamicsMove(
+            random_seed=_openmm_seed(seed, w, n_done), timestep=timestep_fs * unit.femtosecond,
+            collision_rate=settings["friction_per_ps"] / unit.picosecond, n_steps=max(md_steps, 1))
+        sampler_state = SamplerState(positions=positions[w] * unit.nanometer,
+                                     velocities=velocities[w] * unit.nanometer / unit.picosecond)
+        context_cache = mm_cache.ContextCache(platform=openmm.Platform.getPlatformByName(platform), capacity=2)
+        walkers.append((md_move, flow_move, sampler_state, context_cache))
+
+    md_cpu = flow_cpu = 0.0
+    bar = tqdm(total=n_iterations, initial=min(n_done, n_iterations), unit="it", desc=f"hybrid MC {system.name}",
+               disable=not progress, dynamic_ncols=True, mininterval=1.0)
+    try:
+        while n_done < n_iterations:
+            n_block = min(checkpoint_every, n_iterations - n_done)
+            frames = np.empty((n_block, n_walkers, system.n_atoms, 3), np.float32)
+            accepted = np.zeros((n_block, n_walkers), np.int16)
+            for k in range(n_block):
+                for w, (md_move, flow_move, sampler_state, context_cache) in enumerate(walkers):
+                    t0 = time.process_time()
+                    if md_steps:
+                        md_move.apply(thermo, sampler_state, context_cache=context_cache)
+                    t1 = time.process_time()
+                    before = flow_move.n_accepted
+                    for _ in range(flow_moves):
+                        flow_move.apply(thermo, sampler_state, context_cache=context_cache)
+                    flow_cpu += time.process_time() - t1
+                    md_cpu += t1 - t0
+                    accepted[k, w] = flow_move.n_accepted - before
+                    frames[k, w] = sampler_state.positions.value_in_unit(unit.nanometer)
+                bar.update(1)
+                if flow_moves:
+                    rate = sum(wk[1].n_accepted for wk in walkers) / max(sum(wk[1].n_proposed for wk in walkers), 1)
+                    bar.set_postfix(acceptance=f"{rate:.3f}", refresh=False)
+            _commit(out, frames, accepted, walkers, n_done)
+            n_done += n_block
+    finally:
+        bar.close()
+    summary = hybrid_summary(out)
+    n_flow = sum(wk[1].n_proposed for wk in walkers)
+    summary.update(md_cpu_s=md_cpu, flow_cpu_s=flow_cpu,
+                   cpu_s_per_flow_move=flow_cpu / n_flow if n_flow else float("nan"))
+    return summary
+
+
+def _create(out, system, flow_path, flow_hash, settings, seed):
+    n, w = system.n_atoms, settings["n_walkers"]
+    metadata = {"format": FORMAT, "system": _spec_json(system), "system_hash": system.spec_hash,
+                "flow_path": str(Path(flow_path).resolve()), "flow_hash": flow_hash, "settings": settings,
+                "seed": int(seed), "temperature": system.temperature,
+                "units": {"positions": "nm", "time": "ps", "temperature": "K"}}
+    with h5py.File(out, "w") as fh:
+        fh.attrs["metadata"] = json.dumps(metadata)
+        fh.attrs["n_iterations"] = 0
+        fh.create_dataset("positions", shape=(0, w, n, 3), maxshape=(None, w, n, 3), dtype=np.float32,
+                          chunks=(64, w, n, 3))
+        fh.create_dataset("accepted", shape=(0, w), maxshape=(None, w), dtype=np.int16, chunks=(256, w))
+
+
+def _spec_json(system) -> dict:
+    from regflow_mm.sampling.moves import _spec_dict
+
+    return _spec_dict(system)
+
+
+def _prepare_resume(out, system, flow_hash, settings, seed):
+    with h5py.File(out, "r+") as fh:
+        md = json.loads(fh.attrs["metadata"])
+        if md.get("format") != FORMAT:
+            raise ValueError(f"{out} is not a hybrid-MC file ({md.get('format')!r}): choose another --out")
+        if md["system_hash"] != system.spec_hash:
+            raise ValueError(f"{out} holds a run of another system (hash {md['system_hash'][:12]}): choose another --out")
+        if md["flow_hash"] != flow_hash:
+            raise ValueError(f"{out} was run with another flow (hash {md['flow_hash'][:12]}, this one "
+                             f"{flow_hash[:12]}): resume with the original flow file or choose another --out")
+        stored = {k: md["settings"][k] for k in _RESUME_KEYS}
+        asked = {k: settings[k] for k in _RESUME_KEYS}
+        if stored != asked or md["seed"] != seed:
+            raise ValueError(f"{out} was run with {stored}, seed {md['seed']}; this run asks for {asked}, seed {seed}: "
+                             "use the same settings to resume, or another --out")
+        n_done = int(fh.attrs["n_iterations"])
+        for name in ("positions", "accepted"):
+            if fh[name].shape[0] != n_done:  # a block cut short by a kill: drop it
+                fh[name].resize(n_done, axis=0)
+        if n_done == 0:
+            raise ValueError(f"{out} has no committed block to resume from; delete it and start again")
+        ck = fh["checkpoint"]
+        positions, velocities = ck["positions"][()], ck["velocities"][()]
+        move_states = [json.loads(s) for s in ck.attrs["move_state"]]
+    log.info("resuming %s at iteration %d", out, n_done)
+    return n_done, positions, velocities, move_states
+
+
+def _commit(out, frames, accepted, walkers, n_done):
+    n_new = n_done + frames.shape[0]
+    positions = np.stack([wk[2].positions.value_in_unit(unit.nanometer) for wk in walkers])
+    velocities = np.stack([wk[2].velocities.value_in_unit(unit.nanometer / unit.picosecond) for wk in walkers])
+    move_states = [json.dumps(wk[1].__getstate__()) for wk in walkers]
+    with h5py.File(out, "r+") as fh:
+        for name, arr in (("positions", frames), ("accepted", accepted)):
+            fh[name].resize(n_new, axis=0)
+            fh[name][n_done:n_new] = arr
+        if "checkpoint" in fh:
+            del fh["checkpoint"]
+        ck = fh.create_group("checkpoint")
+        ck.create_dataset("positions", data=positions)
+        ck.create_dataset("velocities", data=velocities)
+        ck.attrs["move_state"] = move_states
+        fh.flush()
+        fh.attrs["n_iterations"] = n_new  # last: marks the block as committed
+
+
+def hybrid_summary(path: str | Path) -> dict:
+    """Acceptance and basin statistics of a hybrid-MC file.
+
+    Returns n_iterations, n_walkers, per-walker and overall acceptance (accepted / proposed flow
+    moves), proposal counters, and for every phi torsion of the system: phi > 0 population
+    (mean over walkers with the standard error between walkers) and sign changes per walker.
+    """
+    from regflow_mm.data.dataset import dihedrals
+
+    with h5py.File(path, "r") as fh:
+        md = json.loads(fh.attrs["metadata"])
+        n = int(fh.attrs["n_iterations"])
+        positions = fh["positions"][:n]
+        accepted = fh["accepted"][:n]
+        states = [json.loads(s) for s in fh["checkpoint"].attrs["move_state"]] if "checkpoint" in fh else []
+    settings = md["settings"]
+    proposed = np.array([s["n_proposed"] for s in states]) if states else np.zeros(settings["n_walkers"])
+    acc = np.array([s["n_accepted"] for s in states]) if states else np.zeros(settings["n_walkers"])
+    summary = {"n_iterations": n, "n_walkers": settings["n_walkers"], "settings": settings,
+               "acceptance": float(acc.sum() / proposed.sum()) if proposed.sum() else float("nan"),
+               "acceptance_per_walker": [float(a / p) if p else float("nan") for a, p in zip(acc, proposed)],
+               "n_accepted_frames": int((accepted > 0).sum()),
+               "counters": [{k: s[k] for k in ("n_proposed", "n_accepted", "n_rejected_nonfinite",
+                                               "n_rejected_chirality")} for s in states]}
+    from regflow_mm.sampling.moves import _system_from_spec
+
+    torsions = _system_from_spec(md["system"]).torsions
+    for name, idx in torsions.items():
+        if not name.startswith("phi") or n == 0:
+            continue
+        angles = np.stack([dihedrals(positions[:, w].astype(np.float64), [idx])[:, 0]
+                           for w in range(positions.shape[1])], axis=1)  # (T, W)
+        positive = angles > 0
+        per_walker = positive.mean(axis=0)
+        err = per_walker.std(ddof=1) / np.sqrt(per_walker.size) if per_walker.size > 1 else float("nan")
+        summary[f"{name}_positive_fraction"] = float(per_walker.mean())
+        summary[f"{name}_positive_fraction_err"] = float(err)
+        summary[f"{name}_sign_changes"] = [int(c) for c in np.abs(np.diff(positive.astype(np.int8), axis=0)).sum(axis=0)]
+    return summary
+
+
+def export_walker_trajectory(path: str | Path, walker: int, out: str | Path) -> Path:
+    """Write one walker's frames as DCD/XTC/PDB (by extension, via mdtraj)."""
+    import mdtraj
+
+    from regflow_mm.sampling.moves import _system_from_spec
+
+    with h5py.File(path, "r") as fh:
+        md = json.loads(fh.attrs["metadata"])
+        n = int(fh.attrs["n_iterations"])
+        if not 0 <= walker < fh["positions"].shape[1]:
+            raise ValueError(f"walker must be in 0..{fh['positions'].shape[1] - 1}, got {walker}")
+        xyz = fh["positions"][:n, walker]
+    topology = mdtraj.Topology.from_openmm(_system_from_spec(md["system"]).topology)
+    out = Path(out)
+    mdtraj.Trajectory(xyz, topology).save(str(out))
+    return out

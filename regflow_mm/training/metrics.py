@@ -1,0 +1,233 @@
+"""Sample-quality metrics of Boltzmann generators (definitions: shared/REFERENCE.md, "Metrics").
+
+All energies are reduced, u = U/kT in kT; angles in radians. Every clipping, filtering or
+subsampling is an explicit argument (default: none) and is echoed in the returned dict, so a
+reported number always carries the options that produced it.
+
+- ``log_weights``: log w = -u(x) + log q(x) (importance weights of flow samples).
+- ``kish_ess``: exp(2 LSE(log w) - LSE(2 log w)) / N.
+- ``energy_w1``: POT ``emd2_1d`` between held-out MD u and u of flow samples resampled
+  multinomially with w (seeded ``numpy`` generator).
+- ``torsion_w2``: sqrt of exact POT ``emd2`` on backbone torsions with the periodic ground cost
+  sum_k min(|d_k|, 2 pi - |d_k|)^2.
+- ``d_chirality_fraction``, ``heldout_nll``, ``invertibility_error``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import ot
+import torch
+from scipy.special import logsumexp
+
+
+def log_weights(log_q: np.ndarray, reduced_energy: np.ndarray) -> np.ndarray:
+    """Importance log-weights log w = -u + log q, shape (N,); non-finite u gives log w = -inf."""
+    log_q = np.asarray(log_q, dtype=np.float64)
+    u = np.asarray(reduced_energy, dtype=np.float64)
+    if log_q.shape != u.shape or log_q.ndim != 1:
+        raise ValueError(f"log_q and reduced_energy must be matching 1-D arrays, got {log_q.shape} and {u.shape}")
+    if np.isnan(log_q).any():
+        raise ValueError("log_q contains NaN: the flow produced an invalid density; check the model")
+    lw = np.full(u.shape, -np.inf)
+    ok = np.isfinite(u)  # the evaluator reports failed/overflowing configurations as +inf: weight 0
+    lw[ok] = log_q[ok] - u[ok]
+    return lw
+
+
+def _drop_top(log_w: np.ndarray, fraction: float) -> np.ndarray:
+    """Boolean keep-mask dropping the ceil(fraction * N) largest log-weights."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"drop_top_fraction must be in [0, 1), got {fraction}")
+    keep = np.ones(log_w.shape[0], dtype=bool)
+    n_drop = int(math.ceil(fraction * log_w.shape[0])) if fraction > 0 else 0
+    if n_drop:
+        keep[np.argsort(log_w)[-n_drop:]] = False
+    return keep
+
+
+def kish_ess(log_w: np.ndarray, drop_top_fraction: float = 0.0) -> dict[str, Any]:
+    """Kish effective sample size as a fraction of N (after optional dropping of top log-weights).
+
+    ``log_w`` (N,). Returns ``{"ess": float in [0, 1], "n": N, "n_used", "drop_top_fraction"}``;
+    N counts all samples (also those with log w = -inf), so failed samples lower the ESS.
+    """
+    log_w = np.asarray(log_w, dtype=np.float64)
+    if log_w.ndim != 1 or log_w.size == 0:
+        raise ValueError(f"log_w must be a non-empty 1-D array, got shape {log_w.shape}")
+    if np.isnan(log_w).any() or np.isposinf(log_w).any():
+        raise ValueError("log_w contains NaN or +inf; compute it with log_weights() so failures become -inf")
+    keep = _drop_top(log_w, drop_top_fraction)
+    lw = log_w[keep]
+    if not np.isfinite(lw).any():
+        ess = 0.0
+    else:
+        ess = float(np.exp(2.0 * logsumexp(lw) - logsumexp(2.0 * lw)) / log_w.size)
+    return {"ess": ess, "n": int(log_w.size), "n_used": int(keep.sum()), "drop_top_fraction": float(drop_top_fraction)}
+
+
+def resample_indices(log_w: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Multinomial resampling: ``n`` indices drawn with probabilities w / sum(w) (seeded)."""
+    log_w = np.asarray(log_w, dtype=np.float64)
+    if not np.isfinite(log_w).any():
+        raise ValueError("all importance weights are zero (every flow sample has infinite energy): cannot resample")
+    p = np.exp(log_w - logsumexp(log_w))
+    p /= p.sum()
+    return np.random.default_rng(seed).choice(log_w.size, size=n, replace=True, p=p)
+
+
+def energy_w1(
+    u_md: np.ndarray,
+    u_flow: np.ndarray,
+    log_w: np.ndarray | None,
+    *,
+    n_resample: int | None = None,
+    seed: int = 0,
+    energy_clip_kT: float | None = None,
+    drop_top_fraction: float = 0.0,
+) -> dict[str, Any]:
+    """E-W1 in kT between held-out MD reduced energies and (weight-resampled) flow sample energies.
+
+    ``u_md`` (M,), ``u_flow`` (N,), ``log_w`` (N,) or None for the raw (unweighted) flow samples.
+    ``n_resample`` defaults to N; ``energy_clip_kT`` clamps both sets to [-c, c] before W1;
+    ``drop_top_fraction`` drops the largest log-weights before resampling. Returns the metric
+    ``e_w1`` plus every option and count used.
+    """
+    u_md = np.asarray(u_md, dtype=np.float64)
+    u_flow = np.asarray(u_flow, dtype=np.float64)
+    if u_md.ndim != 1 or u_flow.ndim != 1 or u_md.size == 0 or u_flow.size == 0:
+        raise ValueError("u_md and u_flow must be non-empty 1-D arrays of reduced energies (kT)")
+    if not np.isfinite(u_md).all():
+        raise ValueError("held-out MD energies contain non-finite values: the dataset is corrupt")
+    n_resample = int(n_resample or u_flow.size)
+    out: dict[str, Any] = {"n_md": int(u_md.size), "n_flow": int(u_flow.size), "seed": int(seed),
+                           "energy_clip_kT": energy_clip_kT, "drop_top_fraction": float(drop_top_fraction)}
+    if log_w is None:
+        if drop_top_fraction:
+            raise ValueError("drop_top_fraction needs log-weights; pass log_w or set it to 0")
+        finite = np.isfinite(u_flow)
+        sample = u_flow[finite]
+        out.update(weighted=False, n_nonfinite_dropped=int((~finite).sum()))
+        if sample.size == 0:
+            raise ValueError("every flow sample has a non-finite energy: E-W1 is undefined")
+    else:
+        log_w = np.asarray(log_w, dtype=np.float64)
+        if log_w.shape != u_flow.shape:
+            raise ValueError(f"log_w shape {log_w.shape} does not match u_flow shape {u_flow.shape}")
+        keep = _drop_top(log_w, drop_top_fraction)
+        idx = np.flatnonzero(keep)[resample_indices(log_w[keep], n_resample, seed)]
+        sample = u_flow[idx]
+        out.update(weighted=True, n_resampled=n_resample, n_dropped=int((~keep).sum()))
+    ref = u_md
+    if energy_clip_kT is not None:
+        c = float(energy_clip_kT)
+        out["n_clipped"] = int((np.abs(sample) > c).sum() + (np.abs(ref) > c).sum())
+        sample, ref = np.clip(sample, -c, c), np.clip(ref, -c, c)
+    out["e_w1"] = float(ot.emd2_1d(ref, sample, metric="euclidean"))  # POT default is sqeuclidean
+    return out
+
+
+def torus_cost_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Periodic squared ground cost (n, m): sum over angles of min(|d|, 2 pi - |d|)^2, angles (n, k), (m, k) rad."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"angles must be (n, k) and (m, k) arrays with equal k, got {a.shape} and {b.shape}")
+    cost = np.zeros((a.shape[0], b.shape[0]))
+    for k in range(a.shape[1]):
+        d = np.abs(a[:, None, k] - b[None, :, k]) % (2.0 * np.pi)
+        cost += np.minimum(d, 2.0 * np.pi - d) ** 2
+    return cost
+
+
+def torsion_w2(
+    angles_md: np.ndarray,
+    angles_flow: np.ndarray,
+    log_w: np.ndarray | None,
+    *,
+    n_resample: int | None = None,
+    max_md: int | None = None,
+    seed: int = 0,
+    drop_top_fraction: float = 0.0,
+) -> dict[str, Any]:
+    """T-W2 in rad: sqrt(exact EMD) with the torus cost between MD and (resampled) flow torsions.
+
+    ``angles_md`` (M, k), ``angles_flow`` (N, k) rad; ``log_w`` (N,) or None (raw samples, those
+    with NaN angles dropped and counted). ``max_md`` subsamples MD frames without replacement
+    (seeded); ``n_resample`` defaults to N. Memory is M*N float64 (10k x 10k: 0.8 GB).
+    """
+    angles_md = np.asarray(angles_md, dtype=np.float64)
+    angles_flow = np.asarray(angles_flow, dtype=np.float64)
+    rng = np.random.default_rng(seed + 1)
+    out: dict[str, Any] = {"seed": int(seed), "max_md": max_md, "drop_top_fraction": float(drop_top_fraction)}
+    if max_md is not None and angles_md.shape[0] > max_md:
+        angles_md = angles_md[np.sort(rng.choice(angles_md.shape[0], size=max_md, replace=False))]
+    if log_w is None:
+        if drop_top_fraction:
+            raise ValueError("drop_top_fraction needs log-weights; pass log_w or set it to 0")
+        finite = np.isfinite(angles_flow).all(axis=1)
+        sample = angles_flow[finite]
+        out.update(weighted=False, n_nonfinite_dropped=int((~finite).sum()))
+    else:
+        log_w = np.asarray(log_w, dtype=np.float64)
+        keep = _drop_top(log_w, drop_top_fraction)
+        idx = np.flatnonzero(keep)[resample_indices(log_w[keep], int(n_resample or angles_flow.shape[0]), seed)]
+        sample = angles_flow[idx]
+        out.update(weighted=True, n_dropped=int((~keep).sum()))
+    if sample.shape[0] == 0 or angles_md.shape[0] == 0:
+        raise ValueError("T-W2 needs at least one MD and one flow sample with finite torsions")
+    cost = torus_cost_matrix(angles_md, sample)
+    w2_sq = ot.emd2(np.full(cost.shape[0], 1.0 / cost.shape[0]), np.full(cost.shape[1], 1.0 / cost.shape[1]),
+                    cost, numItermax=max(100_000, 50 * cost.size))
+    out.update(t_w2=float(np.sqrt(max(float(w2_sq), 0.0))), n_md=int(cost.shape[0]), n_flow=int(cost.shape[1]))
+    return out
+
+
+def d_chirality_fraction(d_residues: np.ndarray) -> dict[str, Any]:
+    """Fraction of samples with at least one D residue; ``d_residues`` (B,) or (B, n_centres) bool
+    as returned by ``MolecularSystem.d_residues``."""
+    d = np.asarray(d_residues)
+    if d.dtype != bool:
+        raise ValueError(f"d_residues must be a bool array from MolecularSystem.d_residues, got dtype {d.dtype}")
+    if d.ndim == 1:
+        d = d[:, None]
+    if d.ndim != 2 or d.shape[0] == 0:
+        raise ValueError(f"d_residues must be (B,) or (B, n_centres) with B > 0, got shape {d.shape}")
+    any_d = d.any(axis=1)
+    return {"d_fraction": float(any_d.mean()), "n": int(d.shape[0]), "n_d": int(any_d.sum()),
+            "d_fraction_per_centre": d.mean(axis=0).tolist()}
+
+
+@torch.no_grad()
+def heldout_nll(flow, x: np.ndarray | torch.Tensor, batch_size: int = 4096) -> dict[str, Any]:
+    """Mean negative log-likelihood -log q(x) in nats of held-out configurations ``x`` (B, n_atoms, 3) nm.
+
+    Uses ``flow.log_prob`` (the density over the representation's coordinates, see BoltzmannFlow).
+    Non-finite values are counted, never dropped silently: any makes ``nll`` = inf.
+    """
+    x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x)
+    if x.shape[0] == 0:
+        raise ValueError("heldout_nll needs at least one configuration")
+    lps = [flow.log_prob(x[i:i + batch_size]).detach().double().cpu() for i in range(0, x.shape[0], batch_size)]
+    lp = torch.cat(lps)
+    n_bad = int((~torch.isfinite(lp)).sum())
+    nll = float(-lp.mean()) if n_bad == 0 else math.inf
+    return {"nll": nll, "n": int(lp.numel()), "n_nonfinite": n_bad}
+
+
+@torch.no_grad()
+def invertibility_error(transform, z: torch.Tensor, batch_size: int = 4096) -> dict[str, Any]:
+    """Round-trip error of a Flow ``transform`` on latent points ``z`` (B, D):
+    max/mean |f^-1(f(z)) - z| (flow-space units) and max |logdet_f + logdet_f^-1| (nats)."""
+    errs, ld_errs = [], []
+    for i in range(0, z.shape[0], batch_size):
+        zi = z[i:i + batch_size]
+        y, ld = transform(zi)
+        zr, ld_inv = transform(y, inverse=True)
+        errs.append((zr - zi).abs().amax(dim=1).double().cpu())
+        ld_errs.append((ld + ld_inv).abs().double().cpu())
+    e, le = torch.cat(errs), torch.cat(ld_errs)
+    return {"max_abs": float(e.max()), "mean_abs": float(e.mean()), "logdet_max_abs": float(le.max()),
+            "n": int(e.numel())}

@@ -1,0 +1,102 @@
+"""Training objectives for flows in a representation's flow space.
+
+Each returns ``(loss, parts)``: a scalar tensor to minimise and a dict of floats for logging.
+
+- ``regflow_loss``: RegFlow regression E||f(x0) - x1||^2 + lambda_r R on fixed pairs, targets
+  noised x1 + lambda_n eps; R = "none" | "logdet" ((log|det J_f(x0)|)^2, reuses the forward
+  log-det) | "fwd_bwd" (||f^-1(f(x0)) - x0||^2, about twice the cost). The norm is summed over
+  the D flow-space dimensions and averaged over the batch, exactly as written.
+- ``nll_loss``: maximum likelihood, -E log q(y) with log q(y) = log p_prior(f^-1(y)) + log|det J_f^-1(y)|.
+- ``force_matching_loss``: E||F/kT - grad_x log q(x)||^2 on Cartesian coordinates (kT/nm).
+- ``reverse_kl_loss``: E_q[log q(x) + u(x)] (kT) with reparameterised flow samples and
+  differentiable reduced energies (``EnergyEvaluator.reduced_energy_torch``).
+"""
+from __future__ import annotations
+
+import torch
+
+REGULARIZERS = ("none", "logdet", "fwd_bwd")
+
+
+def regflow_loss(transform, x0: torch.Tensor, x1: torch.Tensor, *, regularizer: str = "none",
+                 lambda_r: float = 0.0, lambda_n: float = 0.0, noise: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    """RegFlow loss on pairs x0 (B, D) latent, x1 (B, D) flow-space targets.
+
+    ``transform`` is a Flow (latent -> flow space). ``noise`` (B, D) is eps for the target noise;
+    drawn from ``generator`` when omitted and ``lambda_n > 0``.
+    """
+    if regularizer not in REGULARIZERS:
+        raise ValueError(f"regularizer must be one of {REGULARIZERS}, got {regularizer!r}")
+    if x0.shape != x1.shape or x0.dim() != 2:
+        raise ValueError(f"x0 and x1 must be (B, D) with equal shapes, got {tuple(x0.shape)} and {tuple(x1.shape)}")
+    if lambda_n > 0:
+        if noise is None:
+            noise = torch.randn(x1.shape, generator=generator, dtype=x1.dtype).to(x1.device)
+        x1 = x1 + lambda_n * noise
+    y, logdet = transform(x0)
+    regression = (y - x1).pow(2).sum(1).mean()
+    parts = {"regression": regression.item()}
+    loss = regression
+    if regularizer == "logdet":
+        reg = logdet.pow(2).mean()
+    elif regularizer == "fwd_bwd":
+        x0_back, _ = transform(y, inverse=True)
+        reg = (x0_back - x0).pow(2).sum(1).mean()
+    else:
+        reg = None
+    if reg is not None:
+        loss = loss + lambda_r * reg
+        parts[regularizer] = reg.item()
+    parts["loss"] = loss.item()
+    return loss, parts
+
+
+def nll_loss(transform, prior, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Negative log-likelihood (nats) of flow-space data y (B, D); ``prior.log_prob`` on latents (B,)."""
+    z, logdet_inv = transform(y, inverse=True)
+    nll = -(prior.log_prob(z) + logdet_inv).mean()
+    return nll, {"nll": nll.item(), "loss": nll.item()}
+
+
+def force_matching_loss(flow, x: torch.Tensor, forces_kT_per_nm: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Force matching E||F_ref/kT - grad_x log q(x)||^2 (kT/nm)^2, summed over atoms and xyz.
+
+    ``x`` (B, n_atoms, 3) nm; ``forces_kT_per_nm`` (B, n_atoms, 3) = F / kT; ``flow.log_prob``
+    must be differentiable w.r.t. x (the flow force is kT grad_x log q). The graph is kept so the
+    loss can be back-propagated into the flow parameters.
+    """
+    if x.shape != forces_kT_per_nm.shape:
+        raise ValueError(f"x {tuple(x.shape)} and forces {tuple(forces_kT_per_nm.shape)} must have equal shapes")
+    x = x.detach().requires_grad_(True)
+    log_q = flow.log_prob(x)
+    (grad,) = torch.autograd.grad(log_q.sum(), x, create_graph=True)
+    fm = (forces_kT_per_nm.to(grad) - grad).pow(2).flatten(1).sum(1).mean()
+    return fm, {"force_matching": fm.item(), "loss": fm.item()}
+
+
+def reverse_kl_loss(transform, prior, to_cartesian, reduced_energy_torch, n: int, *,
+                    energy_cap_kT: float | None = None) -> tuple[torch.Tensor, dict]:
+    """Reverse KL up to log Z: E_q[log q(x) + u(x)] in kT over ``n`` reparameterised samples.
+
+    ``to_cartesian(y) -> (x (B, n_atoms, 3) nm, log|det dx/dy| (B,))`` maps flow space to
+    Cartesian; ``reduced_energy_torch(x)`` -> u (B,) kT with autograd. ``energy_cap_kT``, when
+    set, replaces u above the cap by the linear continuation cap + log1p(u - cap) (reported);
+    samples with non-finite u are dropped from the mean and counted.
+    """
+    z = prior.sample((n,)) if isinstance(prior, torch.distributions.Distribution) else prior.sample(n)
+    y, logdet = transform(z)
+    x, logdet_rep = to_cartesian(y)
+    log_q = prior.log_prob(z) - logdet - logdet_rep
+    u = reduced_energy_torch(x)
+    n_capped = 0
+    if energy_cap_kT is not None:
+        above = u > energy_cap_kT
+        n_capped = int(above.sum())
+        u = torch.where(above, energy_cap_kT + torch.log1p((u - energy_cap_kT).clamp_min(0)), u)
+    ok = torch.isfinite(u) & torch.isfinite(log_q)
+    if not ok.any():
+        raise FloatingPointError("every reverse-KL sample has a non-finite energy or density")
+    kl = (log_q[ok] + u[ok]).mean()
+    return kl, {"reverse_kl": kl.item(), "loss": kl.item(), "n_nonfinite": int((~ok).sum()), "n_capped": n_capped,
+                "energy_cap_kT": energy_cap_kT}

@@ -1,0 +1,208 @@
+"""A training run from a TrainConfig: dataset -> flow -> (teacher CNF -> pairs) -> Trainer -> saved flow.
+
+Run directory layout::
+
+    config.json        the exact TrainConfig (with the seed); a rerun must match it to resume
+    run_info.json      versions, device, world size, dataset hash, timings of each stage
+    teacher.pt         reflow teacher CNF (target=reflow)      pairs_reflow.h5 / pairs_ot.h5
+    checkpoint.pt      trainer state (resume after kill)        log.jsonl, log.csv
+    flow.pt            EMA weights (the result)                 flow_raw.pt: raw weights
+    metrics.json       final evaluation on the validation split, plots/*.png
+
+Every stage is cached on disk and resumes: rerunning the same command after a kill continues
+where it stopped. Under torchrun, rank 0 prepares teacher and pairs while the others wait.
+"""
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from .cnf import FlowMatchingConfig, SolverOptions, TeacherCNF, VelocityMLP, train_flow_matching
+from .couplings import generate_ot_pairs, generate_reflow_pairs, load_pairs, tensor_hash
+from .distributed import DistInfo, barrier, init_distributed, shutdown
+from .evaluation import evaluate_flow, scalar_metrics
+from .plots import training_curves
+from .trainer import RESUMABLE_CHANGES, TrainConfig, Trainer
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Settings from a .json or .toml file (keys are TrainConfig fields)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    if path.suffix == ".toml":
+        import tomllib
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    raise ValueError(f"config file {path} must be .json or .toml")
+
+
+def _check_run_config(config: TrainConfig, out_dir: Path) -> None:
+    path = out_dir / "config.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        diff = sorted(k for k in set(saved) | set(config.to_dict())
+                      if k not in RESUMABLE_CHANGES and saved.get(k) != config.to_dict().get(k))
+        if diff:
+            raise ValueError(f"{out_dir} holds a run with other settings ({diff}); use a new --out directory "
+                             f"or the original settings to resume")
+    path.write_text(json.dumps(config.to_dict(), indent=2))
+
+
+def load_training_data(config: TrainConfig, min_train: int | None = None):
+    """(system, dataset) with the dataset checked against the system and for NaNs and split sizes."""
+    from ..data import load_dataset
+    from ..systems import get_system
+
+    system = get_system(config.system)
+    dataset = load_dataset(config.data, system)
+    for name in ("train", "val"):
+        if name not in dataset.splits or len(dataset.splits[name]) == 0:
+            raise ValueError(f"dataset {config.data} has no {name!r} frames; re-simulate with a {name} fraction")
+    n_train = len(dataset.splits["train"])
+    need = min_train or config.batch_size
+    if n_train < need:
+        raise ValueError(f"dataset {config.data} has {n_train} training frames, fewer than {need} "
+                         f"(batch size); simulate longer or lower --batch-size")
+    if not np.isfinite(dataset.energies).all():
+        raise ValueError(f"dataset {config.data} has non-finite energies; re-simulate it")
+    if config.method == "nll+fm" and not np.isfinite(dataset.forces).all():
+        raise ValueError(f"dataset {config.data} has non-finite forces; re-simulate it")
+    return system, dataset
+
+
+def build_student(config: TrainConfig, system, train_positions: np.ndarray):
+    from ..flows import build_flow
+
+    return build_flow(system, config.representation, config.architecture, fit_to=train_positions,
+                      seed=config.seed, dtype=config.torch_dtype, **config.hyper)
+
+
+def prepare_pairs(config: TrainConfig, flow, y_train: torch.Tensor, out_dir: Path, info: dict,
+                  progress: bool = True) -> Path:
+    """Teacher + reflow pairs, or OT pairs, cached in ``out_dir``; returns the pair store path."""
+    prior = flow.prior
+    if config.target == "ot":
+        t = time.perf_counter()
+        path = generate_ot_pairs(y_train, prior, out_dir / "pairs_ot.h5", method=config.ot_method, seed=config.seed,
+                                 block_size=config.ot_block_size, chunk_size=config.pair_chunk_size,
+                                 progress=progress)
+        info.setdefault("pairs_s", time.perf_counter() - t)
+        return path
+    teacher_path = out_dir / "teacher.pt"
+    solver = SolverOptions(config.ode_method, config.ode_rtol, config.ode_atol, config.ode_steps)
+    device = flow.device
+    if teacher_path.exists():
+        cnf = TeacherCNF.load(teacher_path, map_location=device).to(y_train.dtype)
+        cnf.solver = solver
+    else:
+        t = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            velocity = VelocityMLP(y_train.shape[1], config.teacher_hidden, config.teacher_layers)
+        velocity = velocity.to(device=device, dtype=y_train.dtype)
+        fm = FlowMatchingConfig(n_steps=config.teacher_steps, batch_size=config.teacher_batch_size,
+                                lr=config.teacher_lr, coupling=config.teacher_coupling, seed=config.seed)
+        log = train_flow_matching(velocity, y_train.to(device), prior, fm, progress=progress)
+        cnf = TeacherCNF(velocity, solver)
+        cnf.save(teacher_path, extra={"flow_matching": vars(fm), "log": log})
+        info["teacher_train_s"] = time.perf_counter() - t
+    n_pairs = config.n_pairs or y_train.shape[0]
+    t = time.perf_counter()
+    executor = ProcessPoolExecutor(config.pair_workers) if config.pair_workers > 0 else None
+    try:
+        path = generate_reflow_pairs(cnf, prior, n_pairs, out_dir / "pairs_reflow.h5",
+                                     chunk_size=config.pair_chunk_size, seed=config.seed, solver=solver,
+                                     dtype=y_train.dtype, executor=executor, progress=progress)
+    finally:
+        if executor is not None:
+            executor.shutdown()
+    info.setdefault("pairs_s", time.perf_counter() - t)
+    return path
+
+
+def run_training(config: TrainConfig, out_dir: str | Path, *, progress: bool = True,
+                 dist: DistInfo | None = None) -> dict:
+    """Run (or resume) a full training run in ``out_dir``; returns the summary (also in run_info.json)."""
+    from ..energy import EnergyEvaluator
+
+    out_dir = Path(out_dir)
+    own_dist = dist is None
+    dist = dist or init_distributed(config.device)
+    try:
+        if dist.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            _check_run_config(config, out_dir)
+        barrier(dist)
+        info_path = out_dir / "run_info.json"
+        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        system, dataset = load_training_data(config)
+        train = dataset.split("train")
+        flow = build_student(config, system, train)
+        flow.to(dist.device)
+        info.update(regflow_mm=__version__, torch=torch.__version__, device=str(dist.device),
+                    world_size=dist.world_size, dataset=str(config.data), dataset_frames=len(dataset),
+                    train_frames=int(train.shape[0]), dataset_hash=tensor_hash(train))
+
+        with torch.no_grad():
+            y_train = flow.to_flow_space(torch.as_tensor(train, dtype=config.torch_dtype))[0].cpu()
+        if config.method == "regflow":
+            if dist.is_main:
+                prepare_pairs(config, flow, y_train, out_dir, info, progress)
+            barrier(dist)
+            x0, x1, pair_info = load_pairs(out_dir / f"pairs_{config.target}.h5")
+            data = (x0.to(config.torch_dtype), x1.to(config.torch_dtype))
+            info["n_pairs"] = int(x0.shape[0])
+            info["pairs"] = pair_info["settings"]
+        elif config.method == "mle":
+            data = (y_train,)
+        else:
+            idx = dataset.split_indices("train")
+            forces = torch.as_tensor(dataset.forces[idx] / system.kT, dtype=config.torch_dtype)
+            data = (torch.as_tensor(train, dtype=config.torch_dtype), forces)
+
+        val_idx = dataset.split_indices("val")
+        val_x, val_u = dataset.positions[val_idx], dataset.energies[val_idx] / system.kT
+        evaluator = EnergyEvaluator(system, n_workers=config.energy_workers, platform=config.energy_platform)
+
+        def validate(ema_flow) -> dict:
+            if config.val_samples <= 0:
+                from .metrics import heldout_nll
+                return {"nll": heldout_nll(ema_flow, torch.as_tensor(val_x, dtype=ema_flow.dtype))["nll"]}
+            res = evaluate_flow(ema_flow, system, val_x, val_u, evaluator=evaluator, n_samples=config.val_samples,
+                                n_torsion=config.val_torsion_samples, seed=config.seed)
+            return scalar_metrics(res)
+
+        trainer = Trainer(flow, config, out_dir, data, validate=validate,
+                          reduced_energy_torch=evaluator.reduced_energy_torch if config.lambda_kl > 0 else None,
+                          dist=dist, progress=progress)
+        summary = trainer.fit()
+        info["train"] = summary
+        if dist.is_main:
+            ema_flow = trainer.ema_flow
+            ema_flow.save(out_dir / "flow.pt")
+            flow.save(out_dir / "flow_raw.pt")
+            final = evaluate_flow(ema_flow, system, val_x, val_u, evaluator=evaluator,
+                                  n_samples=max(config.val_samples, 1000), n_torsion=config.val_torsion_samples,
+                                  seed=config.seed, plots_dir=out_dir / "plots")
+            (out_dir / "metrics.json").write_text(json.dumps(final, indent=2, default=float))
+            info["final_metrics"] = scalar_metrics(final)
+            train_rows = [r for r in trainer.records if r.get("kind") == "train"]
+            if train_rows:
+                training_curves(out_dir / "plots" / "training_curves.png", train_rows,
+                                keys=[k for k in ("loss", "regression", "logdet", "fwd_bwd", "nll", "force_matching",
+                                                  "reverse_kl", "grad_norm") if k in train_rows[-1]])
+            info_path.write_text(json.dumps(info, indent=2, default=str))
+        evaluator.close()
+        return info
+    finally:
+        if own_dist:
+            shutdown(dist)

@@ -1,0 +1,454 @@
+"""Flow trainer: RegFlow regression, maximum likelihood, NLL + force matching (+ optional reverse KL).
+
+One ``Trainer`` runs the optimisation loop on in-memory tensors with
+
+- AdamW (lr 5e-4, weight decay 0.01 by default), EMA of the weights (``torch.optim.swa_utils``
+  AveragedModel, decay 0.999), gradient-norm clipping;
+- a deterministic data order: epoch e uses the permutation seeded by (seed, e) and step s draws
+  its target noise / reverse-KL latents from generators seeded by (seed, s), so the batch of a
+  step depends only on (seed, step). Together with the saved weights, EMA, optimizer,
+  scheduler and RNG states this makes a resumed run take exactly the steps an uninterrupted run
+  takes (checked bitwise in tests/test_trainer.py);
+- atomic checkpoints every ``checkpoint_every`` steps, at epoch ends and on SIGINT/SIGTERM;
+- a JSON-lines + CSV log (train rows every ``log_every`` steps, validation rows per epoch);
+- a non-finite loss or gradient: no update is applied, the last good checkpoint is kept,
+  ``nan_report.json`` names the step, and ``TrainingDiverged`` is raised;
+- data parallelism over torch.distributed: every rank takes its equal slice of the same global
+  batch and gradients are averaged, so the loss trajectory equals one process's.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from .couplings import derived_seed
+from .distributed import DistInfo, all_reduce_max, all_reduce_mean, average_gradients
+from .objectives import REGULARIZERS, force_matching_loss, nll_loss, regflow_loss, reverse_kl_loss
+
+METHODS = ("regflow", "mle", "nll+fm")
+TARGETS = ("reflow", "ot")
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient stopped training; ``step`` is the step that failed."""
+
+    def __init__(self, step: int, message: str):
+        super().__init__(message)
+        self.step = step
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved verbatim as ``config.json`` with the run).
+
+    Units: lambda_* are dimensionless weights on losses in flow-space units^2 (regression),
+    nats (NLL), (kT/nm)^2 (force matching) and kT (reverse KL); time budgets in CPU seconds.
+    """
+
+    # what to train
+    system: str = "aldp"
+    data: str = ""
+    representation: str = "cartesian"
+    architecture: str = "nsf"
+    hyper: dict = field(default_factory=dict)
+    method: str = "regflow"
+    target: str = "reflow"
+    # objective
+    regularizer: str = "logdet"
+    lambda_r: float = 1e-6
+    lambda_n: float = 0.0
+    lambda_kl: float = 0.0
+    kl_batch_size: int = 64
+    kl_energy_cap_kT: float | None = None
+    w_nll: float = 1.0
+    w_fm: float = 1.0
+    # optimisation
+    epochs: int = 20
+    max_steps: int | None = None
+    time_budget_s: float | None = None
+    batch_size: int = 256
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    ema_decay: float = 0.999
+    grad_clip: float = 10.0
+    lr_schedule: str = "constant"
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "auto"
+    # bookkeeping
+    log_every: int = 50
+    checkpoint_every: int = 500
+    val_every_epochs: int = 1
+    val_samples: int = 2000
+    val_torsion_samples: int = 2000
+    energy_workers: int = 0
+    energy_platform: str = "Reference"
+    # reflow teacher and couplings
+    n_pairs: int | None = None
+    teacher_steps: int = 3000
+    teacher_hidden: int = 256
+    teacher_layers: int = 3
+    teacher_batch_size: int = 256
+    teacher_lr: float = 1e-3
+    teacher_coupling: str = "minibatch_ot"
+    ode_method: str = "dopri5"
+    ode_rtol: float = 1e-5
+    ode_atol: float = 1e-5
+    ode_steps: int = 50
+    ot_method: str = "exact"
+    ot_block_size: int = 4096
+    pair_chunk_size: int = 10_000
+    pair_workers: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.regularizer not in REGULARIZERS:
+            raise ValueError(f"regularizer must be one of {REGULARIZERS}, got {self.regularizer!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        for name in ("batch_size", "epochs", "log_every", "checkpoint_every", "val_every_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.float64 if self.dtype == "float64" else torch.float32
+
+
+# Settings that may change when a run is resumed (they do not alter the steps already taken).
+RESUMABLE_CHANGES = ("epochs", "max_steps", "time_budget_s", "device", "log_every", "checkpoint_every",
+                     "val_every_epochs", "val_samples", "val_torsion_samples", "energy_workers", "pair_workers")
+
+
+_STREAM_EPOCH, _STREAM_NOISE, _STREAM_KL = 1, 2, 3
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Optimisation loop for a BoltzmannFlow on in-memory tensors.
+
+    Args:
+        flow: the BoltzmannFlow (trained in place; ``flow.transform`` and ``flow.prior``).
+        config: TrainConfig (method, objective weights, optimiser, seed, schedule).
+        out_dir: run directory (checkpoint.pt, log.jsonl, log.csv, nan_report.json).
+        data: tensors indexed along dim 0, by method: regflow (x0 latent (N, D), x1 flow space (N, D));
+            mle (y flow space (N, D),); nll+fm (positions (N, n, 3) nm, forces / kT (N, n, 3) kT/nm).
+        validate: optional ``validate(ema_flow) -> dict`` run on rank 0 every ``val_every_epochs``.
+        reduced_energy_torch: u(x) in kT with autograd, needed when ``lambda_kl > 0``.
+        dist: DistInfo of this process (single CPU process by default).
+        on_step_end: optional ``callback(step)`` after each completed step (tests inject crashes).
+    """
+
+    def __init__(self, flow, config: TrainConfig, out_dir: str | Path, data: tuple[torch.Tensor, ...], *,
+                 validate: Callable | None = None, reduced_energy_torch: Callable | None = None,
+                 dist: DistInfo | None = None, on_step_end: Callable[[int], None] | None = None,
+                 progress: bool = True):
+        self.flow = flow
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.dist = dist or DistInfo()
+        self.device = self.dist.device
+        self.validate = validate
+        self.reduced_energy_torch = reduced_energy_torch
+        self.on_step_end = on_step_end
+        self.progress = progress and self.dist.is_main
+        if config.lambda_kl > 0 and reduced_energy_torch is None:
+            raise ValueError("lambda_kl > 0 needs reduced_energy_torch (an EnergyEvaluator's method)")
+        self.data = tuple(d.to(self.device) for d in data)
+        n = self.data[0].shape[0]
+        if any(d.shape[0] != n for d in self.data):
+            raise ValueError("all training tensors must have the same number of rows")
+        if any(not torch.isfinite(d).all() for d in self.data):
+            raise ValueError("training data contains NaN/inf; clean the dataset (or the pairs) first")
+        if config.batch_size % self.dist.world_size:
+            raise ValueError(f"batch_size {config.batch_size} must be divisible by the {self.dist.world_size} "
+                             f"data-parallel processes")
+        if n < config.batch_size:
+            raise ValueError(f"only {n} training rows for batch_size {config.batch_size}; lower the batch size "
+                             f"or use more data")
+        self.n = n
+        self.steps_per_epoch = n // config.batch_size
+        self.total_steps = config.epochs * self.steps_per_epoch
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        self.flow.to(self.device)
+        self.optimizer = torch.optim.AdamW(self.flow.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        if config.lr_schedule == "cosine":
+            horizon = config.epochs * self.steps_per_epoch if config.max_steps is None else config.max_steps
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, horizon))
+        else:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
+        self.ema = AveragedModel(self.flow, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+        self.step = 0
+        self.cpu_time = 0.0
+        self.records: list[dict] = []
+        self._stop_requested = False
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_path = self.out_dir / "checkpoint.pt"
+        self.resumed_from: int | None = None
+        if self.checkpoint_path.exists():
+            self._load_checkpoint()
+
+    # ----------------------------------------------------------------- state
+    def _state(self) -> dict:
+        return {"step": self.step, "cpu_time": self.cpu_time, "config": self.config.to_dict(),
+                "flow": self.flow.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                "data_order": {"n": self.n, "batch_size": self.config.batch_size, "seed": self.config.seed,
+                               "rule": "epoch permutation seeded by (seed, 1, epoch)"},
+                "records": self.records}
+
+    def save_checkpoint(self) -> None:
+        if self.dist.is_main:
+            _atomic_torch_save(self._state(), self.checkpoint_path)
+
+    def _load_checkpoint(self) -> None:
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE_CHANGES}
+        now = {k: v for k, v in self.config.to_dict().items() if k not in RESUMABLE_CHANGES}
+        if saved != now:
+            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            raise ValueError(f"{self.checkpoint_path} belongs to a run with other settings ({diff}); "
+                             f"use a new output directory or the original settings")
+        if state["data_order"]["n"] != self.n:
+            raise ValueError(f"{self.checkpoint_path} was trained on {state['data_order']['n']} rows, now {self.n}: "
+                             f"the training data changed")
+        self.flow.load_state_dict(state["flow"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        self.step = int(state["step"])
+        self.cpu_time = float(state["cpu_time"])
+        self.records = list(state["records"])
+        self.resumed_from = self.step
+        if self.dist.is_main:
+            self._rewrite_logs()
+
+    # ----------------------------------------------------------------- logs
+    def _append_record(self, record: dict) -> None:
+        self.records.append(record)
+        if self.dist.is_main:
+            with open(self.out_dir / "log.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def _rewrite_logs(self) -> None:
+        with open(self.out_dir / "log.jsonl", "w") as fh:
+            for r in self.records:
+                fh.write(json.dumps(r) + "\n")
+        self._write_csv()
+
+    def _write_csv(self) -> None:
+        keys: list[str] = []
+        for r in self.records:
+            keys += [k for k, v in r.items() if k not in keys and not isinstance(v, (dict, list))]
+        with open(self.out_dir / "log.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.records)
+
+    # ----------------------------------------------------------------- batches
+    def batch_indices(self, step: int) -> tuple[torch.Tensor, slice]:
+        """Global-batch rows of ``step`` and this rank's slice of the global batch."""
+        epoch, b = divmod(step, self.steps_per_epoch)
+        gen = torch.Generator().manual_seed(derived_seed(self.config.seed, _STREAM_EPOCH, epoch))
+        perm = torch.randperm(self.n, generator=gen)
+        rows = perm[b * self.config.batch_size:(b + 1) * self.config.batch_size]
+        local = self.config.batch_size // self.dist.world_size
+        return rows, slice(self.dist.rank * local, (self.dist.rank + 1) * local)
+
+    def _loss(self, step: int) -> tuple[torch.Tensor, dict]:
+        cfg = self.config
+        rows, mine = self.batch_indices(step)
+        batch = [d[rows[mine].to(self.device)] for d in self.data]
+        if cfg.method == "regflow":
+            noise = None
+            if cfg.lambda_n > 0:
+                gen = torch.Generator().manual_seed(derived_seed(cfg.seed, _STREAM_NOISE, step))
+                noise = torch.randn(cfg.batch_size, batch[1].shape[1], generator=gen, dtype=batch[1].dtype)
+                noise = noise[mine].to(self.device)
+            loss, parts = regflow_loss(self.flow.transform, batch[0], batch[1], regularizer=cfg.regularizer,
+                                       lambda_r=cfg.lambda_r, lambda_n=cfg.lambda_n, noise=noise)
+        elif cfg.method == "mle":
+            loss, parts = nll_loss(self.flow.transform, self.flow.prior, batch[0])
+        else:
+            x, forces = batch
+            nll = -self.flow.log_prob(x).mean()
+            fm, _ = force_matching_loss(self.flow, x, forces)
+            loss = cfg.w_nll * nll + cfg.w_fm * fm
+            parts = {"nll": nll.item(), "force_matching": fm.item(), "loss": loss.item()}
+        if cfg.lambda_kl > 0:
+            prior = _SeededPrior(self.flow.prior, derived_seed(cfg.seed, _STREAM_KL, step, self.dist.rank))
+            kl, kl_parts = reverse_kl_loss(self.flow.transform, prior, self.flow.from_flow_space,
+                                           self.reduced_energy_torch, cfg.kl_batch_size // self.dist.world_size
+                                           or 1, energy_cap_kT=cfg.kl_energy_cap_kT)
+            loss = loss + cfg.lambda_kl * kl
+            parts.update(reverse_kl=kl_parts["reverse_kl"], kl_nonfinite=kl_parts["n_nonfinite"],
+                         loss=loss.item())
+        return loss, parts
+
+    # ----------------------------------------------------------------- loop
+    def _request_stop(self, signum, frame) -> None:
+        self._stop_requested = True
+
+    def _diverged(self, step: int, what: str, parts: dict) -> TrainingDiverged:
+        message = (f"training stopped: {what} at step {step}; no update was applied and the last good checkpoint "
+                   f"({self.checkpoint_path}, step {self._last_checkpoint_step}) is kept. Lower the learning rate "
+                   f"or raise the regularisation, then resume from the checkpoint")
+        if self.dist.is_main:
+            report = {"step": step, "what": what, "parts": parts, "last_checkpoint_step": self._last_checkpoint_step}
+            (self.out_dir / "nan_report.json").write_text(json.dumps(report, indent=2, default=str))
+        return TrainingDiverged(step, message)
+
+    def fit(self, handle_signals: bool = True) -> dict:
+        """Run until ``total_steps`` (or the CPU-time budget, or a stop signal); returns a summary dict."""
+        cfg = self.config
+        old_handlers = {}
+        if handle_signals and self._in_main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old_handlers[sig] = signal.signal(sig, self._request_stop)
+        self._last_checkpoint_step = self.step if self.checkpoint_path.exists() else None
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {cfg.method}", disable=not self.progress)
+        stopped_by = "steps"
+        running: dict[str, list[float]] = {}
+        try:
+            while self.step < self.total_steps:
+                t0 = time.process_time()
+                self.flow.train()
+                loss, parts = self._loss(self.step)
+                finite = torch.isfinite(loss.detach())
+                self.optimizer.zero_grad(set_to_none=True)
+                if finite:
+                    loss.backward()
+                    average_gradients(self.flow, self.dist.world_size)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.flow.parameters(), cfg.grad_clip)
+                else:
+                    grad_norm = torch.tensor(math.nan)
+                stats = torch.tensor([loss.item(), float(torch.isfinite(grad_norm))], dtype=torch.float64)
+                stats = all_reduce_mean(stats, self.dist.world_size)
+                if not math.isfinite(stats[0].item()):
+                    raise self._diverged(self.step, f"non-finite loss ({stats[0].item()})", parts)
+                if stats[1].item() < 1.0:
+                    raise self._diverged(self.step, "non-finite gradient", parts)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.ema.update_parameters(self.flow)
+                self.step += 1
+                self.cpu_time += time.process_time() - t0
+                parts["loss"] = stats[0].item()
+                parts["grad_norm"] = float(grad_norm)
+                for k, v in parts.items():
+                    if isinstance(v, (int, float)):
+                        running.setdefault(k, []).append(float(v))
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    row = {"kind": "train", "step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
+                           "lr": self.scheduler.get_last_lr()[0], "cpu_time_s": self.cpu_time,
+                           **{k: float(np.mean(v)) for k, v in running.items()}}
+                    running = {}
+                    self._append_record(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4g}")
+                epoch_end = self.step % self.steps_per_epoch == 0
+                if epoch_end and (self.step // self.steps_per_epoch) % cfg.val_every_epochs == 0:
+                    self._run_validation()
+                if self.on_step_end is not None:
+                    self.on_step_end(self.step)
+                out_of_time = cfg.time_budget_s is not None and self.cpu_time >= cfg.time_budget_s
+                flags = all_reduce_max(torch.tensor([float(self._stop_requested), float(out_of_time)]),
+                                       self.dist.world_size)
+                if epoch_end or self.step % cfg.checkpoint_every == 0 or flags.any():
+                    self.save_checkpoint()
+                    self._last_checkpoint_step = self.step
+                if flags[0]:
+                    stopped_by = "signal"
+                    break
+                if flags[1]:
+                    stopped_by = "time_budget"
+                    break
+            self.save_checkpoint()
+            self._last_checkpoint_step = self.step
+        finally:
+            bar.close()
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            if self.dist.is_main:
+                self._write_csv()
+        return {"step": self.step, "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                "cpu_time_s": self.cpu_time, "stopped_by": stopped_by, "resumed_from": self.resumed_from}
+
+    def _run_validation(self) -> None:
+        if self.validate is None:
+            return
+        if self.dist.is_main:
+            self.ema.module.eval()
+            with torch.no_grad():
+                metrics = self.validate(self.ema.module)
+            self._append_record({"kind": "val", "step": self.step,
+                                 "epoch": self.step // self.steps_per_epoch - 1, **metrics})
+
+    @staticmethod
+    def _in_main_thread() -> bool:
+        import threading
+        return threading.current_thread() is threading.main_thread()
+
+    @property
+    def ema_flow(self):
+        """The EMA-averaged BoltzmannFlow (what is saved and evaluated)."""
+        return self.ema.module
+
+
+class _SeededPrior:
+    """A flow prior whose ``sample`` draws from a generator seeded with ``seed`` on the prior's device."""
+
+    def __init__(self, prior, seed: int):
+        self.prior = prior
+        self.generator = torch.Generator(device=prior.device).manual_seed(seed)
+
+    def sample(self, n):
+        return self.prior.sample(n, generator=self.generator)
+
+    def log_prob(self, z):
+        return self.prior.log_prob(z)
