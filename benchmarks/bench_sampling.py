@@ -82,6 +82,54 @@ def chain(system, flow, flow_path, cpu_budget: float, md_steps: int, use_flow: b
             "counters": move.statistics if move else {}}
 
 
+def set_torsion(x: np.ndarray, topology, quad, degrees: float) -> np.ndarray:
+    """Copy of x (n, 3) nm with the dihedral quad set to ``degrees`` by rotating the side of bond j-k that holds l."""
+    import collections
+
+    i, j, k, l = quad
+    graph = collections.defaultdict(set)
+    for bond in topology.bonds():
+        graph[bond.atom1.index].add(bond.atom2.index)
+        graph[bond.atom2.index].add(bond.atom1.index)
+    side, todo = {k}, [k]
+    while todo:
+        a = todo.pop()
+        for b in graph[a]:
+            if b not in side and b != j:
+                side.add(b)
+                todo.append(b)
+    side.discard(k)
+    current = dihedrals(x[None], [quad])[0, 0]
+    angle = np.radians(degrees) - current
+    axis = (x[k] - x[j]) / np.linalg.norm(x[k] - x[j])
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    rot = np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross  # Rodrigues
+    y = x.copy()
+    idx = np.array(sorted(side))
+    y[idx] = (x[idx] - x[k]) @ rot.T + x[k]
+    return y
+
+
+def state_b_md(system, seed: int, ps: float) -> np.ndarray:
+    """Frames (every 0.5 ps) of Langevin MD (1 fs, 1/ps) started in the alpha_L basin (phi = 60, psi = 40 deg)."""
+    x = set_torsion(system.positions, system.topology, system.torsions["phi1"], 60.0)
+    x = set_torsion(x, system.topology, system.torsions["psi1"], 40.0)
+    integrator = openmm.LangevinMiddleIntegrator(system.temperature * unit.kelvin, 1.0 / unit.picosecond,
+                                                 1.0 * unit.femtosecond)
+    integrator.setRandomNumberSeed(seed + 7)
+    context = openmm.Context(system.system, integrator, openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(x * unit.nanometer)
+    openmm.LocalEnergyMinimizer.minimize(context)
+    context.setVelocitiesToTemperature(system.temperature * unit.kelvin, seed + 7)
+    integrator.step(10_000)
+    frames = []
+    for _ in range(int(ps * 2)):
+        integrator.step(500)
+        frames.append(context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+    frames = np.array(frames)
+    return frames[dihedrals(frames, [system.torsions["phi1"]])[:, 0] > 0]
+
+
 def force_cost(system, flow, n_eval: int) -> dict:
     out = {}
     x = system.positions
@@ -116,6 +164,7 @@ def main() -> None:
     parser.add_argument("--md-steps", type=int, default=250, help="1 fs Langevin steps per iteration")
     parser.add_argument("--n-samples", type=int, default=20_000, help="flow samples for reweighting")
     parser.add_argument("--tfep-steps", type=int, default=300)
+    parser.add_argument("--b-md-ps", type=float, default=500.0, help="ps of state-B MD when the data has no phi > 0")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -158,29 +207,38 @@ def main() -> None:
     try:
         fe = state_delta_f(log_w, phi < 0, phi > 0)
         print(f"| flow reweighting | {fe['delta_f']:.3f} | {fe['ddelta_f']:.3f} | {fe['n']} ({fe['n_b']} with phi>0) | "
-              f"ESS/N {kish_fraction(log_w):.4f}, D fraction {1 - samples.is_l.mean():.3f}, {rw_s:.0f} s |")
+              f"ESS/N {kish_fraction(log_w):.4f}, ESS in B {fe['ess_b']:.1f}, D fraction {1 - samples.is_l.mean():.3f}, {rw_s:.0f} s |")
     except ValueError as err:
         print(f"| flow reweighting | n/a | | {samples.n} | {err} |")
-    md_fe = state_delta_f(np.zeros(phi_md.size), phi_md < 0, phi_md > 0)
-    md_err = block_error(phi_md > 0) / max(md_fe["p_b"], 1e-12)
-    print(f"| MD counting (dataset) | {md_fe['delta_f']:.3f} | {md_err:.3f} | {phi_md.size} | block error |")
+    if (phi_md > 0).any():
+        md_fe = state_delta_f(np.zeros(phi_md.size), phi_md < 0, phi_md > 0)
+        md_err = block_error(phi_md > 0) / md_fe["p_b"]
+        print(f"| MD counting (dataset) | {md_fe['delta_f']:.3f} | {md_err:.3f} | {phi_md.size} | block error |")
+    else:
+        print(f"| MD counting (dataset) | n/a | | {phi_md.size} | no frame with phi > 0 in the MD data |")
 
     # 3. TFEP A (phi < 0) -> B (phi > 0): map trained energy-free on OT pairs of MD samples (flow space of a
     #    mean-free Cartesian representation: exact densities, the representation's constant log-det cancels).
+    #    MD of B: the dataset's frames with phi > 0, or (when it has too few) a short MD started from the
+    #    lowest-energy L flow sample with phi > 0 (the basin is metastable for ~ns).
     x_md = dataset.positions.astype(np.float64)
-    a_idx, b_idx = np.flatnonzero(phi_md < 0), np.flatnonzero(phi_md > 0)
+    x_b = x_md[phi_md > 0]
+    if x_b.shape[0] < 200:
+        x_b = state_b_md(system, args.seed, args.b_md_ps)
+    x_a = x_md[phi_md < 0]
+    x_all = np.concatenate([x_a, x_b])
     rng = np.random.default_rng(args.seed)
-    n_pair = min(b_idx.size, 1000)
+    n_pair = min(x_b.shape[0], 1000)
     if n_pair >= 10:
-        mapper = build_flow(system, "cartesian", "resnvp", seed=args.seed, dtype=torch.float64, fit_to=x_md)
+        mapper = build_flow(system, "cartesian", "resnvp", seed=args.seed, dtype=torch.float64, fit_to=x_all)
         rep = mapper.representation
         to_y = lambda x: rep.to_flow_space(torch.as_tensor(x))[0].detach().numpy()  # noqa: E731
-        a_train = rng.choice(a_idx, n_pair, replace=False)
-        b_train = rng.choice(b_idx, n_pair, replace=False)
+        a_train = rng.choice(x_a.shape[0], n_pair, replace=False)
+        b_train = rng.choice(x_b.shape[0], n_pair, replace=False)
         t = time.perf_counter()
-        info = train_tfep_map(mapper.transform, to_y(x_md[a_train]), to_y(x_md[b_train]), n_steps=args.tfep_steps,
-                              batch_size=min(256, n_pair), lr=1e-3, seed=args.seed, progress=False)
-        a_test = np.setdiff1d(a_idx, a_train)[:2000]
+        train_tfep_map(mapper.transform, to_y(x_a[a_train]), to_y(x_b[b_train]), n_steps=args.tfep_steps,
+                       batch_size=min(256, n_pair), lr=1e-3, seed=args.seed, progress=False)
+        a_test = np.setdiff1d(np.arange(x_a.shape[0]), a_train)[:2000]
         phi_quad = [system.torsions["phi1"]]
         with EnergyEvaluator(system, n_workers=0, platform="Reference") as ev:
             def u_a(y):
@@ -191,7 +249,7 @@ def main() -> None:
                 u = ev.reduced_energy(x)
                 return np.where(dihedrals(x, phi_quad)[:, 0] > 0, u, np.inf)
             try:
-                tf = tfep_delta_f(mapper.transform, to_y(x_md[a_test]), u_a, u_b)
+                tf = tfep_delta_f(mapper.transform, to_y(x_a[a_test]), u_a, u_b)
                 tf_line = (f"| TFEP (RegFlow map, OT pairs, {n_pair} per state) | {tf['delta_f']:.3f} | {tf['ddelta_f']:.3f} | "
                            f"{tf['n']} | work ESS/N {tf['work_ess']:.4f}, {tf['n_nonfinite']} mapped outside B, "
                            f"{time.perf_counter() - t:.0f} s |")
@@ -201,6 +259,8 @@ def main() -> None:
     print()
 
     # 4. Exported force cost.
+    print(f"TFEP state-B samples: {x_b.shape[0]} frames ({'MD dataset' if (phi_md > 0).sum() >= 200 else f'{args.b_md_ps:.0f} ps MD started at phi = 60, psi = 40 deg'}); "
+          "state-A samples: MD dataset\n")
     costs = force_cost(system, flow, 200)
     ff = costs["force field (aldp, Reference)"]
     print("## Energy + forces of one configuration (Reference platform, 200 evaluations)\n")

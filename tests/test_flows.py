@@ -38,7 +38,7 @@ def aldp_flow(aldp, rep, arch, scale=0.1):
 
 def batch_logdet(fn, x):
     """log|det dfn/dx| per row via the full autograd Jacobian (fn acts row-wise)."""
-    jac = torch.autograd.functional.jacobian(lambda v: fn(v).sum(0), x)  # (D, B, D)
+    jac = torch.autograd.functional.jacobian(lambda v: fn(v).sum(0), x, vectorize=True)  # (D, B, D)
     return torch.stack([torch.linalg.slogdet(jac[:, b])[1] for b in range(x.shape[0])])
 
 
@@ -54,8 +54,9 @@ def test_logdet_matches_autograd_and_inverse(aldp, rep, arch):
     z_back, logdet_inv = flow.transform(y, inverse=True)
     assert (z_back - z).abs().max() < 1e-6
     assert (logdet_inv + logdet).abs().max() < 1e-8
-    auto_inv = batch_logdet(lambda v: flow.transform(v, inverse=True)[0], y)
-    assert (logdet_inv - auto_inv).abs().max() < 1e-8
+    if arch != "ar-nsf":  # AR inverse: D sequential passes; its Jacobian follows from the two checks above
+        auto_inv = batch_logdet(lambda v: flow.transform(v, inverse=True)[0], y)
+        assert (logdet_inv - auto_inv).abs().max() < 1e-8
     # The map is not the identity (otherwise the checks above would be vacuous).
     assert (y - z).abs().max() > 1e-2 and logdet.abs().min() > 1e-3
 
@@ -89,18 +90,21 @@ def grid_mass(transform, prior, lo, hi, n):
 def test_density_integrates_to_one_on_the_plane(kind):
     torch.manual_seed(4)
     if kind == "resnvp":
-        layers = [AffineCoupling(torch.tensor([i % 2 == 0, i % 2 == 1]), hidden=8, blocks=1) for i in range(3)]
+        # Moderate log-scales keep the density smooth enough for the grid.
+        layers = [AffineCoupling(torch.tensor([i % 2 == 0, i % 2 == 1]), hidden=8, blocks=1, max_log_scale=0.7)
+                  for i in range(3)]
     elif kind == "nsf":
         layers = [SplineCoupling(torch.tensor([i % 2 == 0, i % 2 == 1]), bins=5, hidden=8, blocks=1, bound=3.0)
                   for i in range(3)]
     else:
         layers = [AutoregressiveSpline([0, 1] if i % 2 == 0 else [1, 0], bins=5, hidden=8, depth=1, bound=3.0)
                   for i in range(2)]
-    transform = randomise(SequentialFlow(layers).double(), 0.5)
+    transform = randomise(SequentialFlow(layers).double(), 0.5 if kind == "resnvp" else 0.2)
     prior = StandardNormal(2).double()
-    y, _ = transform(prior.sample(2000))
-    assert y.std(0).min() > 0.3  # non-trivial, not collapsed
-    assert abs(grid_mass(transform, prior, -14.0, 14.0, 500) - 1) < 2e-3
+    _, logdet = transform(prior.sample(2000))
+    assert logdet.std() > 0.3  # the density is far from the prior
+    half_width, n = (24.0, 960) if kind == "resnvp" else (12.0, 480)
+    assert abs(grid_mass(transform, prior, -half_width, half_width, n) - 1) < 1e-3
 
 
 @pytest.mark.parametrize("kind", ["nsf", "ar-nsf"])
@@ -113,12 +117,11 @@ def test_density_integrates_to_one_on_interval_times_circle(kind):
     else:
         layers = [AutoregressiveSpline([0, 1] if i % 2 == 0 else [1, 0], "box", circular, bins=5, hidden=8,
                                        depth=1) for i in range(2)]
-    transform = randomise(SequentialFlow(layers).double(), 0.5)
+    transform = randomise(SequentialFlow(layers).double(), 0.2)
     prior = UniformBox(2).double()
-    mass = grid_mass(transform, prior, 0.0, 1.0, 400)
-    _, logdet = transform(prior.sample(1000))
-    assert logdet.std() > 0.1  # the density is far from uniform
-    assert abs(mass - 1) < 1e-3
+    _, logdet = transform(prior.sample(2000))
+    assert logdet.std() > 0.3  # the density is far from uniform
+    assert abs(grid_mass(transform, prior, 0.0, 1.0, 400) - 1) < 1e-3
 
 
 def test_elementwise_layers():

@@ -122,3 +122,18 @@ def test_invertibility_error():
     res = metrics.invertibility_error(_Affine(), z, batch_size=3)
     assert res["max_abs"] < 1e-14 and res["logdet_max_abs"] < 1e-12
     assert metrics.invertibility_error(_Affine(0.1), z)["max_abs"] == pytest.approx(0.1)
+
+
+def test_plots_write_pngs(tmp_path):
+    from regflow_mm.training import plots
+
+    rng = np.random.default_rng(0)
+    md, fl = rng.uniform(-3, 3, (200, 2)), rng.uniform(-3, 3, (100, 2))
+    lw = rng.normal(size=100)
+    assert plots.ramachandran_plot(tmp_path / "r.png", md, fl, lw).stat().st_size > 1000
+    assert plots.energy_histogram(tmp_path / "e.png", rng.normal(size=200), np.r_[rng.normal(size=99), np.inf],
+                                  lw).stat().st_size > 1000
+    rows = [{"step": i, "loss": 1.0 / (i + 1), "kind": "train"} for i in range(5)]
+    assert plots.training_curves(tmp_path / "c.png", rows).stat().st_size > 1000
+    with pytest.raises(ValueError, match=r"\(n, 2\)"):
+        plots.ramachandran_plot(tmp_path / "x.png", md[:, :1], fl)

@@ -1,9 +1,7 @@
 """Smooth flows: C-infinity mixture transforms, root-finding inverse, implicit gradients, force matching."""
 from __future__ import annotations
 
-import functools
 import math
-import warnings
 
 import pytest
 import torch

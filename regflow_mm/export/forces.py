@@ -103,6 +103,30 @@ def _python_force_computation(state: openmm.State, flow: nn.Module) -> tuple[flo
     return float(energy.detach()), -grad[0].detach().to(torch.float64).numpy()
 
 
+_TORCH_KERNELS_LOADED = False
+
+
+def _load_torch_kernels() -> None:
+    """Load openmm-torch's platform kernels if OpenMM's start-up plugin scan missed them.
+
+    OpenMM loads its plugins when ``openmm`` is first imported; if torch was not imported
+    before, the openmm-torch kernel library cannot find libtorch's CUDA dependencies
+    (libnvrtc) and is skipped, and a TorchForce Context then fails with "does not support all
+    required kernels". Now that torch is loaded, load the skipped library explicitly.
+    """
+    global _TORCH_KERNELS_LOADED
+    if _TORCH_KERNELS_LOADED:
+        return
+    for failure in openmm.Platform.getPluginLoadFailures():
+        if "OpenMMTorchReference" in failure or "OpenMMTorchCPU" in failure or "OpenMMTorchCUDA" in failure:
+            library = failure.split("Error loading library ", 1)[-1].split(": ", 1)[0]
+            try:
+                openmm.Platform.loadPluginLibrary(library)
+            except openmm.OpenMMException as err:
+                log.warning("could not load openmm-torch kernels %s: %s", library, err)
+    _TORCH_KERNELS_LOADED = True
+
+
 def flow_force(flow, backend: str = "torch", force_group: int = 0, path: str | Path | None = None) -> openmm.Force:
     """``openmm.Force`` computing U_flow(x) = -kT log q(x) in kJ/mol and its forces (kJ/mol/nm).
 
@@ -125,6 +149,7 @@ def flow_force(flow, backend: str = "torch", force_group: int = 0, path: str | P
     if backend == "torch":
         import openmmtorch  # after torch: torch's import makes its CUDA libraries loadable
 
+        _load_torch_kernels()
         scripted = export_torchscript(flow, path)
         force = openmmtorch.TorchForce(scripted)
     else:

@@ -4,13 +4,19 @@
     >>> flow = build_flow(system, representation="cartesian", architecture="nsf", fit_to=train_positions)
     >>> x, log_q = flow.sample(1000); flow.save("flow.pt")
 """
+from .autoregressive import AutoregressiveSpline
 from .base import Flow, SequentialFlow
 from .boltzmann import BoltzmannFlow
 from .elementwise import ElementwiseAffine, NormalCDF
-from .factory import architectures, build_flow, default_prior, flow_from_config, get_architecture, register_architecture
+from .factory import (architectures, build_flow, default_prior, flow_from_config, get_architecture,
+                      register_architecture)
 from .io import flow_file_hash, load_flow, save_flow
+from .nets import ResidualMLP
 from .priors import Prior, StandardNormal, UniformBox, prior_from_config
+from .realnvp import AffineCoupling
+from .splines import SplineCoupling, rq_spline
 
 __all__ = ["Flow", "SequentialFlow", "BoltzmannFlow", "ElementwiseAffine", "NormalCDF", "build_flow",
            "register_architecture", "architectures", "get_architecture", "default_prior", "flow_from_config",
-           "load_flow", "save_flow", "flow_file_hash", "Prior", "StandardNormal", "UniformBox", "prior_from_config"]
+           "load_flow", "save_flow", "flow_file_hash", "Prior", "StandardNormal", "UniformBox", "prior_from_config",
+           "AffineCoupling", "SplineCoupling", "AutoregressiveSpline", "ResidualMLP", "rq_spline"]

@@ -45,7 +45,11 @@ class BoltzmannFlow(nn.Module):
         super().__init__()
         if prior.dim != representation.dim:
             raise ValueError(f"prior dimension {prior.dim} != representation dimension {representation.dim}")
-        if not (isinstance(kT, (int, float)) and kT > 0):
+        try:
+            kT = float(kT)
+        except (TypeError, ValueError):
+            kT = math.nan
+        if not kT > 0 or math.isinf(kT):
             raise ValueError(f"kT must be a positive number in kJ/mol, got {kT!r}")
         self.representation = representation
         self.transform = transform
@@ -99,7 +103,8 @@ class BoltzmannFlow(nn.Module):
         """Draw n configurations in the fast (noise -> data) direction.
 
         Returns x (n, n_atoms, 3) nm and log q(x) (n,). ``chunk_size`` bounds memory for large n
-        (wrap in ``torch.no_grad()`` when gradients are not needed).
+        (wrap in ``torch.no_grad()`` when gradients are not needed). A seeded ``generator`` (or the global
+        torch seed) reproduces the draw for the same ``chunk_size``; other chunk sizes draw other noise.
         """
         if int(n) < 0:
             raise ValueError(f"number of samples must be >= 0, got {n}")

@@ -50,7 +50,7 @@ class RootFindingConfig:
     ``n_newton``: Newton polish steps inside the final bracket; ``on_failure``: 'raise' or 'warn'.
     """
 
-    n_bins: int = 64
+    n_bins: int = 16
     tol: float | None = None
     max_passes: int = 60
     n_newton: int = 2

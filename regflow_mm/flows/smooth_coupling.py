@@ -204,7 +204,7 @@ def smooth_coupling_flow(domains: Sequence[str], n_layers: int = 4, splits: Sequ
 
 def smooth_architecture(representation, n_layers: int = 4, n_components: int = 8, beta: int = 1,
                         hidden: Sequence[int] = (64, 64), analytic: str = "inverse", circle_shift: bool = True,
-                        c_min: float = 1e-3, n_bins: int = 64, tol: float | None = None, max_passes: int = 60,
+                        c_min: float = 1e-3, n_bins: int = 16, tol: float | None = None, max_passes: int = 60,
                         n_newton: int = 2, on_failure: str = "raise", seed: int = 0):
     """Architecture builder ``'smooth'`` for ``build_flow``: (smooth coupling flow, uniform prior on the box).
 

@@ -120,7 +120,7 @@ class InternalCoordinates(Representation):
     @torch.no_grad()
     def fit(self, positions):
         """Bounds from training positions (B, N, 3) nm: [min - m*range, max + m*range], m = margin."""
-        x = as_positions(positions, self.n_atoms, torch.float64)
+        x = as_positions(positions, self.n_atoms, torch.float64, self.device)
         bonds, angles, _ = self.internal(x)
         for values, lo, hi, floor, ceil, min_range in ((bonds, self.bond_lo, self.bond_hi, 1e-3, math.inf, 1e-3),
                                                        (angles, self.angle_lo, self.angle_hi, 1e-3,

@@ -142,6 +142,7 @@ def _free_energy(args) -> int:
     print(f"| Delta F in kJ/mol | {result['delta_f'] * system.kT:.4f} +- {result['ddelta_f'] * system.kT:.4f} |")
     print(f"| P(A), P(B) | {result['p_a']:.5f}, {result['p_b']:.5f} |")
     print(f"| samples (in A, in B) | {result['n']} ({result['n_a']}, {result['n_b']}) |")
+    print(f"| Kish ESS in A, in B | {result['ess_a']:.1f}, {result['ess_b']:.1f} |")
     print(f"| Kish ESS / N | {result['ess_fraction']:.4f} |")
     _write_json(args.json, result)
     return 0

@@ -31,7 +31,8 @@ def state_delta_f(log_w, in_a, in_b) -> dict:
     """Delta F_{A->B} = F_B - F_A = -ln(P_B / P_A) in kT from weighted samples of one ensemble.
 
     log_w (N,) importance log-weights (0 for unbiased samples); in_a, in_b (N,) bool membership.
-    Returns {"delta_f", "ddelta_f", "p_a", "p_b", "n", "n_a", "n_b"}.
+    Returns {"delta_f", "ddelta_f", "p_a", "p_b", "n", "n_a", "n_b", "ess_a", "ess_b"}; ess_S is the
+    Kish ESS (a count) of the weights inside S: the delta-method error means little when it is small.
     """
     log_w = np.asarray(log_w, dtype=np.float64)
     in_a, in_b = np.asarray(in_a, dtype=bool), np.asarray(in_b, dtype=bool)
@@ -46,7 +47,15 @@ def state_delta_f(log_w, in_a, in_b) -> dict:
     p_a = float(np.exp(np.logaddexp.reduce(log_w[in_a & np.isfinite(log_w)]) - total))
     p_b = float(np.exp(np.logaddexp.reduce(log_w[in_b & np.isfinite(log_w)]) - total))
     return {"delta_f": -log_ratio, "ddelta_f": err, "p_a": p_a, "p_b": p_b, "n": int(log_w.size),
-            "n_a": int(in_a.sum()), "n_b": int(in_b.sum())}
+            "n_a": int(in_a.sum()), "n_b": int(in_b.sum()), "ess_a": _kish_count(log_w[in_a]),
+            "ess_b": _kish_count(log_w[in_b])}
+
+
+def _kish_count(log_w: np.ndarray) -> float:
+    finite = log_w[np.isfinite(log_w)]
+    if not finite.size:
+        return 0.0
+    return float(np.exp(2 * np.logaddexp.reduce(finite) - np.logaddexp.reduce(2 * finite)))
 
 
 def torsion_state(torsions: dict[str, np.ndarray], predicate: Callable[..., np.ndarray]) -> np.ndarray:

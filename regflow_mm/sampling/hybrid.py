@@ -130,6 +130,7 @@ def run_hybrid_mc(system, flow_path: str | Path, out: str | Path, n_iterations: 
         walkers.append((md_move, flow_move, sampler_state, context_cache))
 
     md_cpu = flow_cpu = 0.0
+    proposed_before = sum(wk[1].n_proposed for wk in walkers)
     bar = tqdm(total=n_iterations, initial=min(n_done, n_iterations), unit="it", desc=f"hybrid MC {system.name}",
                disable=not progress, dynamic_ncols=True, mininterval=1.0)
     try:
@@ -159,7 +160,7 @@ def run_hybrid_mc(system, flow_path: str | Path, out: str | Path, n_iterations: 
     finally:
         bar.close()
     summary = hybrid_summary(out)
-    n_flow = sum(wk[1].n_proposed for wk in walkers)
+    n_flow = sum(wk[1].n_proposed for wk in walkers) - proposed_before
     summary.update(md_cpu_s=md_cpu, flow_cpu_s=flow_cpu,
                    cpu_s_per_flow_move=flow_cpu / n_flow if n_flow else float("nan"))
     return summary

@@ -192,10 +192,12 @@ def log_ratio_of_means(log_a, log_b) -> tuple[float, float]:
     if not (np.isfinite(log_a).any() and np.isfinite(log_b).any()):
         raise ValueError("one of the two sample sets has zero total weight: the ratio is undefined "
                          "(no sample falls in one of the states?)")
-    shift = max(log_a.max(), log_b.max())
-    a, b = np.exp(log_a - shift), np.exp(log_b - shift)
+    # Each array is scaled by its own maximum: the relative variances below are scale-free, and
+    # the means come from log-sum-exp, so weights spanning hundreds of kT do not underflow.
+    a, b = np.exp(log_a - log_a.max()), np.exp(log_b - log_b.max())
     n = a.size
     ma, mb = a.mean(), b.mean()
     cov = np.cov(np.stack([a, b]), ddof=1) if n > 1 else np.zeros((2, 2))
     var = (cov[0, 0] / ma**2 + cov[1, 1] / mb**2 - 2.0 * cov[0, 1] / (ma * mb)) / n
-    return float(math.log(mb) - math.log(ma)), float(math.sqrt(max(var, 0.0)))
+    log_ratio = float(logsumexp(log_b) - logsumexp(log_a))
+    return log_ratio, float(math.sqrt(max(var, 0.0)))

@@ -81,9 +81,12 @@ def energy_histogram(path: str | Path, u_md: np.ndarray, u_flow: np.ndarray, log
     edges = np.linspace(u_range[0], u_range[1], bins + 1)
     ax.hist(u_md, bins=edges, density=True, histtype="stepfilled", alpha=0.35, color="k", label=f"MD (n={u_md.size})")
     inside = np.isfinite(u_flow) & (u_flow >= u_range[0]) & (u_flow <= u_range[1])
-    ax.hist(u_flow[inside], bins=edges, density=True, histtype="step", color="C0",
-            label=f"flow raw ({int((~inside).sum())} of {u_flow.size} outside range)")
-    if log_w is not None:
+    if inside.any():
+        ax.hist(u_flow[inside], bins=edges, density=True, histtype="step", color="C0",
+                label=f"flow raw ({int((~inside).sum())} of {u_flow.size} outside range)")
+    else:
+        ax.plot([], [], color="C0", label=f"flow raw (all {u_flow.size} outside range)")
+    if log_w is not None and inside.any():
         w = _normalised_weights(log_w)
         if w[inside].sum() > 0:
             ax.hist(u_flow[inside], bins=edges, weights=w[inside], density=True, histtype="step", color="C3",

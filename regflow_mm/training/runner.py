@@ -15,6 +15,7 @@ where it stopped. Under torchrun, rank 0 prepares teacher and pairs while the ot
 from __future__ import annotations
 
 import json
+import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -117,7 +118,9 @@ def prepare_pairs(config: TrainConfig, flow, y_train: torch.Tensor, out_dir: Pat
         info["teacher_train_s"] = time.perf_counter() - t
     n_pairs = config.n_pairs or y_train.shape[0]
     t = time.perf_counter()
-    executor = ProcessPoolExecutor(config.pair_workers) if config.pair_workers > 0 else None
+    # spawn, not fork: forking a process that already runs torch's thread pools can deadlock
+    executor = (ProcessPoolExecutor(config.pair_workers, mp_context=multiprocessing.get_context("spawn"))
+                if config.pair_workers > 0 else None)
     try:
         path = generate_reflow_pairs(cnf, prior, n_pairs, out_dir / "pairs_reflow.h5",
                                      chunk_size=config.pair_chunk_size, seed=config.seed, solver=solver,
