@@ -124,7 +124,7 @@ def main(argv=None) -> int:
                            for p, r in pool_per_cpu_s.items())
     report = f"""# bench_energy: batched energies+forces, {args.system.upper()} ({system.n_atoms} atoms)
 
-Command: `.venv/bin/python benchmarks/bench_energy.py {' '.join(argv if argv is not None else sys.argv[1:])}`
+Command: `{' '.join(['.venv/bin/python benchmarks/bench_energy.py'] + list(argv if argv is not None else sys.argv[1:]))}`
 Date: {datetime.date.today().isoformat()}
 Machine: 2-core CPU, no GPU ({cores} usable cores, {platform_module.processor() or platform_module.machine()},
 1-min load average {load_start:.2f} at the start, {load_end:.2f} at the end of the run: values above ~0.5
@@ -154,6 +154,9 @@ Notes
   a dask cluster (`EnergyEvaluator(system, executor=client.get_executor(), n_workers=total_threads)`)
   the same holds with all its worker threads. The cold call pays worker start-up (forkserver: a
   fraction of a second) once per evaluator.
+- No published figure exists for this measurement. For scale: /work/shared/REFERENCE.md notes
+  ~64k/s (Reference) and ~10k/s (CPU) single-point energies for 22-atom ALDP in vacuum on this
+  machine, a cheaper system without the GBSA term.
 - No GPU here: the CUDA platform was not measured. For systems this small a GPU Context is
   latency-bound (one chain of kernel launches per configuration) and is not expected to beat one
   Reference core per configuration; it pays off for systems with thousands of atoms.

@@ -1,11 +1,11 @@
-"""Throughput of the flow architectures on alanine dipeptide (Cartesian, 60-dim flow space).
+"""Throughput of the flow architectures on alanine dipeptide (Cartesian, 63-dim flow space).
 
 For each architecture: samples + log q per second in the fast direction (noise -> data, one pass per
-layer), and log q of given data per second (data -> noise; D = 60 sequential passes per layer for the
+layer), and log q of given data per second (data -> noise; D = 63 sequential passes per layer for the
 autoregressive NSF), measured in one run, with their ratio. The published ratio for the autoregressive
 NSF is 33.8x (277 s -> 8.18 s for 200k likelihoods; RegFlow paper).
 
-    .venv/bin/python benchmarks/bench_flows.py [--n-fast 8000] [--n-slow 2000] [--n-slow-ar 400] [--device cpu]
+    .venv/bin/python benchmarks/bench_flows.py [--batch 1000] [--repeats 5] [--threads 2] [--device cpu]
 """
 from __future__ import annotations
 
@@ -40,33 +40,33 @@ def timed(fn, device) -> float:
     return time.perf_counter() - start
 
 
-def bench(arch: str, hyper: dict, data: np.ndarray, n_fast: int, n_slow: int, chunk: int, device,
-          repeats: int) -> dict:
+def bench(arch: str, hyper: dict, data: np.ndarray, batch: int, repeats: int, device) -> dict:
+    """Paired timings: each repeat times one batch of samples, then one batch of given data.
+
+    The machine is shared, so rates are medians and the ratio is the median of the paired ratios
+    (load drifts slowly compared with one pair).
+    """
     system = get_system("aldp")
     flow = build_flow(system, "cartesian", arch, seed=0, fit_to=data, **hyper).to(device)
     n_params = sum(p.numel() for p in flow.parameters())
-    given = torch.as_tensor(data[:n_slow], dtype=torch.float32, device=device)
+    given = torch.as_tensor(data[:batch], dtype=torch.float32, device=device)
+    t_fast, t_slow = [], []
     with torch.no_grad():
-        flow.sample(min(chunk, 256))  # warm-up
+        flow.sample(64)  # warm-up
         flow.log_prob(given[:64])
-        # Alternate the two directions and keep the best of `repeats` (the machine is shared).
-        t_fast, t_slow = np.inf, np.inf
         for _ in range(repeats):
-            t_fast = min(t_fast, timed(lambda: flow.sample(n_fast, chunk_size=chunk), device))
-            t_slow = min(t_slow, timed(lambda: flow.log_prob(given, chunk_size=chunk), device))
-    fast, slow = n_fast / t_fast, n_slow / t_slow
-    return {"arch": arch, "params": n_params, "fast": fast, "slow": slow, "ratio": fast / slow,
-            "t200k_fast": 2e5 / fast, "t200k_slow": 2e5 / slow}
+            t_fast.append(timed(lambda: flow.sample(batch), device))
+            t_slow.append(timed(lambda: flow.log_prob(given), device))
+    fast, slow = batch / np.median(t_fast), batch / np.median(t_slow)
+    ratio = float(np.median(np.array(t_slow) / np.array(t_fast)))
+    return {"arch": arch, "dim": flow.latent_dim, "params": n_params, "fast": fast, "slow": slow,
+            "ratio": ratio, "t200k_fast": 2e5 / fast, "t200k_slow": 2e5 / slow}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-fast", type=int, default=8000, help="samples drawn in the fast direction")
-    parser.add_argument("--n-slow", type=int, default=2000, help="data points evaluated in the slow direction")
-    parser.add_argument("--n-slow-ar", type=int, default=400,
-                        help="data points for the autoregressive NSF's sequential direction")
-    parser.add_argument("--chunk", type=int, default=2000, help="batch size (chunk_size)")
-    parser.add_argument("--repeats", type=int, default=3, help="best of this many timings per direction")
+    parser.add_argument("--batch", type=int, default=1000, help="configurations per timed call, both directions")
+    parser.add_argument("--repeats", type=int, default=5, help="paired (fast, slow) timings per architecture")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_flows.md"))
@@ -76,9 +76,8 @@ def main(argv=None) -> int:
     system = get_system("aldp")
     rng = np.random.default_rng(0)
     # "Given data": the minimised structure with 0.01 nm Gaussian noise (cost does not depend on values).
-    data = system.positions[None] + 0.01 * rng.standard_normal((max(args.n_slow, 1000), system.n_atoms, 3))
-    rows = [bench(arch, hyper, data, args.n_fast, args.n_slow_ar if arch == "ar-nsf" else args.n_slow,
-                  args.chunk, device, args.repeats) for arch, hyper in ARCHITECTURES.items()]
+    data = system.positions[None] + 0.01 * rng.standard_normal((max(args.batch, 1000), system.n_atoms, 3))
+    rows = [bench(arch, hyper, data, args.batch, args.repeats, device) for arch, hyper in ARCHITECTURES.items()]
 
     header = ("| architecture | weights | samples + log q /s (noise->data) | log q of data /s (data->noise) "
               "| ratio fast/slow | 200k log q of samples (s) | 200k log q of data (s) | published ratio |")
@@ -95,23 +94,23 @@ def main(argv=None) -> int:
     ar = next(r for r in rows if r["arch"] == "ar-nsf")
     report = f"""# bench_flows: fast vs slow direction of the flow architectures (aldp, Cartesian)
 
-Command: `.venv/bin/python benchmarks/bench_flows.py --n-fast {args.n_fast} --n-slow {args.n_slow} \
---n-slow-ar {args.n_slow_ar} --chunk {args.chunk} --repeats {args.repeats} --threads {args.threads} \
---device {args.device}` (best of {args.repeats} alternating timings per direction).
+Command: `.venv/bin/python benchmarks/bench_flows.py --batch {args.batch} --repeats {args.repeats} \
+--threads {args.threads} --device {args.device}` ({args.repeats} paired timings of one batch per direction;
+rates are medians, the ratio is the median of the paired ratios; the machine was shared with other jobs).
 Machine: {machine}. Date: {datetime.date.today().isoformat()}. float32, torch {torch.__version__}.
-Flow space: 60 dims (22 atoms, mean-free Cartesian). Hyper-parameters: {hypers}.
+Flow space: D = {rows[0]['dim']} = 3N-3 dims (22 atoms, mean-free Cartesian). Hyper-parameters: {hypers}.
 
 {table}
 
-- Fast direction = `flow.sample(n)` (prior draw, one pass per layer, log q of the samples included).
+- Fast direction = `flow.sample(batch)` (prior draw, one pass per layer, log q of the samples included).
   Slow direction = `flow.log_prob(x)` of given configurations (minimised aldp + 0.01 nm noise).
 - Coupling flows (Res-NVP, NSF) are one pass either way, so their ratio is ~1x by construction.
 - Autoregressive NSF: ratio {ar['ratio']:.1f}x here vs 33.8x published (277 s -> 8.18 s for 200k ALDP
-  likelihoods on a GPU). The slow direction costs D = 60 sequential MADE passes per layer, the fast one 1,
-  so the ratio is bounded by ~60x on hardware where a pass costs the same at any batch size; on this shared
-  2-core CPU both directions are compute-bound per pass, which puts the ratio near that bound. Absolute
-  times need the GPU rerun (`--device cuda --n-fast 200000 --n-slow 200000 --n-slow-ar 200000 --chunk 20000`); the
-  published 8.18 s / 277 s were GPU figures.
+  likelihoods; hardware and flow size not stated in the summary we have). The slow direction costs
+  D = {ar['dim']} sequential MADE passes per layer, the fast one 1, so the ratio is bounded by about D when the
+  network dominates; on this 2-core CPU every pass is compute-bound, which puts us near that bound. On a
+  GPU, small sequential passes are launch-bound and fixed costs weigh more, which lowers the ratio.
+  Absolute times need the GPU rerun (`--device cuda --batch 20000`); this machine had none.
 """
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

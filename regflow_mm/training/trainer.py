@@ -378,16 +378,16 @@ class Trainer:
                 t0 = time.process_time()
                 self.flow.train()
                 loss, parts = self._loss(self.step)
-                finite = torch.isfinite(loss.detach())
                 self.optimizer.zero_grad(set_to_none=True)
-                if finite:
-                    loss.backward()
-                    average_gradients(self.flow, self.dist.world_size)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.flow.parameters(), cfg.grad_clip)
-                else:
-                    grad_norm = torch.tensor(math.nan)
-                stats = torch.tensor([loss.item(), float(torch.isfinite(grad_norm))], dtype=torch.float64)
-                stats = all_reduce_mean(stats, self.dist.world_size)
+                # backward even for a non-finite loss: every rank must join the gradient all-reduce
+                loss.backward()
+                average_gradients(self.flow, self.dist.world_size)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.flow.parameters(), cfg.grad_clip)
+                keys = sorted(k for k, v in parts.items() if k != "loss" and isinstance(v, (int, float)))
+                stats = torch.tensor([loss.item(), float(torch.isfinite(grad_norm))] + [float(parts[k]) for k in keys],
+                                     dtype=torch.float64)
+                stats = all_reduce_mean(stats, self.dist.world_size)  # logged values are global-batch means
+                parts.update({k: stats[2 + i].item() for i, k in enumerate(keys)})
                 if not math.isfinite(stats[0].item()):
                     raise self._diverged(self.step, f"non-finite loss ({stats[0].item()})", parts)
                 if stats[1].item() < 1.0:
