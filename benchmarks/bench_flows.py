@@ -107,9 +107,9 @@ Flow space: D = {rows[0]['dim']} = 3N-3 dims (22 atoms, mean-free Cartesian). Hy
 - Coupling flows (Res-NVP, NSF) are one pass either way, so their ratio is ~1x by construction.
 - Autoregressive NSF: ratio {ar['ratio']:.1f}x here vs 33.8x published (277 s -> 8.18 s for 200k ALDP
   likelihoods; hardware and flow size not stated in the summary we have). The slow direction costs
-  D = {ar['dim']} sequential MADE passes per layer, the fast one 1, so the ratio is bounded by about D when the
-  network dominates; on this 2-core CPU every pass is compute-bound, which puts us near that bound. On a
-  GPU, small sequential passes are launch-bound and fixed costs weigh more, which lowers the ratio.
+  D = {ar['dim']} sequential passes per layer (MADE network + spline inverse), the fast one a single pass
+  (MADE + spline), so the ratio scales with D; on this CPU every pass is compute-bound, which puts us near
+  D. On a GPU small sequential passes are launch-bound and fixed costs weigh more, which lowers the ratio.
   Absolute times need the GPU rerun (`--device cuda --batch 20000`); this machine had none.
 """
     out = Path(args.out)

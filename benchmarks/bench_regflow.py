@@ -206,7 +206,7 @@ test {len(dataset.splits['test'])}. Metrics on the test split against {args.n_sa
 Stored MD energies vs EnergyEvaluator on 100 test frames: max |du| = {energy_check:.2e} kT.
 
 Students: identical architecture `{args.architecture}` {args.hyper}, Cartesian representation (mean-free,
-63 dims), seed {args.seed}, AdamW lr 5e-4, wd 0.01, EMA 0.999, batch {args.batch_size}, each trained for
+63 dims), seed {args.seed}, AdamW lr 5e-4, wd 0.01, EMA 0.999 (with warm-up), batch {args.batch_size}, each trained for
 {args.budget_s:.0f} CPU s (training steps only). RegFlow: logdet regulariser, lambda_r 1e-6, no target noise.
 Reflow teacher: MLP velocity (3 x 256), {args.teacher_steps} minibatch-OT flow-matching steps, pairs by dopri5
 (rtol = atol = 1e-5). OT: exact POT emd between {r0['train_frames']} prior samples and the training frames.

@@ -9,6 +9,7 @@ import sys
 # Modules exposing register(subparsers); listed in pipeline order.
 _COMMAND_MODULES = [
     "regflow_mm.data.cli",
+    "regflow_mm.training.cli",
     "regflow_mm.sampling.cli",
     "regflow_mm.export.cli",
 ]

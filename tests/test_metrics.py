@@ -11,7 +11,7 @@ from regflow_mm.training import metrics
 
 def test_log_weights_failures_get_zero_weight():
     lw = metrics.log_weights(np.array([1.0, 2.0, 0.5]), np.array([3.0, np.inf, np.nan]))
-    np.testing.assert_array_equal(lw, [-2.0, -np.inf, -np.inf])
+    np.testing.assert_array_equal(lw, [-4.0, -np.inf, -np.inf])  # log(exp(-u)/q) = -3 - 1
     with pytest.raises(ValueError, match="matching"):
         metrics.log_weights(np.zeros(3), np.zeros(2))
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from regflow_mm.data.dataset import dihedrals
 from regflow_mm.sampling.moves import sample_flow
-from regflow_mm.training.metrics import kish_ess
+from regflow_mm.training.metrics import kish_ess, log_weights
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +55,11 @@ class WeightedSamples:
 
 
 def importance_log_weights(log_q, reduced_energy) -> np.ndarray:
-    """log w = -u - log q (N,), i.e. log(exp(-u) / q); -inf where u or log q is not finite (weight 0)."""
-    log_q = np.asarray(log_q, dtype=np.float64)
-    u = np.asarray(reduced_energy, dtype=np.float64)
-    if log_q.shape != u.shape or log_q.ndim != 1:
-        raise ValueError(f"log_q and reduced_energy must be matching 1-D arrays, got {log_q.shape} and {u.shape}")
-    log_w = np.full(u.shape, -np.inf)
-    ok = np.isfinite(u) & np.isfinite(log_q)
-    log_w[ok] = -u[ok] - log_q[ok]
-    return log_w
+    """log w = -u - log q (N,), i.e. log(exp(-u) / q); -inf where u is not finite (weight 0).
+
+    The one definition lives in ``training.metrics.log_weights``; NaN log q is an error there.
+    """
+    return log_weights(log_q, reduced_energy)
 
 
 def draw_weighted_samples(flow, evaluator, n: int, chunk_size: int = 4096, seed: int = 0,

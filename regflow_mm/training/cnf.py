@@ -18,7 +18,6 @@ minibatch by exact OT (POT ``emd``), as in minibatch-OT flow matching.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

@@ -4,7 +4,7 @@ All energies are reduced, u = U/kT in kT; angles in radians. Every clipping, fil
 subsampling is an explicit argument (default: none) and is echoed in the returned dict, so a
 reported number always carries the options that produced it.
 
-- ``log_weights``: log w = -u(x) + log q(x) (importance weights of flow samples).
+- ``log_weights``: log w = -u(x) - log q(x), i.e. log(exp(-u)/q) (importance weights of flow samples).
 - ``kish_ess``: exp(2 LSE(log w) - LSE(2 log w)) / N.
 - ``energy_w1``: POT ``emd2_1d`` between held-out MD u and u of flow samples resampled
   multinomially with w (seeded ``numpy`` generator).
@@ -24,7 +24,10 @@ from scipy.special import logsumexp
 
 
 def log_weights(log_q: np.ndarray, reduced_energy: np.ndarray) -> np.ndarray:
-    """Importance log-weights log w = -u + log q, shape (N,); non-finite u gives log w = -inf."""
+    """Importance log-weights log w = log(exp(-u) / q) = -u - log q, shape (N,).
+
+    Non-finite u (the evaluator's +inf for failed configurations) gives log w = -inf (weight 0).
+    """
     log_q = np.asarray(log_q, dtype=np.float64)
     u = np.asarray(reduced_energy, dtype=np.float64)
     if log_q.shape != u.shape or log_q.ndim != 1:
@@ -33,7 +36,7 @@ def log_weights(log_q: np.ndarray, reduced_energy: np.ndarray) -> np.ndarray:
         raise ValueError("log_q contains NaN: the flow produced an invalid density; check the model")
     lw = np.full(u.shape, -np.inf)
     ok = np.isfinite(u)  # the evaluator reports failed/overflowing configurations as +inf: weight 0
-    lw[ok] = log_q[ok] - u[ok]
+    lw[ok] = -u[ok] - log_q[ok]
     return lw
 
 
