@@ -1,0 +1,259 @@
+"""The end-to-end job: MD -> RegFlow (teacher CNF, reflow pairs, student) and an MLE baseline ->
+evaluation -> hybrid MD/flow Monte Carlo -> reweighted free energy -> exported OpenMM force -> report.
+
+Every stage is cached (see ``stages.py``): re-running with the same config does no work, an
+interrupted run continues where it stopped (MD and training resume from their own checkpoints).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import load_config
+from .stages import Stage, StagedRun
+
+log = logging.getLogger(__name__)
+
+
+def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bool = True) -> Path:
+    """Run every stage for ``config`` (a validated dict, a TOML path, or None for the aldp demo)
+    into the folder ``out``; returns the path of ``report.md``."""
+    if not isinstance(config, dict):
+        config = load_config(config)
+    out = Path(out)
+    run = StagedRun(out)
+    seed = config["run"]["seed"]
+    system_name = config["system"]["name"]
+    _check_system(system_name)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+    run.run(Stage("md", lambda f, i: _md(f, system_name, config["md"], seed, progress),
+                  {"system": system_name, "seed": seed, **config["md"]}))
+    train_settings = _train_settings(config, config["train"])
+    run.run(Stage("train_regflow", lambda f, i: _train(f, i["md"], train_settings, progress),
+                  train_settings, needs=("md",)))
+    flows = {"regflow": "train_regflow"}
+    if config["baseline"]["enabled"]:
+        baseline = _train_settings(config, {**config["train"], "method": config["baseline"]["method"]})
+        run.run(Stage("train_baseline", lambda f, i: _train(f, i["md"], baseline, progress),
+                      baseline, needs=("md",)))
+        flows[config["baseline"]["method"]] = "train_baseline"
+    run.run(Stage("evaluate", lambda f, i: _evaluate(f, i, flows, config["evaluate"], seed),
+                  {**config["evaluate"], "seed": seed}, needs=("md", *flows.values())))
+    run.run(Stage("mc", lambda f, i: _mc(f, i, system_name, config["mc"], seed, progress),
+                  {**config["mc"], "seed": seed}, needs=("md", "train_regflow")))
+    run.run(Stage("free_energy", lambda f, i: _free_energy(f, i, config["free_energy"], seed, progress),
+                  {**config["free_energy"], "seed": seed}, needs=("md", "train_regflow")))
+    run.run(Stage("export", lambda f, i: _export(f, i, config["export"], seed),
+                  {**config["export"], "seed": seed}, needs=("md", "train_regflow")))
+    from .report import write_report
+
+    return write_report(out, config, run.records)
+
+
+def _check_system(name: str) -> None:
+    from ..systems import get_system
+
+    get_system(name)  # fails early, with the clear message, on an unknown system
+
+
+def _train_settings(config: dict, train: dict) -> dict:
+    flow = config["flow"]
+    return {**train, "representation": flow["representation"], "architecture": flow["architecture"],
+            "hyper": {"layers": flow["layers"], "hidden": flow["hidden"]}, "seed": config["run"]["seed"],
+            "device": config["run"]["device"], "system": config["system"]["name"]}
+
+
+# ----------------------------------------------------------------------------------------------- stages
+
+def _md(folder: Path, system_name: str, md: dict, seed: int, progress: bool) -> dict:
+    from ..data import load_dataset, simulate
+    from ..systems import get_system
+
+    system = get_system(system_name)
+    path = simulate(system, folder / "md.h5", ns=md["ns"], save_interval_ps=md["save_interval_ps"],
+                    timestep_fs=md["timestep_fs"], seed=seed, platform=md["platform"],
+                    equilibration_ps=md["equilibration_ps"], progress=progress)
+    data = load_dataset(path, system)
+    phi = _phi(data.system, data.positions)
+    return {"dataset": str(path), "n_frames": len(data), "ns": float(data.time[-1] / 1000.0),
+            "phi_name": phi[0], "phi_positive_fraction": float(np.mean(phi[1] > 0)),
+            "phi_sign_changes": int(np.abs(np.diff((phi[1] > 0).astype(int))).sum()),
+            "splits": {k: len(v) for k, v in data.splits.items()}}
+
+
+def _train(folder: Path, md: dict, settings: dict, progress: bool) -> dict:
+    from ..training.runner import run_training
+    from ..training.trainer import TrainConfig
+
+    config = TrainConfig.from_dict({**settings, "data": md["dataset"]})
+    started = time.process_time()
+    info = run_training(config, folder, progress=progress)
+    return {"flow": str(folder / "flow.pt"), "method": config.method, "target": config.target,
+            "n_pairs": info.get("n_pairs"), "train": info.get("train", {}), "val_metrics": info.get("final_metrics", {}),
+            "cpu_s_this_run": time.process_time() - started, "curves": str(folder / "plots" / "training_curves.png")}
+
+
+def _evaluate(folder: Path, inputs: dict, flows: dict, settings: dict, seed: int) -> dict:
+    from ..data import load_dataset
+    from ..energy import EnergyEvaluator
+    from ..flows import load_flow
+    from ..training.evaluation import evaluate_flow, scalar_metrics
+
+    data = load_dataset(inputs["md"]["dataset"])
+    test = data.split_indices("test")
+    results = {}
+    with EnergyEvaluator(data.system, n_workers=0) as evaluator:
+        for name, stage in flows.items():
+            flow = load_flow(inputs[stage]["flow"], system=data.system)
+            res = evaluate_flow(flow, data.system, data.positions[test], data.energies[test] / data.system.kT,
+                                evaluator=evaluator, n_samples=settings["n_samples"], seed=seed,
+                                plots_dir=folder, plot_prefix=f"{name}_")
+            results[name] = scalar_metrics(res)
+    (folder / "metrics.json").write_text(json.dumps(results, indent=2))
+    return {"metrics": results, "n_test_frames": int(len(test)),
+            "figures": {name: {"ramachandran": f"{name}_ramachandran.png", "energy": f"{name}_energy_histogram.png"}
+                        for name in flows}}
+
+
+def _mc(folder: Path, inputs: dict, system_name: str, mc: dict, seed: int, progress: bool) -> dict:
+    from ..sampling.hybrid import hybrid_summary, run_hybrid_mc
+    from ..systems import get_system
+    from matplotlib.figure import Figure
+
+    from ..training.plots import _save
+
+    system = get_system(system_name)
+    started = time.process_time()
+    run_hybrid_mc(system, inputs["train_regflow"]["flow"], folder / "mc.h5", mc["n_iterations"],
+                  n_walkers=mc["n_walkers"], md_steps=mc["md_steps_per_iteration"], seed=seed,
+                  platform="Reference" if system.n_atoms < 200 else "CPU", progress=progress)
+    summary = hybrid_summary(folder / "mc.h5")
+    import h5py
+
+    with h5py.File(folder / "mc.h5", "r") as fh:
+        positions = fh["positions"][: int(fh.attrs["n_iterations"])]
+    name, _ = _phi(system, positions[:, 0])
+    fig = Figure(figsize=(10, 3.2), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for w in range(positions.shape[1]):
+        axes[0].plot(np.degrees(_phi(system, positions[:, w])[1]), ".", ms=2, label=f"walker {w}")
+    axes[0].set(xlabel="iteration", ylabel=f"{name} (deg)", ylim=(-180, 180), title="hybrid MC trace")
+    axes[0].legend(fontsize=7)
+    counters = summary["counters"]
+    labels = ["accepted", "rejected\n(Metropolis)", "rejected\n(non-finite)", "rejected\n(chirality)"]
+    totals = [sum(c["n_accepted"] for c in counters),
+              sum(c["n_proposed"] - c["n_accepted"] - c["n_rejected_nonfinite"] - c["n_rejected_chirality"]
+                  for c in counters),
+              sum(c["n_rejected_nonfinite"] for c in counters), sum(c["n_rejected_chirality"] for c in counters)]
+    axes[1].bar(labels, totals, color=["tab:green", "tab:gray", "tab:red", "tab:orange"])
+    axes[1].set(title=f"flow proposals (acceptance {summary['acceptance']:.2%})", ylabel="count")
+    _save(fig, folder / "mc_trace.png")
+    summary.pop("settings", None)
+    return {**summary, "cpu_s": time.process_time() - started, "figure": "mc_trace.png"}
+
+
+def _free_energy(folder: Path, inputs: dict, settings: dict, seed: int, progress: bool) -> dict:
+    from ..data import load_dataset
+    from ..energy import EnergyEvaluator
+    from ..flows import load_flow
+    from ..sampling.free_energy import state_delta_f
+    from ..sampling.reweighting import draw_weighted_samples
+    from matplotlib.figure import Figure
+
+    from ..training.plots import _save
+
+    data = load_dataset(inputs["md"]["dataset"])
+    system = data.system
+    flow = load_flow(inputs["train_regflow"]["flow"], system=system)
+    with EnergyEvaluator(system, n_workers=0) as evaluator:
+        samples = draw_weighted_samples(flow, evaluator, settings["n_samples"], seed=seed,
+                                        molecular_system=system, progress=progress)
+    name, phi_md = _phi(system, data.positions)
+    phi = samples.torsions[name]
+    log_w = np.where(samples.is_l, samples.log_w, -np.inf) if samples.is_l is not None else samples.log_w
+    result = {"torsion": name, "n_samples": samples.n, "n_zero_weight": int(np.sum(~np.isfinite(log_w))),
+              "ess": samples.ess()["ess"]}
+    try:
+        result["flow"] = state_delta_f(log_w, phi < 0, phi > 0)
+    except ValueError as err:
+        result["flow"] = {"error": str(err)}
+    result["md"] = _md_delta_f(phi_md > 0, block=max(len(phi_md) // 20, 1))
+
+    fig = Figure(figsize=(5, 3.2), layout="constrained")
+    ax = fig.subplots()
+    for i, (label, est) in enumerate((("flow (reweighted)", result["flow"]), ("MD (counting)", result["md"]))):
+        if "delta_f" in est and np.isfinite(est["delta_f"]):
+            ax.errorbar([i], [est["delta_f"]], yerr=[est["ddelta_f"]], fmt="o", capsize=5)
+    ax.set_xticks([0, 1], ["flow (reweighted)", "MD (counting)"])
+    ax.set(ylabel=f"dF({name}<0 -> {name}>0) (kT)", title="free-energy difference", xlim=(-0.6, 1.6))
+    _save(fig, folder / "free_energy.png")
+    result["figure"] = "free_energy.png"
+    return result
+
+
+def _md_delta_f(positive: np.ndarray, block: int) -> dict:
+    """dF = -ln(p/(1-p)) from MD state populations, error by block averaging (n blocks of ``block``)."""
+    p = float(positive.mean())
+    n_blocks = len(positive) // block
+    blocks = positive[: n_blocks * block].reshape(n_blocks, block).mean(axis=1)
+    dp = float(blocks.std(ddof=1) / np.sqrt(n_blocks)) if n_blocks > 1 else float("nan")
+    if p in (0.0, 1.0):
+        return {"p_b": p, "n_frames": int(len(positive)), "error": "MD visited only one state: no estimate"}
+    return {"delta_f": -float(np.log(p / (1 - p))), "ddelta_f": dp / (p * (1 - p)), "p_b": p, "dp_b": dp,
+            "n_frames": int(len(positive)), "block_frames": int(block)}
+
+
+def _export(folder: Path, inputs: dict, settings: dict, seed: int) -> dict:
+    import openmm
+    import torch
+    from openmm import unit
+
+    from ..data import load_dataset
+    from ..export.forces import flow_force
+    from ..flows import load_flow
+
+    data = load_dataset(inputs["md"]["dataset"])
+    system = data.system
+    flow = load_flow(inputs["train_regflow"]["flow"], system=system)
+    force = flow_force(flow, backend=settings["backend"], path=folder / "model.pt")
+    flow_system = openmm.System()
+    for i in range(system.system.getNumParticles()):
+        flow_system.addParticle(system.system.getParticleMass(i))
+    flow_system.addForce(force)
+    integrator = openmm.LangevinMiddleIntegrator(system.temperature, 1.0, 0.001)
+    integrator.setRandomNumberSeed(seed)
+    context = openmm.Context(flow_system, integrator, openmm.Platform.getPlatformByName("Reference"))
+
+    test = data.split("test")[:8].astype(np.float64)
+    exported, reference = [], flow.double().energy(torch.as_tensor(test)).detach().numpy()
+    for x in test:
+        context.setPositions(x)
+        exported.append(context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
+    rel = float(np.max(np.abs(np.array(exported) - reference) / np.maximum(np.abs(reference), 1.0)))
+
+    context.setPositions(test[0])
+    context.setVelocitiesToTemperature(system.temperature, seed)
+    energies, started = [], time.perf_counter()
+    for _ in range(max(settings["md_steps"] // 10, 1)):
+        integrator.step(10)
+        energies.append(context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
+    seconds = time.perf_counter() - started
+    energies = np.array(energies)
+    return {"backend": settings["backend"], "model": str(folder / "model.pt") if settings["backend"] == "torch" else None,
+            "max_rel_energy_error": rel, "md_steps": int(len(energies) * 10), "md_seconds": seconds,
+            "md_finite": bool(np.isfinite(energies).all()), "flow_energy_mean": float(np.mean(energies)),
+            "flow_energy_std": float(np.std(energies)),
+            "ns_per_day": len(energies) * 10 * 1e-6 * 86400 / seconds}
+
+
+def _phi(system, positions) -> tuple[str, np.ndarray]:
+    """The first phi torsion of the system and its values (rad) over frames (T, n, 3)."""
+    from ..data.dataset import dihedrals
+
+    name = next(n for n in system.torsions if n.startswith("phi"))
+    return name, dihedrals(np.asarray(positions, dtype=np.float64), [system.torsions[name]])[:, 0]
