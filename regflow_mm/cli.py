@@ -12,6 +12,7 @@ _COMMAND_MODULES = [
     "regflow_mm.training.cli",
     "regflow_mm.sampling.cli",
     "regflow_mm.export.cli",
+    "regflow_mm.pipeline.cli",
 ]
 
 

@@ -31,6 +31,8 @@ def test_second_run_does_no_work_and_changes_propagate_downstream(tmp_path):
     assert calls == ["a", "b", "a", "b"], "changing a re-runs a and its dependant b"
     assert pipeline(2, 20) == {"value": 22}
     assert calls[-1] == "b" and calls.count("a") == 2
+    superseded = sorted(p.name.split(".")[0] for p in tmp_path.glob("*.superseded-*"))
+    assert superseded == ["a", "b", "b"], "old results are set aside, never deleted"
 
 
 def test_interrupted_stage_reruns(tmp_path):

@@ -5,7 +5,8 @@ Each stage writes into its own folder ``<run>/<stage>/`` and finishes by writing
 stages it reads) and its results. A later run skips a stage whose ``stage.json``
 carries the same key; a stage interrupted midway has no ``stage.json`` and runs
 again, picking up its own resumable files (MD chunks, training checkpoints).
-Changing a setting re-runs that stage and every stage downstream of it.
+Changing a setting re-runs that stage and every stage downstream of it; the superseded
+folder is kept as ``<stage>.superseded-<old key>`` (nothing on disk is deleted).
 """
 from __future__ import annotations
 
@@ -73,7 +74,13 @@ class StagedRun:
                 log.info("stage %s: cached", stage.name)
                 self.records[stage.name] = StageRecord(stage.name, key, done["results"], done["seconds"], True)
                 return done["results"]
-            manifest.unlink()  # settings changed: the old result no longer holds
+            # Settings or inputs changed: set the old results aside, start afresh.
+            aside = folder.with_name(f"{stage.name}.superseded-{done.get('key', 'unknown')[:12]}")
+            n = 1
+            while aside.exists():
+                aside, n = aside.with_name(f"{aside.name.split('~')[0]}~{n}"), n + 1
+            log.info("stage %s: settings changed, moving the old run to %s", stage.name, aside)
+            os.replace(folder, aside)
         folder.mkdir(parents=True, exist_ok=True)
         log.info("stage %s: running", stage.name)
         started = time.perf_counter()
