@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/regflow-mm simulate aldp --ns 2 --out $(DEMO_OUT)/aldp-md.h5
+	$(VENV)/bin/regflow-mm pipeline --config examples/aldp_cpu.toml --out $(DEMO_OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -105,8 +105,8 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
               f"Backend `{ex['backend']}`" + (f", model `{ex['model']}`" if ex["model"] else "") +
               f": energies of the OpenMM force vs `BoltzmannFlow.energy` on test frames agree to "
               f"{_fmt(ex['max_rel_energy_error'])} (max relative). {ex['md_steps']} Langevin steps on the flow potential "
-              f"alone: {'finite throughout' if ex['md_finite'] else 'NON-FINITE energies'}, "
-              f"flow energy {_fmt(ex['flow_energy_mean'])} +- {_fmt(ex['flow_energy_std'])} kJ/mol, "
+              f"alone: {'finite throughout' if ex['md_finite'] else 'the energy became non-finite at step %s (the run left the flow support: internal-coordinate flows have box support)' % ex['first_nonfinite_step']}, "
+              f"flow energy {_fmt(ex['flow_energy_mean'])} +- {_fmt(ex['flow_energy_std'])} kJ/mol over the finite frames, "
               f"{_fmt(ex['ns_per_day'])} ns/day.", ""]
 
     report = out / "report.md"

@@ -244,10 +244,14 @@ def _export(folder: Path, inputs: dict, settings: dict, seed: int) -> dict:
         energies.append(context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
     seconds = time.perf_counter() - started
     energies = np.array(energies)
+    finite = energies[np.isfinite(energies)]
+    first_bad = np.flatnonzero(~np.isfinite(energies))
     return {"backend": settings["backend"], "model": str(folder / "model.pt") if settings["backend"] == "torch" else None,
             "max_rel_energy_error": rel, "md_steps": int(len(energies) * 10), "md_seconds": seconds,
-            "md_finite": bool(np.isfinite(energies).all()), "flow_energy_mean": float(np.mean(energies)),
-            "flow_energy_std": float(np.std(energies)),
+            "md_finite": bool(finite.size == energies.size),
+            "first_nonfinite_step": int((first_bad[0] + 1) * 10) if first_bad.size else None,
+            "flow_energy_mean": float(finite.mean()) if finite.size else None,
+            "flow_energy_std": float(finite.std()) if finite.size else None,
             "ns_per_day": len(energies) * 10 * 1e-6 * 86400 / seconds}
 
 

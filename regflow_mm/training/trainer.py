@@ -371,7 +371,12 @@ class Trainer:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 old_handlers[sig] = signal.signal(sig, self._request_stop)
         self._last_checkpoint_step = self.step if self.checkpoint_path.exists() else None
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {cfg.method}", disable=not self.progress)
+        budget = cfg.time_budget_s
+        if budget is not None:  # the run ends on CPU time: show that, not a step count it will not reach
+            bar = tqdm(total=float(budget), initial=min(self.cpu_time, budget), desc=f"train {cfg.method}",
+                       disable=not self.progress, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} CPU s{postfix}")
+        else:
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {cfg.method}", disable=not self.progress)
         stopped_by = "steps"
         try:
             while self.step < self.total_steps:
@@ -396,20 +401,21 @@ class Trainer:
                 self.scheduler.step()
                 self._update_ema()
                 self.step += 1
-                self.cpu_time += time.process_time() - t0
+                step_cpu = time.process_time() - t0
+                self.cpu_time += step_cpu
                 parts["loss"] = stats[0].item()
                 parts["grad_norm"] = float(grad_norm)
                 for k, v in parts.items():
                     if isinstance(v, (int, float)):
                         self._running.setdefault(k, []).append(float(v))
-                bar.update(1)
+                bar.update(min(step_cpu, max(budget - bar.n, 0.0)) if budget is not None else 1)
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     row = {"kind": "train", "step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
                            "lr": self.scheduler.get_last_lr()[0], "cpu_time_s": self.cpu_time,
                            **{k: float(np.mean(v)) for k, v in self._running.items()}}
                     self._running = {}
                     self._append_record(row)
-                    bar.set_postfix(loss=f"{row['loss']:.4g}")
+                    bar.set_postfix(step=self.step, loss=f"{row['loss']:.4g}")
                 epoch_end = self.step % self.steps_per_epoch == 0
                 if epoch_end and (self.step // self.steps_per_epoch) % cfg.val_every_epochs == 0:
                     self._run_validation()

@@ -1,0 +1,87 @@
+"""The end-to-end pipeline on a tiny config: report, caching, resume after interruption."""
+import json
+
+import pytest
+
+from regflow_mm.pipeline import run as pipeline_run
+from regflow_mm.pipeline.config import validate
+from regflow_mm.pipeline.run import run_pipeline
+
+TINY = {
+    "md": {"ns": 0.05, "save_interval_ps": 0.1, "equilibration_ps": 1.0},
+    "flow": {"layers": 2, "hidden": 32},
+    "train": {"time_budget_s": 3.0, "teacher_steps": 30, "n_pairs": 300, "batch_size": 64, "ode_method": "rk4"},
+    "evaluate": {"n_samples": 200},
+    "mc": {"n_iterations": 6, "md_steps_per_iteration": 20},
+    "free_energy": {"n_samples": 300},
+    "export": {"md_steps": 20},
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline")
+    report = run_pipeline(validate(TINY), out, progress=False)
+    return out, report
+
+
+def test_report_holds_this_runs_numbers(finished_run):
+    out, report = finished_run
+    text = report.read_text()
+    metrics = json.loads((out / "metrics.json").read_text())
+    stages = metrics["stages"]
+    assert set(stages) == {"md", "train_regflow", "train_baseline", "evaluate", "mc", "free_energy", "export"}
+    assert stages["md"]["n_frames"] == 500
+    for name in ("regflow", "mle"):
+        assert f"| {name} | " in text
+        assert {"ess", "e_w1", "t_w2", "nll", "d_fraction"} <= set(stages["evaluate"]["metrics"][name])
+    assert stages["export"]["max_rel_energy_error"] < 1e-4  # exported TorchForce == BoltzmannFlow.energy
+    for figure in ("evaluate_regflow_ramachandran.png", "evaluate_mle_energy_histogram.png", "mc_mc_trace.png",
+                   "free_energy_free_energy.png", "train_regflow_training_curves.png"):
+        assert (out / "figures" / figure).stat().st_size > 1000
+        assert f"figures/{figure}" in text
+
+
+def test_second_run_does_no_work(finished_run, monkeypatch):
+    out, _ = finished_run
+    for stage in ("_md", "_train", "_evaluate", "_mc", "_free_energy", "_export"):
+        monkeypatch.setattr(pipeline_run, stage, lambda *a, **k: pytest.fail("a cached stage ran again"))
+    run_pipeline(validate(TINY), out, progress=False)
+    assert "| md | " in (out / "report.md").read_text() and "| yes |" in (out / "report.md").read_text()
+
+
+def test_interrupted_run_continues(tmp_path, monkeypatch):
+    real = pipeline_run._mc
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline_run, "_mc", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(validate(TINY), tmp_path, progress=False)
+    done = {p.parent.name for p in tmp_path.glob("*/stage.json")}
+    assert done == {"md", "train_regflow", "train_baseline", "evaluate"}
+
+    monkeypatch.setattr(pipeline_run, "_mc", real)
+    for stage in ("_md", "_train", "_evaluate"):
+        monkeypatch.setattr(pipeline_run, stage, lambda *a, **k: pytest.fail("a finished stage ran again"))
+    run_pipeline(validate(TINY), tmp_path, progress=False)
+    assert (tmp_path / "report.md").is_file() and len(calls) == 1
+
+
+def test_config_errors_are_one_line(tmp_path, capsys):
+    from regflow_mm.cli import main
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nepochz = 3\n")
+    assert main(["pipeline", "--config", str(bad), "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown key 'epochz' in [train]" in err
+    bad.write_text('[mc]\nn_walkers = "two"\n')
+    assert main(["pipeline", "--config", str(bad), "--out", str(tmp_path / "run")]) == 1
+    assert "[mc].n_walkers must be an integer, got 'two'" in capsys.readouterr().err
+    bad.write_text('[system]\nname = "al5"\n')
+    assert main(["pipeline", "--config", str(bad), "--out", str(tmp_path / "run")]) == 1
+    assert "unknown system 'al5'" in capsys.readouterr().err
