@@ -5,10 +5,11 @@
 (a) Langevin MD with U_flow as the ONLY potential: a System of the molecule's particle masses
     plus the flow force. Where q matches the Boltzmann distribution p, exp(-U_flow/kT) = q ~ p,
     so this MD samples (approximately) the same ensemble as the force field.
-(b) Bias: the system's own force field in force group 0 plus s * U_flow in force group 1 (a
-    CustomCVForce scales the flow force; s is a Context parameter). The MD then samples
-    p(x) q(x)^s: s > 0 restrains towards where the flow has mass, s < 0 flattens the learnt
-    landscape. Each part is read apart: context.getState(getEnergy=True, groups={1}).
+(b) Bias: the system's own force field in force group 0 plus U_flow in force group 1; the MD
+    samples ~ p(x) q(x), i.e. it is restrained to where the flow has mass. Each part is read
+    apart: context.getState(getEnergy=True, groups={1}). With --monitor-only the integrator
+    moves on group 0 alone (integrator.setIntegrationForceGroups) and U_flow is only watched,
+    e.g. to see MD leave the region the flow has learnt.
 Energies in kJ/mol, time in ps, temperature in K. Flows in internal coordinates have a bounded
 support: outside it U_flow = +inf (python backend) and MD cannot go on; this script says so.
 """
@@ -74,34 +75,32 @@ def main() -> None:
                         help="torch: openmm-torch TorchForce of the traced energy; python: openmm.PythonForce")
     parser.add_argument("--steps", type=int, default=1000, help="1 fs Langevin steps per run (default 1000)")
     parser.add_argument("--out", default=None, help="save the TorchScript energy model here (torch backend), e.g. model.pt")
-    parser.add_argument("--bias-scale", type=float, default=1.0, help="s in U_ff + s * U_flow for part (b)")
+    parser.add_argument("--monitor-only", action="store_true", help="part (b): integrate the force field alone")
     parser.add_argument("--platform", default="Reference", help="OpenMM platform (Reference, CPU, CUDA)")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
-
+    if args.out and args.backend != "torch":
+        parser.error("--out saves the TorchScript model of the torch backend; drop it or use --backend torch")
     molecular_system = get_system(args.system)
-    flow = load_flow(args.flow, molecular_system)
-
+    flow = load_flow(args.flow, molecular_system)  # checks that the flow was trained for this system
     print(f"(a) Langevin MD on U_flow alone, {molecular_system.temperature:.1f} K, {args.backend} backend")
     flow_only = openmm.System()
     for i in range(molecular_system.n_atoms):
         flow_only.addParticle(molecular_system.system.getParticleMass(i))
     flow_only.addForce(flow_force(flow, backend=args.backend, path=args.out))
-    if args.out and args.backend == "torch":
+    if args.out:
         print(f"TorchScript model saved to {args.out} (loads in openmmtorch.TorchForce without regflow_mm)")
     run_md(new_context(flow_only, molecular_system, args.platform, args.seed), args.steps, {"U_flow": {0}})
 
-    print(f"(b) force field (group 0) + {args.bias_scale:g} * U_flow (group 1)")
-    biased = openmm.XmlSerializer.clone(molecular_system.system)
-    for force in biased.getForces():
-        force.setForceGroup(0)
-    bias = openmm.CustomCVForce("bias_scale * U_flow")
-    bias.addGlobalParameter("bias_scale", args.bias_scale)  # change later with context.setParameter
-    bias.addCollectiveVariable("U_flow", flow_force(flow, backend=args.backend))
-    bias.setForceGroup(1)
-    biased.addForce(bias)
-    run_md(new_context(biased, molecular_system, args.platform, args.seed), args.steps,
-           {"U_ff": {0}, "s*U_flow": {1}})
+    print("(b) force field (group 0) + U_flow (group 1)" + (", U_flow monitored only" if args.monitor_only else ""))
+    biased = openmm.XmlSerializer.clone(molecular_system.system)  # all its forces are in group 0
+    # Scaling U_flow with a CustomCVForce would need a copy of the force, and deserialising a
+    # TorchForce crashes openmm-torch 1.5 (PyPI); add it as it is.
+    biased.addForce(flow_force(flow, backend=args.backend, force_group=1))
+    context = new_context(biased, molecular_system, args.platform, args.seed)
+    if args.monitor_only:
+        context.getIntegrator().setIntegrationForceGroups({0})
+    run_md(context, args.steps, {"U_ff": {0}, "U_flow": {1}})
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Trainer: objectives decrease and give loadable flows, exact resume after a kill, NaN handling,
 2-process data parallelism (gloo) equals one process, and the CLI end to end on a tiny aldp dataset."""
+import signal
 import json
 import math
 import os
@@ -220,3 +221,14 @@ def test_ema_update_with_and_without_warmup():
     a = torch.zeros(2)
     ema_update_fn(0.999, warmup=False)([a], [b], torch.tensor(1))
     torch.testing.assert_close(a, torch.full((2,), 0.001))
+
+
+def test_stop_signal_checkpoints_and_is_not_a_finished_run(tmp_path):
+    """SIGINT/SIGTERM mid-training: checkpoint written, KeyboardInterrupt raised (nothing saved as trained)."""
+    trainer = Trainer(_flow(), _config(), tmp_path, _pairs(), progress=False,
+                      on_step_end=lambda step: step == 5 and trainer._request_stop(signal.SIGINT, None))
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step 5.*rerun to resume"):
+        trainer.fit(handle_signals=False)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 5
+    resumed = Trainer(_flow(), _config(), tmp_path, _pairs(), progress=False)
+    assert resumed.fit(handle_signals=False)["step"] == resumed.total_steps

@@ -11,7 +11,8 @@ from pathlib import Path
 
 # section -> key -> default (the default's type is the required type; None means "str or unset").
 SCHEMA: dict[str, dict] = {
-    "run": {"seed": 0, "device": "cpu"},
+    # threads: torch CPU threads; 1 is fastest for these small networks on a shared CPU.
+    "run": {"seed": 0, "device": "cpu", "threads": 1},
     "system": {"name": "aldp"},  # built-in name or a system spec .toml path
     "md": {"ns": 5.0, "save_interval_ps": 0.5, "timestep_fs": 1.0, "equilibration_ps": 10.0, "platform": "auto"},
     # Internal coordinates by default: on a CPU budget they train far better than Cartesian flows

@@ -25,6 +25,9 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
     if not isinstance(config, dict):
         config = load_config(config)
     out = Path(out)
+    import torch
+
+    torch.set_num_threads(config["run"]["threads"])
     run = StagedRun(out)
     seed = config["run"]["seed"]
     system_name = config["system"]["name"]

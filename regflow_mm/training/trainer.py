@@ -441,6 +441,11 @@ class Trainer:
                 signal.signal(sig, handler)
             if self.dist.is_main:
                 self._write_csv()
+        if stopped_by == "signal":
+            # An interruption is not a finished run: callers (run_training, the pipeline) must not
+            # save or report this flow as trained. The checkpoint above makes a rerun resume here.
+            raise KeyboardInterrupt(f"training interrupted at step {self.step}; checkpoint saved to "
+                                    f"{self.checkpoint_path}, rerun to resume")
         return {"step": self.step, "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                 "cpu_time_s": self.cpu_time, "stopped_by": stopped_by, "resumed_from": self.resumed_from}
 
