@@ -52,7 +52,8 @@ def run_md(context: openmm.Context, steps: int, groups: dict[str, set[int]]) -> 
         try:
             context.getIntegrator().step(n)
         except (openmm.OpenMMException, ValueError, RuntimeError) as err:
-            print(f"MD failed between steps {done} and {done + n} (non-finite energy or forces): {err}; stopping this run")
+            print(f"MD failed between steps {done} and {done + n} (non-finite energy or forces): {err}; "
+                  "stopping this run")
             return
         done += n
 
@@ -74,7 +75,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=("torch", "python"), default="torch",
                         help="torch: openmm-torch TorchForce of the traced energy; python: openmm.PythonForce")
     parser.add_argument("--steps", type=int, default=1000, help="1 fs Langevin steps per run (default 1000)")
-    parser.add_argument("--out", default=None, help="save the TorchScript energy model here (torch backend), e.g. model.pt")
+    parser.add_argument("--out", default=None, help="save the TorchScript energy model here, e.g. model.pt (torch)")
     parser.add_argument("--monitor-only", action="store_true", help="part (b): integrate the force field alone")
     parser.add_argument("--platform", default="Reference", help="OpenMM platform (Reference, CPU, CUDA)")
     parser.add_argument("--seed", type=int, default=1)

@@ -43,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
 
     system = get_system(args.system)
-    flow = load_flow(args.flow)
+    flow = load_flow(args.flow, system=system)
     thermodynamic_state = ThermodynamicState(system.system, temperature=system.temperature * unit.kelvin)
     sampler_state = SamplerState(positions=system.positions * unit.nanometer)
 

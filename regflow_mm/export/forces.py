@@ -13,6 +13,11 @@ Limitation of the trace: checks in the flow that depend on the data become const
 on a bounded flow space (internal coordinates), a configuration outside the support gets a finite
 torch-backend energy instead of +inf; the python backend keeps +inf.
 
+Known crash (openmm-torch 1.5 + torch 2.9.0, seen here): ``XmlSerializer.deserialize`` of a System
+holding a ``TorchForce`` segfaults, and so does everything that copies a System that way
+(``CustomCVForce`` wrapping, openmmtools ``ThermodynamicState`` copies). Build the TorchForce into the
+System you run; where a System must be copied or serialised, use the ``python`` backend.
+
 Use the force as the whole potential (a System of massive particles and this force only) or add
 it to an existing System in its own force group (``force_group``) to bias or analyse a simulation.
 """

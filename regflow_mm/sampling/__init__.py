@@ -4,6 +4,16 @@ importance reweighting, free energies and energy-free TFEP.
     >>> from regflow_mm.sampling import FlowIndependenceMove
     >>> move = SequenceMove([LangevinDynamicsMove(n_steps=500), FlowIndependenceMove(flow, flow_path=path)])
 """
+import contextlib
+import io
+import warnings
+
+# openmmtools imports pymbar, which prints a "JAX NOT FOUND" banner and a timeseries notice on
+# import (in every worker process too); import it once here, quietly, before the modules below.
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import openmmtools.mcmc  # noqa: F401
+
 from .free_energy import delta_f_bar, delta_f_exp, flow_delta_f, parse_torsion_predicate, state_delta_f, torsion_state
 from .hybrid import SeededLangevinDynamicsMove, export_walker_trajectory, hybrid_summary, run_hybrid_mc
 from .moves import FlowIndependenceMove
