@@ -72,7 +72,7 @@ def simulate(system: MolecularSystem, out: str | Path, ns: float, save_interval_
     settings = {"name": "LangevinMiddleIntegrator", "timestep_fs": timestep_fs,
                 "friction_per_ps": system.spec.friction if friction_per_ps is None else friction_per_ps,
                 "save_interval_ps": save_interval_ps, "equilibration_ps": equilibration_ps}
-    platform = resolve_platform(platform, system.n_atoms)
+    platform = resolve_platform(platform, system.n_atoms, system.system)
     properties = platform_properties(platform, threads)
     context = openmm.Context(system.system, _integrator(system, settings, seed),
                              openmm.Platform.getPlatformByName(platform), properties)

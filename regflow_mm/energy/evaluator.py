@@ -112,7 +112,7 @@ class EnergyEvaluator:
         if not max_energy > 0:
             raise ValueError(f"max_energy must be positive (kJ/mol), got {max_energy}")
 
-        self.platform = resolve_platform(platform, self.n_atoms)
+        self.platform = resolve_platform(platform, self.n_atoms, system)
         cores = _usable_cores()
         if n_workers is None:
             if executor is not None:

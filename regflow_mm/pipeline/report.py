@@ -18,6 +18,11 @@ PUBLISHED = {
 }
 
 
+# Below these counts an estimate is flagged in the report rather than presented as a result.
+MIN_STATE_ESS = 20.0
+MIN_STATE_FRAMES = 20
+
+
 def _fmt(value, digits=3) -> str:
     if value is None:
         return "-"
@@ -90,14 +95,20 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
               f"{mc.get(md['phi_name'] + '_sign_changes')}.", "", f"![MC]({figure('mc', mc['figure'])})", ""]
 
     flow_fe, md_fe = fe["flow"], fe["md"]
+    flow_note = flow_fe.get("error") or (
+        f"Kish ESS inside the states: {_fmt(flow_fe.get('ess_a'))} / {_fmt(flow_fe.get('ess_b'))}"
+        + (" - UNRELIABLE: fewer than %d effective samples in a state, the error bar is not meaningful"
+           % MIN_STATE_ESS if min(flow_fe.get("ess_a", 0), flow_fe.get("ess_b", 0)) < MIN_STATE_ESS else ""))
+    md_minority = min(md_fe.get("p_b", 0.0), 1 - md_fe.get("p_b", 0.0)) * md_fe.get("n_frames", 0)
+    md_note = md_fe.get("error") or (
+        f"block averaging; {md_minority:.0f} frames in the rarer state"
+        + (" - UNRELIABLE: too few frames in a state" if md_minority < MIN_STATE_FRAMES else ""))
     lines += ["## Free energy", "",
               f"dF({fe['torsion']} < 0 -> {fe['torsion']} > 0) from {fe['n_samples']} reweighted flow samples "
               f"(ESS {_fmt(fe['ess'])}, {fe['n_zero_weight']} with zero weight):", "",
               "| estimate | dF (kT) | error (kT) | note |", "|---|---|---|---|",
-              f"| flow, reweighted | {_fmt(flow_fe.get('delta_f'))} | {_fmt(flow_fe.get('ddelta_f'))} | "
-              f"{flow_fe.get('error', 'Kish ESS inside the states: %s / %s' % (_fmt(flow_fe.get('ess_a')), _fmt(flow_fe.get('ess_b'))))} |",
-              f"| MD, counting | {_fmt(md_fe.get('delta_f'))} | {_fmt(md_fe.get('ddelta_f'))} | "
-              f"{md_fe.get('error', 'block averaging')} |", "",
+              f"| flow, reweighted | {_fmt(flow_fe.get('delta_f'))} | {_fmt(flow_fe.get('ddelta_f'))} | {flow_note} |",
+              f"| MD, counting | {_fmt(md_fe.get('delta_f'))} | {_fmt(md_fe.get('ddelta_f'))} | {md_note} |", "",
               "Reference: plain MD of aldp at 300 K puts about 2% in phi > 0 (dF about 3.9 kT).", "",
               f"![free energy]({figure('free_energy', fe['figure'])})", ""]
 

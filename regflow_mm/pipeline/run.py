@@ -126,6 +126,7 @@ def _evaluate(folder: Path, inputs: dict, flows: dict, settings: dict, seed: int
 def _mc(folder: Path, inputs: dict, system_name: str, mc: dict, seed: int, progress: bool) -> dict:
     from ..sampling.hybrid import hybrid_summary, run_hybrid_mc
     from ..systems import get_system
+    from ..systems.platforms import resolve_platform
     from matplotlib.figure import Figure
 
     from ..training.plots import _save
@@ -134,7 +135,7 @@ def _mc(folder: Path, inputs: dict, system_name: str, mc: dict, seed: int, progr
     started = time.process_time()
     run_hybrid_mc(system, inputs["train_regflow"]["flow"], folder / "mc.h5", mc["n_iterations"],
                   n_walkers=mc["n_walkers"], md_steps=mc["md_steps_per_iteration"], seed=seed,
-                  platform="Reference" if system.n_atoms < 200 else "CPU", progress=progress)
+                  platform=resolve_platform("auto", system.n_atoms, system.system), progress=progress)
     summary = hybrid_summary(folder / "mc.h5")
     import h5py
 

@@ -20,14 +20,20 @@ def available_platforms() -> list[str]:
     return [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
 
 
-def resolve_platform(name: str | None, n_atoms: int) -> str:
-    """Platform name for ``name`` ('auto'/None: CUDA if present, else Reference for small systems, else CPU)."""
+def resolve_platform(name: str | None, n_atoms: int, system: openmm.System | None = None) -> str:
+    """Platform name for ``name`` ('auto'/None: CUDA if present, else Reference for small systems, else CPU).
+
+    Custom forces (e.g. OBC1 as a ``CustomGBForce``, al3) are slow on Reference: with ``system``
+    given, such systems get CPU (al3: ~200 vs ~40 ns/day under load, see BENCHMARKS.md).
+    """
     available = available_platforms()
     if name in (None, "auto"):
+        has_custom = system is not None and any(
+            type(f).__name__.startswith("Custom") for f in system.getForces())
         if "CUDA" in available:
             chosen = "CUDA"
         else:
-            chosen = "Reference" if n_atoms < SMALL_SYSTEM_ATOMS else "CPU"
+            chosen = "Reference" if n_atoms < SMALL_SYSTEM_ATOMS and not has_custom else "CPU"
         log.info("OpenMM platform: %s (auto; available: %s)", chosen, ", ".join(available))
         return chosen
     if name not in available:

@@ -56,6 +56,11 @@ class TrainConfig:
 
     Units: lambda_* are dimensionless weights on losses in flow-space units^2 (regression),
     nats (NLL), (kT/nm)^2 (force matching) and kT (reverse KL); time budgets in CPU seconds.
+
+    Method 'nll+fm' minimises w_n NLL + w_f FM + w_k KL with (w_n, w_f, w_k) = (w_nll, w_fm, lambda_kl):
+    NLL = -E log q(x) on the batch positions, FM = ``force_matching_loss`` on the batch forces and
+    KL = ``reverse_kl_loss`` on ``kl_batch_size`` flow samples (left out while lambda_kl = 0). The
+    lambda_kl * KL term is added in the same way to 'regflow' and 'mle'.
     """
 
     # what to train
