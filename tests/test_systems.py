@@ -110,3 +110,12 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         get_system("aldp").d_residues(np.zeros((2, 21, 3)))
     with pytest.raises(ValueError, match="builder knows"):
         heavy_atom_pdb(["ACE", "TRP", "NME"])
+
+
+def test_custom_example_system_loads():
+    from pathlib import Path
+
+    s = get_system(Path(__file__).parents[1] / "examples" / "custom" / "ace_ala_gly_nme.toml")
+    assert (s.n_atoms, s.chiral_residues, list(s.torsions)) == (29, ["ALA2"], ["phi1", "psi1", "phi2", "psi2"])
+    assert "CustomGBForce" in {type(f).__name__ for f in s.system.getForces()}  # amber14 OBC2 implicit solvent
+    assert not s.d_residues(s.positions).any()
