@@ -8,10 +8,11 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
+
+from ..torch_utils import DeviceAnchored
 
 
-class Prior(nn.Module):
+class Prior(DeviceAnchored):
     """Base class: a fixed distribution on D dimensions."""
 
     name = "prior"
@@ -21,16 +22,7 @@ class Prior(nn.Module):
         if int(dim) < 1:
             raise ValueError(f"prior dimension must be >= 1, got {dim}")
         self.dim = int(dim)
-        # Zero-size buffer that carries the prior's dtype and device.
-        self.register_buffer("_anchor", torch.zeros(0), persistent=False)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._anchor.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._anchor.device
+        self._register_anchor()
 
     def get_config(self) -> dict:
         return {"type": self.name, "dim": self.dim}

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
+
+from ..torch_utils import DeviceAnchored
 
 
 def as_positions(x, n_atoms: int, dtype: torch.dtype | None = None,
@@ -38,7 +39,7 @@ def as_positions(x, n_atoms: int, dtype: torch.dtype | None = None,
     return x.to(dtype=dtype, device=device)
 
 
-class Representation(nn.Module):
+class Representation(DeviceAnchored):
     """Bijection positions (B, n_atoms, 3) nm <-> flow space (B, dim), with exact log-dets."""
 
     name = "representation"
@@ -51,16 +52,7 @@ class Representation(nn.Module):
         self.n_atoms = int(n_atoms)
         self.dim = int(dim)
         self.register_buffer("circular", torch.zeros(self.dim, dtype=torch.bool), persistent=False)
-        # Zero-size buffer that carries the module's floating dtype and device.
-        self.register_buffer("_anchor", torch.zeros(0), persistent=False)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._anchor.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._anchor.device
+        self._register_anchor()
 
     def positions(self, x) -> torch.Tensor:
         """Validate and convert positions to this representation's dtype and device."""
