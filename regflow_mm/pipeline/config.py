@@ -21,7 +21,7 @@ SCHEMA: dict[str, dict] = {
     # Passed to regflow_mm.training.TrainConfig; the baseline trains with the same settings and budget.
     "train": {"method": "regflow", "target": "reflow", "time_budget_s": 150.0, "epochs": 1000,
               "batch_size": 256, "lr": 5e-4, "regularizer": "logdet", "lambda_r": 1e-6, "lambda_n": 0.0,
-              "n_pairs": 20000, "teacher_steps": 1500, "val_samples": 0, "ode_method": "dopri5"},
+              "n_pairs": 20000, "teacher_steps": 6000, "val_samples": 0, "ode_method": "dopri5"},
     "baseline": {"enabled": True, "method": "mle"},
     "evaluate": {"n_samples": 5000},
     "mc": {"n_iterations": 200, "md_steps_per_iteration": 500, "n_walkers": 2},

@@ -18,6 +18,8 @@ from .stages import Stage, StagedRun
 
 log = logging.getLogger(__name__)
 
+REGFLOW_ONLY = ("target", "teacher_steps", "n_pairs", "ode_method", "regularizer", "lambda_r", "lambda_n")
+
 
 def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bool = True) -> Path:
     """Run every stage for ``config`` (a validated dict, a TOML path, or None for the aldp demo)
@@ -41,7 +43,10 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
                   train_settings, needs=("md",)))
     flows = {"regflow": "train_regflow"}
     if config["baseline"]["enabled"]:
-        baseline = _train_settings(config, {**config["train"], "method": config["baseline"]["method"]})
+        # The baseline shares architecture, optimiser and budget; RegFlow-only settings stay out of
+        # its cache key, so tuning the teacher or the pairs does not retrain the baseline.
+        shared = {k: v for k, v in config["train"].items() if k not in REGFLOW_ONLY}
+        baseline = _train_settings(config, {**shared, "method": config["baseline"]["method"]})
         run.run(Stage("train_baseline", lambda f, i: _train(f, i["md"], baseline, progress),
                       baseline, needs=("md",)))
         flows[config["baseline"]["method"]] = "train_baseline"
