@@ -109,14 +109,15 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
               "| estimate | dF (kT) | error (kT) | note |", "|---|---|---|---|",
               f"| flow, reweighted | {_fmt(flow_fe.get('delta_f'))} | {_fmt(flow_fe.get('ddelta_f'))} | {flow_note} |",
               f"| MD, counting | {_fmt(md_fe.get('delta_f'))} | {_fmt(md_fe.get('ddelta_f'))} | {md_note} |", "",
-              "Reference: plain MD of aldp at 300 K puts about 2% in phi > 0 (dF about 3.9 kT).", "",
+              *(["Reference: plain MD of aldp at 300 K puts about 2% in phi > 0 (dF about 3.9 kT).", ""]
+                if system == "aldp" else []),
               f"![free energy]({figure('free_energy', fe['figure'])})", ""]
 
     lines += ["## Exported OpenMM force", "",
               f"Backend `{ex['backend']}`" + (f", model `{ex['model']}`" if ex["model"] else "") +
               f": energies of the OpenMM force vs `BoltzmannFlow.energy` on test frames agree to "
               f"{_fmt(ex['max_rel_energy_error'])} (max relative). {ex['md_steps']} Langevin steps on the flow potential "
-              f"alone: {'finite throughout' if ex['md_finite'] else 'the energy became non-finite at step %s (the run left the flow support: internal-coordinate flows have box support)' % ex['first_nonfinite_step']}, "
+              f"alone: {'finite throughout' if ex['md_finite'] else 'the energy became non-finite at step %s (the run left the flow support: internal-coordinate flows have box support)' % ex.get('first_nonfinite_step', '?')}, "
               f"flow energy {_fmt(ex['flow_energy_mean'])} +- {_fmt(ex['flow_energy_std'])} kJ/mol over the finite frames, "
               f"{_fmt(ex['ns_per_day'])} ns/day.", ""]
 
