@@ -36,6 +36,10 @@ def test_report_holds_this_runs_numbers(finished_run):
         assert f"| {name} | " in text
         assert {"ess", "e_w1", "t_w2", "nll", "d_fraction"} <= set(stages["evaluate"]["metrics"][name])
     assert stages["export"]["max_rel_energy_error"] < 1e-4  # exported TorchForce == BoltzmannFlow.energy
+    e_w1 = {name: m["e_w1"] for name, m in stages["evaluate"]["metrics"].items()}
+    down = stages["evaluate"]["downstream"]
+    assert down["method"] == min(e_w1, key=e_w1.get) and down["flow"].endswith("flow.pt")
+    assert f"use the **{down['method']}** flow" in text
     for figure in ("evaluate_regflow_ramachandran.png", "evaluate_mle_energy_histogram.png", "mc_mc_trace.png",
                    "free_energy_free_energy.png", "train_regflow_training_curves.png"):
         assert (out / "figures" / figure).stat().st_size > 1000

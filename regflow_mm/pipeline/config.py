@@ -23,7 +23,9 @@ SCHEMA: dict[str, dict] = {
               "batch_size": 256, "lr": 5e-4, "regularizer": "logdet", "lambda_r": 1e-6, "lambda_n": 0.0,
               "n_pairs": 20000, "teacher_steps": 6000, "val_samples": 0, "ode_method": "dopri5"},
     "baseline": {"enabled": True, "method": "mle"},
-    "evaluate": {"n_samples": 5000},
+    # downstream_flow: the flow used by mc / free_energy / export: "best" (lowest E-W1 on held-out
+    # data), "regflow" or "baseline".
+    "evaluate": {"n_samples": 5000, "downstream_flow": "best"},
     "mc": {"n_iterations": 200, "md_steps_per_iteration": 500, "n_walkers": 2},
     "free_energy": {"n_samples": 20000},
     "export": {"backend": "torch", "md_steps": 1000},

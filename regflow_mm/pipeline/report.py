@@ -87,6 +87,9 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
                       + (f", {t['target']} target, {t['n_pairs']} pairs" if t["method"] == "regflow" else "") + "):", "",
                       f"![{stage}](figures/{stage}_training_curves.png)", ""]
 
+    down = ev.get("downstream", {"method": "regflow", "rule": "regflow"})
+    lines += [f"Monte Carlo, free energy and export below use the **{down['method']}** flow "
+              f"(rule `{down['rule']}`: 'best' takes the lowest E-W1 on held-out data).", ""]
     lines += ["## Hybrid MD / flow Monte Carlo", "",
               f"{mc['n_walkers']} walkers x {mc['n_iterations']} iterations of {config['mc']['md_steps_per_iteration']} "
               f"Langevin steps + one flow independence move; acceptance {mc['acceptance']:.2%}; "

@@ -53,11 +53,11 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
     run.run(Stage("evaluate", lambda f, i: _evaluate(f, i, flows, config["evaluate"], seed),
                   {**config["evaluate"], "seed": seed}, needs=("md", *flows.values())))
     run.run(Stage("mc", lambda f, i: _mc(f, i, system_name, config["mc"], seed, progress),
-                  {**config["mc"], "seed": seed}, needs=("md", "train_regflow")))
+                  {**config["mc"], "seed": seed}, needs=("md", "evaluate")))
     run.run(Stage("free_energy", lambda f, i: _free_energy(f, i, config["free_energy"], seed, progress),
-                  {**config["free_energy"], "seed": seed}, needs=("md", "train_regflow")))
+                  {**config["free_energy"], "seed": seed}, needs=("md", "evaluate")))
     run.run(Stage("export", lambda f, i: _export(f, i, config["export"], seed),
-                  {**config["export"], "seed": seed}, needs=("md", "train_regflow")))
+                  {**config["export"], "seed": seed}, needs=("md", "evaluate")))
     from .report import write_report
 
     return write_report(out, config, run.records)
@@ -123,9 +123,23 @@ def _evaluate(folder: Path, inputs: dict, flows: dict, settings: dict, seed: int
                                 plots_dir=folder, plot_prefix=f"{name}_")
             results[name] = scalar_metrics(res)
     (folder / "metrics.json").write_text(json.dumps(results, indent=2))
+    choice = settings["downstream_flow"]
+    if choice == "best":
+        choice = min(results, key=lambda name: _finite_or_inf(results[name].get("e_w1")))
+    elif choice == "baseline":
+        choice = next(name for name, stage in flows.items() if stage == "train_baseline")
+    if choice not in flows:
+        raise ValueError(f"[evaluate].downstream_flow {settings['downstream_flow']!r}: no such flow in this run "
+                         f"({', '.join(flows)}); use best, regflow or baseline")
     return {"metrics": results, "n_test_frames": int(len(test)),
+            "downstream": {"method": choice, "flow": inputs[flows[choice]]["flow"],
+                           "rule": settings["downstream_flow"]},
             "figures": {name: {"ramachandran": f"{name}_ramachandran.png", "energy": f"{name}_energy_histogram.png"}
                         for name in flows}}
+
+
+def _finite_or_inf(value) -> float:
+    return float(value) if value is not None and np.isfinite(value) else float("inf")
 
 
 def _mc(folder: Path, inputs: dict, system_name: str, mc: dict, seed: int, progress: bool) -> dict:
@@ -138,7 +152,7 @@ def _mc(folder: Path, inputs: dict, system_name: str, mc: dict, seed: int, progr
 
     system = get_system(system_name)
     started = time.process_time()
-    run_hybrid_mc(system, inputs["train_regflow"]["flow"], folder / "mc.h5", mc["n_iterations"],
+    run_hybrid_mc(system, inputs["evaluate"]["downstream"]["flow"], folder / "mc.h5", mc["n_iterations"],
                   n_walkers=mc["n_walkers"], md_steps=mc["md_steps_per_iteration"], seed=seed,
                   platform=resolve_platform("auto", system.n_atoms, system.system), progress=progress)
     summary = hybrid_summary(folder / "mc.h5")
@@ -178,7 +192,7 @@ def _free_energy(folder: Path, inputs: dict, settings: dict, seed: int, progress
 
     data = load_dataset(inputs["md"]["dataset"])
     system = data.system
-    flow = load_flow(inputs["train_regflow"]["flow"], system=system)
+    flow = load_flow(inputs["evaluate"]["downstream"]["flow"], system=system)
     with EnergyEvaluator(system, n_workers=0) as evaluator:
         samples = draw_weighted_samples(flow, evaluator, settings["n_samples"], seed=seed,
                                         molecular_system=system, progress=progress)
@@ -228,7 +242,7 @@ def _export(folder: Path, inputs: dict, settings: dict, seed: int) -> dict:
 
     data = load_dataset(inputs["md"]["dataset"])
     system = data.system
-    flow = load_flow(inputs["train_regflow"]["flow"], system=system)
+    flow = load_flow(inputs["evaluate"]["downstream"]["flow"], system=system)
     force = flow_force(flow, backend=settings["backend"], path=folder / "model.pt")
     flow_system = openmm.System()
     for i in range(system.system.getNumParticles()):
