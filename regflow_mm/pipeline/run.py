@@ -18,6 +18,11 @@ from .stages import Stage, StagedRun
 
 log = logging.getLogger(__name__)
 
+# Part of the training stages' cache key: bump it when a code change alters what training
+# produces, so existing runs retrain instead of reusing flows made by the old code.
+# 2: internal coordinates centre each torsion mid-box (fitted circular-mean offsets).
+TRAIN_CODE_VERSION = 2
+
 REGFLOW_ONLY = ("target", "teacher_steps", "n_pairs", "ode_method", "regularizer", "lambda_r", "lambda_n")
 
 
@@ -40,7 +45,7 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
                   {"system": system_name, "seed": seed, **config["md"]}))
     train_settings = _train_settings(config, config["train"])
     run.run(Stage("train_regflow", lambda f, i: _train(f, i["md"], train_settings, progress),
-                  train_settings, needs=("md",)))
+                  {**train_settings, "code_version": TRAIN_CODE_VERSION}, needs=("md",)))
     flows = {"regflow": "train_regflow"}
     if config["baseline"]["enabled"]:
         # The baseline shares architecture, optimiser and budget; RegFlow-only settings stay out of
@@ -48,7 +53,7 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
         shared = {k: v for k, v in config["train"].items() if k not in REGFLOW_ONLY}
         baseline = _train_settings(config, {**shared, "method": config["baseline"]["method"]})
         run.run(Stage("train_baseline", lambda f, i: _train(f, i["md"], baseline, progress),
-                      baseline, needs=("md",)))
+                      {**baseline, "code_version": TRAIN_CODE_VERSION}, needs=("md",)))
         flows[config["baseline"]["method"]] = "train_baseline"
     run.run(Stage("evaluate", lambda f, i: _evaluate(f, i, flows, config["evaluate"], seed),
                   {**config["evaluate"], "seed": seed}, needs=("md", *flows.values())))

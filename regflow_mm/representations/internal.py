@@ -2,7 +2,8 @@
 
 Flow space, dimension D = 3N - 6, in the order [bonds (N-1) | angles (N-2) | torsions (N-3)]:
 bonds r (nm) and angles theta (rad) are mapped affinely to [0, 1] by fitted bounds
-u = (v - lo) / (hi - lo); torsions phi in [-pi, pi) map to the circle u = (phi + pi) / (2 pi) in [0, 1).
+u = (v - lo) / (hi - lo); torsions phi map to the circle u = ((phi - c + pi) / (2 pi)) mod 1 in [0, 1), c the
+per-torsion circular mean of the training data (fit), so the data sits mid-box.
 The seed bonds r(s0,s1), r(s1,s2) and angle theta(s0,s1,s2) lead each block.
 
 Density: log q(x) = log q_U(u) + logdet_to is the density of the configuration modulo rigid motions,
@@ -90,6 +91,10 @@ class InternalCoordinates(Representation):
         self.register_buffer("bond_hi", torch.full((n - 1,), 0.25, dtype=dtype))
         self.register_buffer("angle_lo", torch.full((n - 2,), 0.5, dtype=dtype))
         self.register_buffer("angle_hi", torch.full((n - 2,), math.pi - 0.01, dtype=dtype))
+        # Per-torsion offset (rad): fit() sets the circular mean of the data, so that each torsion's
+        # mass sits mid-box instead of straddling the 0/1 seam (a rotation of the circle: log-det 0).
+        # Models that are not periodic-aware (the Euclidean teacher CNF, l2 regression) need this.
+        self.register_buffer("torsion_offset", torch.zeros(n - 3, dtype=dtype))
         self.circular[self.n_bonds + self.n_angles:] = True
 
     @classmethod
@@ -121,7 +126,8 @@ class InternalCoordinates(Representation):
     def fit(self, positions):
         """Bounds from training positions (B, N, 3) nm: [min - m*range, max + m*range], m = margin."""
         x = as_positions(positions, self.n_atoms, torch.float64, self.device)
-        bonds, angles, _ = self.internal(x)
+        bonds, angles, torsions = self.internal(x)
+        self.torsion_offset.copy_(torch.atan2(torsions.sin().mean(0), torsions.cos().mean(0)))
         for values, lo, hi, floor, ceil, min_range in ((bonds, self.bond_lo, self.bond_hi, 1e-3, math.inf, 1e-3),
                                                        (angles, self.angle_lo, self.angle_hi, 1e-3,
                                                         math.pi - 1e-3, 1e-2)):
@@ -130,6 +136,11 @@ class InternalCoordinates(Representation):
             lo.copy_((vmin - self.margin * span).clamp_min(floor))
             hi.copy_((vmax + self.margin * span).clamp_max(ceil))
         return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Flow files saved before torsion offsets existed keep their meaning: offset 0.
+        state_dict.setdefault(prefix + "torsion_offset", torch.zeros_like(self.torsion_offset))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _jacobian_log(self, bonds, angles):
         """log J = log(r01^2 r12^2 sin theta012 prod r_i^2 sin theta_i)  (module docstring)."""
@@ -144,7 +155,7 @@ class InternalCoordinates(Representation):
         bonds, angles, torsions = self.internal(x)
         u = torch.cat([(bonds - self.bond_lo) / (self.bond_hi - self.bond_lo),
                        (angles - self.angle_lo) / (self.angle_hi - self.angle_lo),
-                       torch.remainder((torsions + math.pi) / (2 * math.pi), 1.0)], dim=-1)
+                       torch.remainder((torsions - self.torsion_offset + math.pi) / (2 * math.pi), 1.0)], dim=-1)
         return u, -self._jacobian_log(bonds, angles) - self._scale_log()
 
     def from_flow_space(self, y):
@@ -152,7 +163,7 @@ class InternalCoordinates(Representation):
         nb, na = self.n_bonds, self.n_angles
         bonds = self.bond_lo + (self.bond_hi - self.bond_lo) * u[:, :nb]
         angles = self.angle_lo + (self.angle_hi - self.angle_lo) * u[:, nb:nb + na]
-        torsions = 2 * math.pi * u[:, nb + na:] - math.pi
+        torsions = 2 * math.pi * u[:, nb + na:] - math.pi + self.torsion_offset
         batch = u.shape[0]
         zeros = u.new_zeros(batch)
         s0, s1, s2 = self.zmatrix.seeds
