@@ -86,6 +86,25 @@ def test_killed_simulation_resumes_into_one_continuous_trajectory(tmp_path):
     np.testing.assert_allclose(b.energies, a.energies, atol=1e-6)
 
 
+def test_torn_commit_resumes_from_the_checkpoint_of_the_committed_frames(tmp_path):
+    """A kill inside a chunk commit (new frames + next checkpoint written, n_frames not yet) resumes exactly."""
+    args = dict(chunk_frames=20, seed=5, **FAST)
+    whole, torn = tmp_path / "whole.h5", tmp_path / "torn.h5"
+    simulate(get_system("aldp"), whole, ns=0.004, **args)
+    simulate(get_system("aldp"), torn, ns=0.002, **args)
+    with h5py.File(torn, "r+") as fh:
+        assert fh.attrs["n_frames"] == 40
+        for name in ("positions", "forces", "energies", "time"):
+            fh[name].resize(60, axis=0)  # uncommitted frames of the torn chunk
+        fh.create_dataset("checkpoint_next", data=np.zeros(16, np.uint8))
+        fh["checkpoint_next"].attrs["n_frames"] = 60
+    assert len(load_dataset(torn)) == 40  # readers see only committed frames
+    simulate(get_system("aldp"), torn, ns=0.004, **args)
+    a, b = load_dataset(whole), load_dataset(torn)
+    np.testing.assert_allclose(b.time, a.time)
+    np.testing.assert_allclose(b.positions, a.positions, atol=1e-6)
+
+
 def test_existing_dataset_of_another_system_is_refused_and_kept(aldp_data, tmp_path):
     before = aldp_data.path.read_bytes()
     with pytest.raises(ValueError, match="holds system 'aldp'.*refusing to append 'al4'"):

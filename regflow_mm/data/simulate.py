@@ -154,9 +154,13 @@ def _prepare_resume(out, system, settings, seed, context) -> int:
         for name in ("positions", "forces", "energies", "time"):
             if fh[name].shape[0] != n_done:  # a chunk cut short by a kill: drop it
                 fh[name].resize(n_done, axis=0)
-        if n_done == 0 or "checkpoint" not in fh:
+        # The checkpoint that belongs to the committed frames (see _append's commit order).
+        matching = [name for name in ("checkpoint_next", "checkpoint")
+                    if name in fh and int(fh[name].attrs.get("n_frames", -1)) == n_done]
+        if n_done == 0 or not matching:
             raise ValueError(f"{out} has no completed chunk to resume from; delete it and start again")
-        checkpoint = fh["checkpoint"][()].tobytes()
+        checkpoint = fh[matching[0]][()].tobytes()
+        _write_splits(fh, n_done)
     try:
         context.loadCheckpoint(checkpoint)
     except Exception as err:  # OpenMM raises OpenMMException for a checkpoint of another platform/system
@@ -173,21 +177,34 @@ def _append(out, pos, ene, frc, n_done, save_interval_ps, checkpoint: bytes):
                           ("time", (np.arange(n_done, n_new) + 1) * save_interval_ps)):
             fh[name].resize(n_new, axis=0)
             fh[name][n_done:n_new] = arr
+        # Commit order: frames and the new checkpoint (tagged with its frame count) first, then
+        # n_frames (the commit point), then the checkpoint takes the place of the old one. A kill at
+        # any point leaves a checkpoint whose frame count equals the committed n_frames.
+        if "checkpoint_next" in fh:
+            del fh["checkpoint_next"]
+        fh.create_dataset("checkpoint_next", data=np.frombuffer(checkpoint, dtype=np.uint8))
+        fh["checkpoint_next"].attrs["n_frames"] = n_new
+        fh.flush()
+        fh.attrs["n_frames"] = n_new
+        fh.flush()
+        _write_splits(fh, n_new)  # after the commit: stored splits never index uncommitted frames
         if "checkpoint" in fh:
             del fh["checkpoint"]
-        fh.create_dataset("checkpoint", data=np.frombuffer(checkpoint, dtype=np.uint8))
-        fractions = json.loads(fh.attrs["metadata"])["split_fractions"]
-        if "splits" in fh:
-            del fh["splits"]
-        try:
-            splits = contiguous_splits(n_new, fractions["val"], fractions["test"])
-        except ValueError:
-            splits = {}  # too few frames yet; written once there are enough
-        group = fh.create_group("splits")
-        for name, idx in splits.items():
-            group.create_dataset(name, data=idx)
-        fh.flush()
-        fh.attrs["n_frames"] = n_new  # last: marks the chunk as committed
+        fh.move("checkpoint_next", "checkpoint")
+
+
+def _write_splits(fh, n_frames: int) -> None:
+    """(Re)write the contiguous train/val/test splits of the first ``n_frames`` frames."""
+    fractions = json.loads(fh.attrs["metadata"])["split_fractions"]
+    if "splits" in fh:
+        del fh["splits"]
+    try:
+        splits = contiguous_splits(n_frames, fractions["val"], fractions["test"])
+    except ValueError:
+        splits = {}  # too few frames yet; written once there are enough
+    group = fh.create_group("splits")
+    for name, idx in splits.items():
+        group.create_dataset(name, data=idx)
 
 
 def _pdb_text(system: MolecularSystem) -> str:

@@ -205,9 +205,12 @@ def _prepare_resume(out, system, flow_hash, settings, seed):
         for name in ("positions", "accepted"):
             if fh[name].shape[0] != n_done:  # a block cut short by a kill: drop it
                 fh[name].resize(n_done, axis=0)
-        if n_done == 0:
+        # The checkpoint that belongs to the committed iterations (see _commit's order).
+        matching = [name for name in ("checkpoint_next", "checkpoint")
+                    if name in fh and int(fh[name].attrs.get("n_iterations", -1)) == n_done]
+        if n_done == 0 or not matching:
             raise ValueError(f"{out} has no committed block to resume from; delete it and start again")
-        ck = fh["checkpoint"]
+        ck = fh[matching[0]]
         positions, velocities = ck["positions"][()], ck["velocities"][()]
         move_states = [json.loads(s) for s in ck.attrs["move_state"]]
     log.info("resuming %s at iteration %d", out, n_done)
@@ -223,14 +226,22 @@ def _commit(out, frames, accepted, walkers, n_done):
         for name, arr in (("positions", frames), ("accepted", accepted)):
             fh[name].resize(n_new, axis=0)
             fh[name][n_done:n_new] = arr
-        if "checkpoint" in fh:
-            del fh["checkpoint"]
-        ck = fh.create_group("checkpoint")
+        # Commit order: frames and the next checkpoint (tagged with its iteration count), then
+        # n_iterations (the commit point), then the checkpoint replaces the old one; a kill anywhere
+        # leaves a checkpoint matching the committed n_iterations.
+        if "checkpoint_next" in fh:
+            del fh["checkpoint_next"]
+        ck = fh.create_group("checkpoint_next")
         ck.create_dataset("positions", data=positions)
         ck.create_dataset("velocities", data=velocities)
         ck.attrs["move_state"] = move_states
+        ck.attrs["n_iterations"] = n_new
         fh.flush()
-        fh.attrs["n_iterations"] = n_new  # last: marks the block as committed
+        fh.attrs["n_iterations"] = n_new
+        fh.flush()
+        if "checkpoint" in fh:
+            del fh["checkpoint"]
+        fh.move("checkpoint_next", "checkpoint")
 
 
 def hybrid_summary(path: str | Path) -> dict:
