@@ -5,6 +5,7 @@ A prior is an ``nn.Module`` so that ``.to(dtype/device)`` moves it with the flow
 """
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -12,7 +13,7 @@ import torch
 from ..torch_utils import DeviceAnchored
 
 
-class Prior(DeviceAnchored):
+class Prior(DeviceAnchored, abc.ABC):
     """Base class: a fixed distribution on D dimensions."""
 
     name = "prior"
@@ -31,11 +32,13 @@ class Prior(DeviceAnchored):
         if z.dim() != 2 or z.shape[1] != self.dim:
             raise ValueError(f"{self.name} prior expects (batch, {self.dim}) latents, got {tuple(z.shape)}")
 
+    @abc.abstractmethod
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        """(n, dim) latent samples."""
 
+    @abc.abstractmethod
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """log density (B,) of latents z (B, dim)."""
 
 
 class StandardNormal(Prior):

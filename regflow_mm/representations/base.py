@@ -10,6 +10,8 @@ each representation states in its docstring.
 """
 from __future__ import annotations
 
+import abc
+
 import numpy as np
 import torch
 
@@ -39,7 +41,7 @@ def as_positions(x, n_atoms: int, dtype: torch.dtype | None = None,
     return x.to(dtype=dtype, device=device)
 
 
-class Representation(DeviceAnchored):
+class Representation(DeviceAnchored, abc.ABC):
     """Bijection positions (B, n_atoms, 3) nm <-> flow space (B, dim), with exact log-dets."""
 
     name = "representation"
@@ -71,11 +73,13 @@ class Representation(DeviceAnchored):
     def get_config(self) -> dict:
         return {"type": self.name, "n_atoms": self.n_atoms}
 
+    @abc.abstractmethod
     def to_flow_space(self, x) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """Positions (B, n_atoms, 3) nm -> (flow-space y (B, dim), log|det dy/dx| (B,))."""
 
+    @abc.abstractmethod
     def from_flow_space(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """Flow-space y (B, dim) -> (positions (B, n_atoms, 3) nm, log|det dx/dy| (B,))."""
 
     def _check_flow(self, y: torch.Tensor) -> torch.Tensor:
         if y.dim() != 2 or y.shape[1] != self.dim:
