@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..systems import MolecularSystem
 from ..systems.platforms import platform_properties, resolve_platform
+from .checkpointed_hdf5 import commit_rows, committed_checkpoint, truncate_uncommitted
 from .dataset import _open, contiguous_splits
 
 log = logging.getLogger(__name__)
@@ -150,16 +151,11 @@ def _prepare_resume(out, system, settings, seed, context) -> int:
         if stored != asked or md["seed"] != seed:
             raise ValueError(f"{out} was simulated with {stored}, seed {md['seed']}; this run asks for {asked}, "
                              f"seed {seed}: use the same settings to resume, or another --out")
-        n_done = int(fh.attrs["n_frames"])
-        for name in ("positions", "forces", "energies", "time"):
-            if fh[name].shape[0] != n_done:  # a chunk cut short by a kill: drop it
-                fh[name].resize(n_done, axis=0)
-        # The checkpoint that belongs to the committed frames (see _append's commit order).
-        matching = [name for name in ("checkpoint_next", "checkpoint")
-                    if name in fh and int(fh[name].attrs.get("n_frames", -1)) == n_done]
-        if n_done == 0 or not matching:
+        n_done = truncate_uncommitted(fh, "n_frames", ("positions", "forces", "energies", "time"))
+        checkpoint = committed_checkpoint(fh, "n_frames")
+        if n_done == 0 or checkpoint is None:
             raise ValueError(f"{out} has no completed chunk to resume from; delete it and start again")
-        checkpoint = fh[matching[0]][()].tobytes()
+        checkpoint = checkpoint[()].tobytes()
         _write_splits(fh, n_done)
     try:
         context.loadCheckpoint(checkpoint)
@@ -177,20 +173,9 @@ def _append(out, pos, ene, frc, n_done, save_interval_ps, checkpoint: bytes):
                           ("time", (np.arange(n_done, n_new) + 1) * save_interval_ps)):
             fh[name].resize(n_new, axis=0)
             fh[name][n_done:n_new] = arr
-        # Commit order: frames and the new checkpoint (tagged with its frame count) first, then
-        # n_frames (the commit point), then the checkpoint takes the place of the old one. A kill at
-        # any point leaves a checkpoint whose frame count equals the committed n_frames.
-        if "checkpoint_next" in fh:
-            del fh["checkpoint_next"]
-        fh.create_dataset("checkpoint_next", data=np.frombuffer(checkpoint, dtype=np.uint8))
-        fh["checkpoint_next"].attrs["n_frames"] = n_new
-        fh.flush()
-        fh.attrs["n_frames"] = n_new
-        fh.flush()
+        commit_rows(fh, "n_frames", n_new,
+                    lambda name: fh.create_dataset(name, data=np.frombuffer(checkpoint, dtype=np.uint8)))
         _write_splits(fh, n_new)  # after the commit: stored splits never index uncommitted frames
-        if "checkpoint" in fh:
-            del fh["checkpoint"]
-        fh.move("checkpoint_next", "checkpoint")
 
 
 def _write_splits(fh, n_frames: int) -> None:

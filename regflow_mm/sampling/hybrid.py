@@ -34,6 +34,7 @@ from openmmtools.mcmc import LangevinDynamicsMove
 from openmmtools.states import SamplerState, ThermodynamicState
 from tqdm.auto import tqdm
 
+from regflow_mm.data.checkpointed_hdf5 import commit_rows, committed_checkpoint, truncate_uncommitted
 from regflow_mm.sampling.moves import FlowIndependenceMove, maxwell_boltzmann_velocities
 
 log = logging.getLogger(__name__)
@@ -201,16 +202,10 @@ def _prepare_resume(out, system, flow_hash, settings, seed):
         if stored != asked or md["seed"] != seed:
             raise ValueError(f"{out} was run with {stored}, seed {md['seed']}; this run asks for {asked}, seed {seed}: "
                              "use the same settings to resume, or another --out")
-        n_done = int(fh.attrs["n_iterations"])
-        for name in ("positions", "accepted"):
-            if fh[name].shape[0] != n_done:  # a block cut short by a kill: drop it
-                fh[name].resize(n_done, axis=0)
-        # The checkpoint that belongs to the committed iterations (see _commit's order).
-        matching = [name for name in ("checkpoint_next", "checkpoint")
-                    if name in fh and int(fh[name].attrs.get("n_iterations", -1)) == n_done]
-        if n_done == 0 or not matching:
+        n_done = truncate_uncommitted(fh, "n_iterations", ("positions", "accepted"))
+        ck = committed_checkpoint(fh, "n_iterations")
+        if n_done == 0 or ck is None:
             raise ValueError(f"{out} has no committed block to resume from; delete it and start again")
-        ck = fh[matching[0]]
         positions, velocities = ck["positions"][()], ck["velocities"][()]
         move_states = [json.loads(s) for s in ck.attrs["move_state"]]
     log.info("resuming %s at iteration %d", out, n_done)
@@ -226,22 +221,14 @@ def _commit(out, frames, accepted, walkers, n_done):
         for name, arr in (("positions", frames), ("accepted", accepted)):
             fh[name].resize(n_new, axis=0)
             fh[name][n_done:n_new] = arr
-        # Commit order: frames and the next checkpoint (tagged with its iteration count), then
-        # n_iterations (the commit point), then the checkpoint replaces the old one; a kill anywhere
-        # leaves a checkpoint matching the committed n_iterations.
-        if "checkpoint_next" in fh:
-            del fh["checkpoint_next"]
-        ck = fh.create_group("checkpoint_next")
-        ck.create_dataset("positions", data=positions)
-        ck.create_dataset("velocities", data=velocities)
-        ck.attrs["move_state"] = move_states
-        ck.attrs["n_iterations"] = n_new
-        fh.flush()
-        fh.attrs["n_iterations"] = n_new
-        fh.flush()
-        if "checkpoint" in fh:
-            del fh["checkpoint"]
-        fh.move("checkpoint_next", "checkpoint")
+        def write_checkpoint(name):
+            ck = fh.create_group(name)
+            ck.create_dataset("positions", data=positions)
+            ck.create_dataset("velocities", data=velocities)
+            ck.attrs["move_state"] = move_states
+            return ck
+
+        commit_rows(fh, "n_iterations", n_new, write_checkpoint)
 
 
 def hybrid_summary(path: str | Path) -> dict:
