@@ -99,7 +99,21 @@ def config_from_args(args) -> "TrainConfig":
     values.update(_parse_pairs(args.set, "--set"))
     if not values.get("data"):
         raise ValueError("no dataset: pass --data DATA.h5 (or 'data' in the --config file)")
+    if "system" not in values:
+        values["system"] = _dataset_system(values["data"])
     return TrainConfig.from_dict(values)
+
+
+def _dataset_system(data: str) -> str:
+    """The system a dataset was made for: its built-in name, or the spec file it recorded."""
+    from ..data import read_metadata
+    from ..systems import list_systems
+
+    spec = read_metadata(data)["system"]
+    if spec["name"] in list_systems():
+        return spec["name"]
+    raise ValueError(f"dataset {data} was made for the custom system {spec['name']!r}: pass its spec .toml "
+                     "as the SYSTEM argument of `regflow-mm train`")
 
 
 def _train(args) -> int:
