@@ -36,6 +36,16 @@ def committed_checkpoint(fh: h5py.File, counter: str) -> h5py.HLObject | None:
     return None
 
 
+def check_resume_settings(out, stored: dict, asked: dict, keys: tuple[str, ...], stored_seed: int, seed: int,
+                          verb: str = "run") -> None:
+    """Refuse to append to ``out`` unless the settings in ``keys`` and the seed equal the stored ones."""
+    stored = {k: stored[k] for k in keys}
+    asked = {k: asked[k] for k in keys}
+    if stored != asked or stored_seed != seed:
+        raise ValueError(f"{out} was {verb} with {stored}, seed {stored_seed}; this run asks for {asked}, seed {seed}: "
+                         "use the same settings to resume, or another --out")
+
+
 def truncate_uncommitted(fh: h5py.File, counter: str, datasets: tuple[str, ...]) -> int:
     """Drop rows past the committed counter from ``datasets``; returns the committed row count."""
     n_rows = int(fh.attrs[counter])

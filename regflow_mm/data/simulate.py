@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..systems import MolecularSystem
 from ..systems.platforms import platform_properties, resolve_platform
-from .checkpointed_hdf5 import commit_rows, committed_checkpoint, truncate_uncommitted
+from .checkpointed_hdf5 import (check_resume_settings, commit_rows, committed_checkpoint,
+                                truncate_uncommitted)
 from .dataset import _open, contiguous_splits
 
 log = logging.getLogger(__name__)
@@ -146,11 +147,7 @@ def _prepare_resume(out, system, settings, seed, context) -> int:
         if md["system_hash"] != system.spec_hash:
             raise ValueError(f"{out} holds system {md['system']['name']!r} (hash {md['system_hash'][:12]}); refusing to "
                              f"append {system.name!r} (hash {system.spec_hash[:12]}): choose another --out")
-        stored = {k: md["integrator"][k] for k in _RESUME_KEYS}
-        asked = {k: settings[k] for k in _RESUME_KEYS}
-        if stored != asked or md["seed"] != seed:
-            raise ValueError(f"{out} was simulated with {stored}, seed {md['seed']}; this run asks for {asked}, "
-                             f"seed {seed}: use the same settings to resume, or another --out")
+        check_resume_settings(out, md["integrator"], settings, _RESUME_KEYS, md["seed"], seed, verb="simulated")
         n_done = truncate_uncommitted(fh, "n_frames", ("positions", "forces", "energies", "time"))
         checkpoint = committed_checkpoint(fh, "n_frames")
         if n_done == 0 or checkpoint is None:

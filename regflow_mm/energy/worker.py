@@ -9,12 +9,15 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import logging
 import math
 import threading
 import time
 
 import numpy as np
 import openmm
+
+log = logging.getLogger(__name__)
 
 _CONTEXTS_PER_THREAD = 4  # LRU size of the worker-side Context cache
 
@@ -93,7 +96,7 @@ class ContextWorker:
                 if math.isfinite(energy):
                     return
             except openmm.OpenMMException:
-                pass
+                log.debug("context unusable after an OpenMM exception; rebuilding it")
         self.context = self._build()
         stats.n_context_rebuilds += 1
 

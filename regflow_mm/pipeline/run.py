@@ -123,7 +123,7 @@ def _evaluate(folder: Path, inputs: dict, flows: dict, settings: dict, seed: int
     with EnergyEvaluator(data.system, n_workers=0) as evaluator:
         for name, stage in flows.items():
             flow = load_flow(inputs[stage]["flow"], system=data.system)
-            res = evaluate_flow(flow, data.system, data.positions[test], data.energies[test] / data.system.kT,
+            res = evaluate_flow(flow, data.system, data.positions[test], data.reduced_energies()[test],
                                 evaluator=evaluator, n_samples=settings["n_samples"], seed=seed,
                                 plots_dir=folder, plot_prefix=f"{name}_")
             results[name] = scalar_metrics(res)

@@ -34,7 +34,8 @@ from openmmtools.mcmc import LangevinDynamicsMove
 from openmmtools.states import SamplerState, ThermodynamicState
 from tqdm.auto import tqdm
 
-from regflow_mm.data.checkpointed_hdf5 import commit_rows, committed_checkpoint, truncate_uncommitted
+from regflow_mm.data.checkpointed_hdf5 import (check_resume_settings, commit_rows, committed_checkpoint,
+                                              truncate_uncommitted)
 from regflow_mm.sampling.moves import FlowIndependenceMove, maxwell_boltzmann_velocities
 
 log = logging.getLogger(__name__)
@@ -197,11 +198,7 @@ def _prepare_resume(out, system, flow_hash, settings, seed):
         if md["flow_hash"] != flow_hash:
             raise ValueError(f"{out} was run with another flow (hash {md['flow_hash'][:12]}, this one "
                              f"{flow_hash[:12]}): resume with the original flow file or choose another --out")
-        stored = {k: md["settings"][k] for k in _RESUME_KEYS}
-        asked = {k: settings[k] for k in _RESUME_KEYS}
-        if stored != asked or md["seed"] != seed:
-            raise ValueError(f"{out} was run with {stored}, seed {md['seed']}; this run asks for {asked}, seed {seed}: "
-                             "use the same settings to resume, or another --out")
+        check_resume_settings(out, md["settings"], settings, _RESUME_KEYS, md["seed"], seed)
         n_done = truncate_uncommitted(fh, "n_iterations", ("positions", "accepted"))
         ck = committed_checkpoint(fh, "n_iterations")
         if n_done == 0 or ck is None:

@@ -156,7 +156,7 @@ def _evaluate(args) -> int:
     system = dataset.system
     flow = load_flow(args.flow, system=system, map_location=device)
     x = dataset.split(args.split)
-    u = dataset.energies[dataset.split_indices(args.split)] / system.kT
+    u = dataset.reduced_energies()[dataset.split_indices(args.split)]
     out = Path(args.out) if args.out else Path(args.flow).parent
     with EnergyEvaluator(system, n_workers=args.energy_workers, platform=args.platform) as evaluator:
         with torch.no_grad():

@@ -173,7 +173,7 @@ def run_training(config: TrainConfig, out_dir: str | Path, *, progress: bool = T
             data = (torch.as_tensor(train, dtype=config.torch_dtype), forces)
 
         val_idx = dataset.split_indices("val")
-        val_x, val_u = dataset.positions[val_idx], dataset.energies[val_idx] / system.kT
+        val_x, val_u = dataset.positions[val_idx], dataset.reduced_energies()[val_idx]
         evaluator = EnergyEvaluator(system, n_workers=config.energy_workers, platform=config.energy_platform)
 
         def validate(ema_flow) -> dict:
