@@ -11,6 +11,8 @@ from typing import Callable
 
 import h5py
 
+from ..files import check_resume_settings  # noqa: F401  (the one resume-settings check; data/simulate imports it here)
+
 CHECKPOINT, NEXT = "checkpoint", "checkpoint_next"
 
 
@@ -34,16 +36,6 @@ def committed_checkpoint(fh: h5py.File, counter: str) -> h5py.HLObject | None:
         if name in fh and int(fh[name].attrs.get(counter, -1)) == n_rows:
             return fh[name]
     return None
-
-
-def check_resume_settings(out, stored: dict, asked: dict, keys: tuple[str, ...], stored_seed: int, seed: int,
-                          verb: str = "run") -> None:
-    """Refuse to append to ``out`` unless the settings in ``keys`` and the seed equal the stored ones."""
-    stored = {k: stored[k] for k in keys}
-    asked = {k: asked[k] for k in keys}
-    if stored != asked or stored_seed != seed:
-        raise ValueError(f"{out} was {verb} with {stored}, seed {stored_seed}; this run asks for {asked}, seed {seed}: "
-                         "use the same settings to resume, or another --out")
 
 
 def truncate_uncommitted(fh: h5py.File, counter: str, datasets: tuple[str, ...]) -> int:

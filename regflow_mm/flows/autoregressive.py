@@ -16,8 +16,9 @@ from torch import nn
 from zuko.nn import MaskedMLP
 
 from .base import Flow, SequentialFlow
+from .coupling import check_dim
 from .nets import circle_features, feature_sources
-from .priors import StandardNormal, UniformBox
+from .priors import default_prior
 from .splines import n_spline_params, rq_spline
 
 
@@ -58,16 +59,12 @@ class AutoregressiveSpline(Flow):
     def _params(self, z):
         return self.net(circle_features(z, self._circular)).reshape(z.shape[0], self.dim, self.n_params)
 
-    def _check(self, x):
-        if x.shape[1] != self.dim:
-            raise ValueError(f"AutoregressiveSpline on {self.dim} dims got inputs of shape {tuple(x.shape)}")
-
     def _forward(self, z):
-        self._check(z)
+        check_dim(self, z)
         return rq_spline(z, self._params(z), self.domain, self._circular, self.bound)
 
     def _inverse(self, y):
-        self._check(y)
+        check_dim(self, y)
         z = torch.full_like(y, 0.5) if self.domain == "box" else torch.zeros_like(y)
         # After pass t the first t+1 dims in the order are exact; the last pass's parameters equal
         # those of the final z (no parameter depends on the last dim), so its log-det is exact.
@@ -85,5 +82,4 @@ def build_ar_nsf(representation, layers: int = 4, hidden: int = 256, depth: int 
     ascending = torch.arange(dim)
     flows = [AutoregressiveSpline(ascending if i % 2 == 0 else ascending.flip(0), domain, circular, bins,
                                   hidden, depth, bound) for i in range(int(layers))]
-    prior = UniformBox(dim) if domain == "box" else StandardNormal(dim)
-    return SequentialFlow(flows), prior
+    return SequentialFlow(flows), default_prior(representation)

@@ -18,6 +18,7 @@ from torch import nn
 from ..representations.base import Representation
 from .base import Flow
 from .priors import Prior
+from .storage import save_flow
 
 
 def _chunks(n: int, chunk_size: int | None):
@@ -156,11 +157,4 @@ class BoltzmannFlow(nn.Module):
 
     def save(self, path) -> str:
         """Write config + weights + normalisation + spec_hash + kT to one file; returns its SHA-256."""
-        from .io import save_flow
         return save_flow(self, path)
-
-    @classmethod
-    def from_config(cls, config: dict, kT: float, spec_hash: str | None = None) -> "BoltzmannFlow":
-        """Rebuild an untrained flow of the architecture described by ``config`` (see ``build_flow``)."""
-        from .factory import flow_from_config
-        return flow_from_config(config, kT=kT, spec_hash=spec_hash)

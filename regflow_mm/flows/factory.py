@@ -2,14 +2,16 @@
 
     >>> flow = build_flow(get_system("aldp"), representation="internal", architecture="nsf", layers=4)
 
-An architecture is a builder ``builder(representation, **hyper) -> (transform: Flow, prior: Prior)``;
-``register_architecture(name, builder)`` adds one (e.g. the smooth flows register ``"smooth"``).
-Hyper-parameters must be JSON-able: they are stored in the flow file and passed again on load.
+An architecture is a builder ``builder(representation, **hyper) -> (transform: Flow, prior: Prior)``.
+The built-in ones are listed in ``BUILTIN_ARCHITECTURES`` below; ``register_architecture(name, builder)``
+adds a user's own (for the running process). Hyper-parameters must be JSON-able: they are stored in
+the flow file and passed again on load.
+
+Imports within ``flows`` run one way: layers, priors, storage -> boltzmann -> factory -> io.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 from typing import Callable
 
@@ -17,14 +19,33 @@ import torch
 
 from ..representations import REPRESENTATIONS, representation_from_config
 from ..representations.base import Representation
+from .autoregressive import build_ar_nsf
 from .boltzmann import BoltzmannFlow
-from .priors import StandardNormal, UniformBox
+from .elementwise import ElementwiseAffine
+from .priors import default_prior
+from .realnvp import build_resnvp
+from .smooth_coupling import smooth_architecture
+from .splines import build_nsf
 
 ArchitectureBuilder = Callable[..., tuple]
 
-_ARCHITECTURES: dict[str, ArchitectureBuilder] = {}
-# Architectures living in modules that register themselves on import (loaded on first use).
-_PLUGINS = {"smooth": "regflow_mm.flows.smooth_coupling"}
+
+def _gaussian(representation, **hyper):
+    if hyper:
+        raise ValueError(f"architecture 'gaussian' takes no hyper-parameters, got {sorted(hyper)}")
+    if representation.domain != "real":
+        raise ValueError("architecture 'gaussian' needs a real flow space (cartesian or identity representation)")
+    return ElementwiseAffine(representation.dim), default_prior(representation)
+
+
+BUILTIN_ARCHITECTURES: dict[str, ArchitectureBuilder] = {
+    "gaussian": _gaussian,     # one elementwise affine layer
+    "resnvp": build_resnvp,    # realnvp.py: affine couplings
+    "nsf": build_nsf,          # splines.py: rational-quadratic spline couplings
+    "ar-nsf": build_ar_nsf,    # autoregressive.py: inverse-autoregressive splines
+    "smooth": smooth_architecture,  # smooth_coupling.py: C-infinity mixture couplings (box flow spaces)
+}
+_ARCHITECTURES: dict[str, ArchitectureBuilder] = dict(BUILTIN_ARCHITECTURES)
 
 
 def register_architecture(name: str, builder: ArchitectureBuilder, overwrite: bool = False) -> None:
@@ -40,23 +61,14 @@ def register_architecture(name: str, builder: ArchitectureBuilder, overwrite: bo
 
 
 def architectures() -> list[str]:
-    """Names of the registered architectures (plugins not yet imported are listed too)."""
-    return sorted(set(_ARCHITECTURES) | set(_PLUGINS))
+    """Names of the known architectures (built-in and registered)."""
+    return sorted(_ARCHITECTURES)
 
 
 def get_architecture(name: str) -> ArchitectureBuilder:
-    if name not in _ARCHITECTURES and name in _PLUGINS:
-        importlib.import_module(_PLUGINS[name])
     if name not in _ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; known: {architectures()}")
     return _ARCHITECTURES[name]
-
-
-def default_prior(representation: Representation):
-    """N(0, I) on R^D for real flow spaces, uniform on [0, 1]^D for boxes (internal coordinates)."""
-    if representation.domain == "box":
-        return UniformBox(representation.dim)
-    return StandardNormal(representation.dim)
 
 
 def _make_representation(target, name: str, options: dict) -> Representation:
@@ -139,24 +151,3 @@ def build_flow(system_or_n_atoms, representation: str = "cartesian", architectur
         flow.representation.fit(fit_to)
     return flow
 
-
-def _gaussian(representation, **hyper):
-    from .elementwise import ElementwiseAffine
-    if hyper:
-        raise ValueError(f"architecture 'gaussian' takes no hyper-parameters, got {sorted(hyper)}")
-    if representation.domain != "real":
-        raise ValueError("architecture 'gaussian' needs a real flow space (cartesian or identity representation)")
-    return ElementwiseAffine(representation.dim), default_prior(representation)
-
-
-def _register_builtins():
-    from .autoregressive import build_ar_nsf
-    from .realnvp import build_resnvp
-    from .splines import build_nsf
-    register_architecture("gaussian", _gaussian)
-    register_architecture("resnvp", build_resnvp)
-    register_architecture("nsf", build_nsf)
-    register_architecture("ar-nsf", build_ar_nsf)
-
-
-_register_builtins()

@@ -1,53 +1,14 @@
-"""One-file storage of a BoltzmannFlow: config, weights, normalisation, spec_hash, kT, dtype.
-
-The file is ``torch.save`` of a plain dict (loaded with ``weights_only=True``, so no code runs on load).
-"""
+"""Reading a flow file back into a BoltzmannFlow (the format and the writer are in ``storage.py``)."""
 from __future__ import annotations
-
-import hashlib
-import os
-from pathlib import Path
 
 import torch
 
+from ..systems import check_spec_hash
 from .boltzmann import BoltzmannFlow
+from .factory import flow_from_config
+from .storage import DTYPES, FORMAT, KEYS, VERSION, flow_file_hash, require_flow_file, save_flow
 
-FORMAT = "regflow_mm.boltzmann_flow"
-VERSION = 1
-_KEYS = {"format", "version", "config", "state_dict", "kT", "spec_hash", "dtype"}
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-           "bfloat16": torch.bfloat16}
-
-
-def flow_file_hash(path) -> str:
-    """SHA-256 hex digest of a flow file (store it next to results that used the flow)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"flow file {path} not found")
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def save_flow(flow: BoltzmannFlow, path) -> str:
-    """Write ``flow`` to ``path`` atomically; returns the file's SHA-256."""
-    if flow.config is None:
-        raise ValueError("this BoltzmannFlow has no config (it was not made by build_flow), so it cannot be "
-                         "rebuilt on load; create it with regflow_mm.flows.build_flow")
-    dtype = str(flow.dtype).replace("torch.", "")
-    payload = {
-        "format": FORMAT, "version": VERSION, "config": flow.config,
-        "state_dict": {k: v.detach().cpu() for k, v in flow.state_dict().items()},
-        "kT": flow.kT, "spec_hash": flow.spec_hash, "dtype": dtype,
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return flow_file_hash(path)
+__all__ = ["load_flow", "save_flow", "flow_file_hash"]
 
 
 def load_flow(path, system=None, map_location="cpu") -> BoltzmannFlow:
@@ -56,9 +17,7 @@ def load_flow(path, system=None, map_location="cpu") -> BoltzmannFlow:
     Raises FileNotFoundError for a missing file and ValueError for a corrupt/truncated/foreign file or a
     system mismatch.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"flow file {path} not found")
+    path = require_flow_file(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises RuntimeError/EOFError/UnpicklingError/... for damaged files
@@ -66,21 +25,17 @@ def load_flow(path, system=None, map_location="cpu") -> BoltzmannFlow:
                          f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a regflow-mm flow file (no '{FORMAT}' header)")
-    missing = _KEYS - set(payload)
+    missing = KEYS - set(payload)
     if missing:
         raise ValueError(f"flow file {path} lacks the entries {sorted(missing)}; it is damaged, save it again")
     if payload["version"] != VERSION:
         raise ValueError(f"flow file {path} has format version {payload['version']}, this code reads {VERSION}")
-    if payload["dtype"] not in _DTYPES:
+    if payload["dtype"] not in DTYPES:
         raise ValueError(f"flow file {path}: unknown dtype {payload['dtype']!r}")
     if system is not None:
-        expected = getattr(system, "spec_hash", system)
-        if payload["spec_hash"] != expected:
-            name = getattr(system, "name", "the given system")
-            raise ValueError(f"flow file {path} was trained for system hash {payload['spec_hash']}, but {name} "
-                             f"has hash {expected}: the force field, structure or temperature differ")
-    flow = BoltzmannFlow.from_config(payload["config"], kT=payload["kT"], spec_hash=payload["spec_hash"])
-    flow = flow.to(_DTYPES[payload["dtype"]])
+        check_spec_hash(payload["spec_hash"], system, f"flow file {path}", allow_unknown=False)
+    flow = flow_from_config(payload["config"], kT=payload["kT"], spec_hash=payload["spec_hash"])
+    flow = flow.to(DTYPES[payload["dtype"]])
     try:
         flow.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as err:

@@ -68,6 +68,14 @@ class UniformBox(Prior):
         return torch.where(inside, z.new_zeros(z.shape[0]), z.new_full((z.shape[0],), -math.inf))
 
 
+def default_prior(representation) -> Prior:
+    """The prior of a representation's flow space: N(0, I) on R^D for real flow spaces, uniform on
+    [0, 1]^D for boxes (internal coordinates)."""
+    if representation.domain == "box":
+        return UniformBox(representation.dim)
+    return StandardNormal(representation.dim)
+
+
 _PRIORS = {cls.name: cls for cls in (StandardNormal, UniformBox)}
 
 

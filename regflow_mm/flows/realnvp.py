@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from .base import Flow, SequentialFlow
+from .base import SequentialFlow
+from .coupling import CouplingLayer
 from .elementwise import NormalCDF
 from .nets import ResidualMLP, coupling_mask
 from .priors import StandardNormal
 
 
-class AffineCoupling(Flow):
+class AffineCoupling(CouplingLayer):
     """y_A = x_A * exp(s(x_B)) + t(x_B), y_B = x_B, with s = m tanh(raw / m) in (-m, m).
 
     Args:
@@ -20,12 +21,7 @@ class AffineCoupling(Flow):
 
     def __init__(self, mask: torch.Tensor, hidden: int = 128, blocks: int = 2, max_log_scale: float = 2.0):
         super().__init__()
-        mask = torch.as_tensor(mask, dtype=torch.bool)
-        if mask.all() or not mask.any():
-            raise ValueError("coupling mask must transform some but not all dimensions")
-        self.dim = mask.numel()
-        self.register_buffer("_idx_a", mask.nonzero().flatten(), persistent=False)
-        self.register_buffer("_idx_b", (~mask).nonzero().flatten(), persistent=False)
+        self._init_coupling(mask)
         self.max_log_scale = float(max_log_scale)
         self.net = ResidualMLP(self._idx_b.numel(), 2 * self._idx_a.numel(), hidden, blocks)
 
@@ -34,21 +30,15 @@ class AffineCoupling(Flow):
         m = self.max_log_scale
         return shift, m * torch.tanh(raw / m)
 
-    def _check(self, x):
-        if x.shape[1] != self.dim:
-            raise ValueError(f"AffineCoupling on {self.dim} dims got inputs of shape {tuple(x.shape)}")
-
     def _forward(self, x):
-        self._check(x)
-        shift, log_s = self._params(x[:, self._idx_b])
-        y_a = x[:, self._idx_a] * log_s.exp() + shift
-        return x.index_copy(1, self._idx_a, y_a), log_s.sum(-1)
+        x_a, x_b = self.split(x)
+        shift, log_s = self._params(x_b)
+        return self.merge(x, x_a * log_s.exp() + shift), log_s.sum(-1)
 
     def _inverse(self, y):
-        self._check(y)
-        shift, log_s = self._params(y[:, self._idx_b])
-        x_a = (y[:, self._idx_a] - shift) * (-log_s).exp()
-        return y.index_copy(1, self._idx_a, x_a), -log_s.sum(-1)
+        y_a, y_b = self.split(y)
+        shift, log_s = self._params(y_b)
+        return self.merge(y, (y_a - shift) * (-log_s).exp()), -log_s.sum(-1)
 
 
 def build_resnvp(representation, layers: int = 8, hidden: int = 128, blocks: int = 2,

@@ -21,7 +21,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .base import Flow, SequentialFlow
+from .base import SequentialFlow
+from .coupling import CouplingLayer
+from .priors import default_prior
 from .rootfinding import RootFindingConfig, RootFindingStats, implicit_inverse
 from .smooth import DOMAINS, SmoothParams, SmoothTransformConfig, constrain_params, initial_raw, mixture_cdf
 
@@ -72,7 +74,7 @@ class SmoothConditioner(nn.Module):
         return self.net(self.embed(x))
 
 
-class SmoothCouplingLayer(Flow):
+class SmoothCouplingLayer(CouplingLayer):
     """Coupling layer: coordinates ``transformed`` are mapped by smooth mixtures conditioned on the rest.
 
     ``domains``: 'interval' or 'circle' for each of the D coordinates (all in [0, 1]; circles are [0, 1)
@@ -96,13 +98,16 @@ class SmoothCouplingLayer(Flow):
         transformed = sorted(set(int(i) for i in transformed))
         if not transformed or transformed[0] < 0 or transformed[-1] >= len(domains):
             raise ValueError(f"transformed must be non-empty indices in [0, {len(domains)}), got {transformed}")
-        conditioning = [i for i in range(len(domains)) if i not in transformed]
-        self.dim = len(domains)
+        mask = torch.zeros(len(domains), dtype=torch.bool)
+        mask[transformed] = True
+        self._init_coupling(mask, allow_all=True)
+        conditioning = self._idx_b.tolist()
         self.analytic = analytic
         self.rootfinding = rootfinding
         self.rootfinding_stats = RootFindingStats()
         self.domains = domains
-        self.register_buffer("idx_cond", torch.tensor(conditioning, dtype=torch.long))
+        # Saved in flow files (persistent), so it stays next to the skeleton's ``_idx_b``.
+        self.register_buffer("idx_cond", self._idx_b.clone())
         self.register_buffer("idx_int", torch.tensor([i for i in transformed if domains[i] == "interval"],
                                                      dtype=torch.long))
         self.register_buffer("idx_circ", torch.tensor([i for i in transformed if domains[i] == "circle"],
@@ -211,8 +216,6 @@ def smooth_architecture(representation, n_layers: int = 4, n_components: int = 8
     Needs a representation with ``domain == 'box'`` (internal coordinates): its ``circular`` dimensions
     (torsions) are circles, the others (bonds, angles) intervals. ``seed`` fixes the coupling splits.
     """
-    from .factory import default_prior
-
     if getattr(representation, "domain", None) != "box":
         raise ValueError("architecture 'smooth' needs a [0, 1]^D flow space: use representation='internal'")
     domains = ["circle" if bool(c) else "interval" for c in representation.circular]
@@ -223,11 +226,3 @@ def smooth_architecture(representation, n_layers: int = 4, n_components: int = 8
                                      circle_shift=circle_shift, c_min=c_min)
     return transform, default_prior(representation)
 
-
-def _register() -> None:
-    from .factory import register_architecture
-
-    register_architecture("smooth", smooth_architecture)
-
-
-_register()

@@ -12,9 +12,10 @@ import math
 import torch
 from zuko.transforms import MonotonicRQSTransform
 
-from .base import Flow, SequentialFlow
+from .base import SequentialFlow
+from .coupling import CouplingLayer
 from .nets import ResidualMLP, circle_features, coupling_mask
-from .priors import StandardNormal, UniformBox
+from .priors import default_prior
 
 SLOPE = 1e-3  # minimum knot derivative (zuko's default)
 
@@ -67,7 +68,7 @@ def rq_spline(x: torch.Tensor, params: torch.Tensor, domain: str, circular: torc
     return out + offset, ladj.sum(-1)
 
 
-class SplineCoupling(Flow):
+class SplineCoupling(CouplingLayer):
     """Coupling layer: y_A = RQS(x_A; theta(x_B)), y_B = x_B.
 
     Args:
@@ -80,35 +81,24 @@ class SplineCoupling(Flow):
     def __init__(self, mask, domain: str = "real", circular=None, bins: int = 8, hidden: int = 128,
                  blocks: int = 2, bound: float = 5.0):
         super().__init__()
-        mask = torch.as_tensor(mask, dtype=torch.bool)
-        if mask.all() or not mask.any():
-            raise ValueError("coupling mask must transform some but not all dimensions")
+        mask = self._init_coupling(mask)
         if domain not in ("real", "box"):
             raise ValueError(f"domain must be 'real' or 'box', got {domain!r}")
         circular = torch.zeros_like(mask) if circular is None else torch.as_tensor(circular, dtype=torch.bool)
         if circular.any() and domain != "box":
             raise ValueError("circular dimensions need domain='box' (flow space [0, 1) per circle)")
-        self.dim, self.domain, self.bins, self.bound = mask.numel(), domain, int(bins), float(bound)
-        self.register_buffer("_idx_a", mask.nonzero().flatten(), persistent=False)
-        self.register_buffer("_idx_b", (~mask).nonzero().flatten(), persistent=False)
+        self.domain, self.bins, self.bound = domain, int(bins), float(bound)
         self.register_buffer("_circ_a", circular[mask], persistent=False)
         self.register_buffer("_circ_b", circular[~mask], persistent=False)
         self.n_params = n_spline_params(self.bins, domain)
         n_in = self._idx_b.numel() + int(self._circ_b.sum())
         self.net = ResidualMLP(n_in, self._idx_a.numel() * self.n_params, hidden, blocks)
 
-    def _params(self, x):
-        h = self.net(circle_features(x[:, self._idx_b], self._circ_b))
-        return h.reshape(x.shape[0], self._idx_a.numel(), self.n_params)
-
-    def _check(self, x):
-        if x.shape[1] != self.dim:
-            raise ValueError(f"SplineCoupling on {self.dim} dims got inputs of shape {tuple(x.shape)}")
-
     def _transform(self, x, inverse):
-        self._check(x)
-        y_a, logdet = rq_spline(x[:, self._idx_a], self._params(x), self.domain, self._circ_a, self.bound, inverse)
-        return x.index_copy(1, self._idx_a, y_a), logdet
+        x_a, x_b = self.split(x)
+        params = self.net(circle_features(x_b, self._circ_b)).reshape(x.shape[0], x_a.shape[1], self.n_params)
+        y_a, logdet = rq_spline(x_a, params, self.domain, self._circ_a, self.bound, inverse)
+        return self.merge(x, y_a), logdet
 
     def _forward(self, x):
         return self._transform(x, inverse=False)
@@ -124,5 +114,4 @@ def build_nsf(representation, layers: int = 8, hidden: int = 128, blocks: int = 
     circular = representation.circular.cpu() if domain == "box" else None
     flows = [SplineCoupling(coupling_mask(dim, i), domain, circular, bins, hidden, blocks, bound)
              for i in range(int(layers))]
-    prior = UniformBox(dim) if domain == "box" else StandardNormal(dim)
-    return SequentialFlow(flows), prior
+    return SequentialFlow(flows), default_prior(representation)

@@ -13,8 +13,8 @@ from pathlib import Path
 from .molecular_system import (MOLAR_GAS_CONSTANT, MolecularSystem, SystemSpec, backbone_torsions,
                                chiral_centres, signed_chiral_volume)
 
-__all__ = ["MOLAR_GAS_CONSTANT", "MolecularSystem", "SystemSpec", "get_system", "list_systems",
-           "load_system", "systems_dir", "backbone_torsions", "chiral_centres", "signed_chiral_volume"]
+__all__ = ["MOLAR_GAS_CONSTANT", "MolecularSystem", "SystemSpec", "check_spec_hash", "get_system", "list_systems",
+           "load_system", "system_from_spec_dict", "systems_dir", "backbone_torsions", "chiral_centres", "signed_chiral_volume"]
 
 
 def systems_dir() -> Path:
@@ -61,3 +61,23 @@ def load_system(pdb: str | os.PathLike, forcefield: list[str], temperature: floa
                       temperature=float(temperature), nonbonded_method=nonbonded_method,
                       nonbonded_cutoff=nonbonded_cutoff, **options)
     return _cached(spec)
+
+
+def system_from_spec_dict(spec: dict) -> MolecularSystem:
+    """The system of a spec stored as ``SystemSpec.to_dict()`` (result files carry it)."""
+    return MolecularSystem(SystemSpec.from_dict(spec))
+
+
+def check_spec_hash(found: str | None, system, what: str, verb: str = "was trained for",
+                    allow_unknown: bool = True) -> None:
+    """Refuse a flow / file made for another system: ValueError unless ``found`` equals ``system.spec_hash``.
+
+    ``found``: the stored hash (None: unknown, accepted when ``allow_unknown``); ``system``: a
+    MolecularSystem or a hash string; ``what`` names the flow or file in the message.
+    """
+    expected = getattr(system, "spec_hash", system)
+    if found == expected or (found is None and allow_unknown):
+        return
+    name = getattr(system, "name", "the given system")
+    raise ValueError(f"{what} {verb} system hash {str(found)[:12]}, but {name!r} has hash {str(expected)[:12]}: "
+                     "the force field, structure or temperature differ; use a flow or file made for this system")

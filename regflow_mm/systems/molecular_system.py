@@ -72,6 +72,17 @@ class SystemSpec:
             pdb = path.parent / pdb
         return cls(pdb=str(pdb), forcefield=tuple(raw.pop("forcefield")), **raw)
 
+    def to_dict(self) -> dict:
+        """JSON-able dict of the spec (stored in result files); ``from_dict`` rebuilds the same spec."""
+        spec = asdict(self)
+        spec["forcefield"] = list(spec["forcefield"])
+        return spec
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> "SystemSpec":
+        """Inverse of ``to_dict``."""
+        return cls(**{**spec, "forcefield": tuple(spec["forcefield"])})
+
     def create_system_kwargs(self) -> dict:
         """Keyword arguments of ``ForceField.createSystem`` for this spec."""
         kwargs = {"nonbondedMethod": _NONBONDED[self.nonbonded_method], "constraints": None,
