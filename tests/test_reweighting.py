@@ -14,7 +14,7 @@ from regflow_mm.flows import build_flow
 from regflow_mm.sampling import (delta_f_bar, delta_f_exp, draw_weighted_samples, flow_delta_f,
                                  parse_torsion_predicate, state_delta_f, tfep_delta_f, torsion_state,
                                  train_tfep_map, weighted_histogram, weighted_mean)
-from regflow_mm.sampling.moves import sample_flow
+from regflow_mm.flows import sample_flow
 
 T = 300.0
 KT = 0.00831446261815324 * T

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,8 +18,6 @@ def _export(args) -> int:
     from regflow_mm.export.forces import export_torchscript
     from regflow_mm.flows import load_flow
 
-    if not Path(args.flow).is_file():
-        raise FileNotFoundError(f"flow file {args.flow} not found")
     export_torchscript(load_flow(args.flow), args.out, seed=args.seed)
     print(f"wrote {args.out}: load with openmmtorch.TorchForce({str(args.out)!r}) (positions nm -> energy kJ/mol)")
     return 0

@@ -33,7 +33,7 @@ import openmm
 import torch
 from torch import nn
 
-from regflow_mm.sampling.moves import flow_dtype, sample_flow
+from regflow_mm.flows.sampling import flow_dtype, sample_flow
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +155,6 @@ def flow_force(flow, backend: str = "torch", force_group: int = 0, path: str | P
     if isinstance(flow, (str, Path)):
         from regflow_mm.flows import load_flow
 
-        if not Path(flow).is_file():
-            raise FileNotFoundError(f"flow file {flow} not found")
         flow = load_flow(flow)
     flow = flow.eval()
     if backend == "torch":

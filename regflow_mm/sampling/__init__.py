@@ -17,11 +17,11 @@ with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.St
 from .free_energy import delta_f_bar, delta_f_exp, flow_delta_f, parse_torsion_predicate, state_delta_f, torsion_state
 from .hybrid import SeededLangevinDynamicsMove, export_walker_trajectory, hybrid_summary, run_hybrid_mc
 from .moves import FlowIndependenceMove
-from .reweighting import (WeightedSamples, draw_weighted_samples, importance_log_weights, log_ratio_of_means,
+from .reweighting import (WeightedSamples, draw_weighted_samples, log_ratio_of_means,
                           weighted_histogram, weighted_mean)
 from .tfep import tfep_delta_f, train_tfep_map
 
 __all__ = ["FlowIndependenceMove", "SeededLangevinDynamicsMove", "WeightedSamples", "delta_f_bar", "delta_f_exp",
            "draw_weighted_samples", "export_walker_trajectory", "flow_delta_f", "hybrid_summary",
-           "importance_log_weights", "log_ratio_of_means", "parse_torsion_predicate", "run_hybrid_mc",
+           "log_ratio_of_means", "parse_torsion_predicate", "run_hybrid_mc",
            "state_delta_f", "tfep_delta_f", "torsion_state", "train_tfep_map", "weighted_histogram", "weighted_mean"]

@@ -82,11 +82,7 @@ def _weighted_samples(args):
     from regflow_mm.systems import get_system
 
     system = get_system(args.system)
-    if not Path(args.flow).is_file():
-        raise FileNotFoundError(f"flow file {args.flow} not found")
-    flow = load_flow(args.flow)
-    if getattr(flow, "spec_hash", system.spec_hash) != system.spec_hash:
-        raise ValueError(f"{args.flow} was trained for another system than {system.name!r}: use its own flow")
+    flow = load_flow(args.flow, system=system)
     with EnergyEvaluator(system, n_workers=args.workers, platform=args.platform) as evaluator:
         samples = draw_weighted_samples(flow, evaluator, args.n_samples, chunk_size=args.chunk_size, seed=args.seed,
                                         molecular_system=system)

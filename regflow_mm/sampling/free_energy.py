@@ -17,7 +17,8 @@ from typing import Callable
 
 import numpy as np
 
-from regflow_mm.sampling.reweighting import importance_log_weights, log_ratio_of_means
+from regflow_mm.importance import kish_ess, log_weights, normalized_weights
+from regflow_mm.sampling.reweighting import log_ratio_of_means
 
 
 def _pymbar():
@@ -42,20 +43,15 @@ def state_delta_f(log_w, in_a, in_b) -> dict:
         raise ValueError(f"state A holds {int(in_a.sum())} and state B {int(in_b.sum())} samples with non-zero "
                          "weight: both need some; draw more samples or redefine the states")
     log_ratio, err = log_ratio_of_means(np.where(in_a, log_w, -np.inf), np.where(in_b, log_w, -np.inf))
-    finite = log_w[np.isfinite(log_w)]
-    total = np.logaddexp.reduce(finite)
-    p_a = float(np.exp(np.logaddexp.reduce(log_w[in_a & np.isfinite(log_w)]) - total))
-    p_b = float(np.exp(np.logaddexp.reduce(log_w[in_b & np.isfinite(log_w)]) - total))
-    return {"delta_f": -log_ratio, "ddelta_f": err, "p_a": p_a, "p_b": p_b, "n": int(log_w.size),
-            "n_a": int(in_a.sum()), "n_b": int(in_b.sum()), "ess_a": _kish_count(log_w[in_a]),
-            "ess_b": _kish_count(log_w[in_b])}
+    w = normalized_weights(log_w)
+    return {"delta_f": -log_ratio, "ddelta_f": err, "p_a": float(w[in_a].sum()), "p_b": float(w[in_b].sum()),
+            "n": int(log_w.size), "n_a": int(in_a.sum()), "n_b": int(in_b.sum()),
+            "ess_a": _kish_count(log_w[in_a]), "ess_b": _kish_count(log_w[in_b])}
 
 
 def _kish_count(log_w: np.ndarray) -> float:
-    finite = log_w[np.isfinite(log_w)]
-    if not finite.size:
-        return 0.0
-    return float(np.exp(2 * np.logaddexp.reduce(finite) - np.logaddexp.reduce(2 * finite)))
+    """Kish ESS of ``log_w`` as a count (``importance.kish_ess`` gives it as a fraction of N)."""
+    return kish_ess(log_w)["ess"] * log_w.size
 
 
 def torsion_state(torsions: dict[str, np.ndarray], predicate: Callable[..., np.ndarray]) -> np.ndarray:
@@ -131,8 +127,8 @@ def flow_delta_f(log_q, u_a, u_b) -> dict:
 
     log_q, u_a, u_b: (N,) log-densities and reduced energies of the flow samples in both states.
     """
-    log_w_a = importance_log_weights(log_q, u_a)
-    log_w_b = importance_log_weights(log_q, u_b)
+    log_w_a = log_weights(log_q, u_a)
+    log_w_b = log_weights(log_q, u_b)
     log_ratio, err = log_ratio_of_means(log_w_a, log_w_b)
     return {"delta_f": -log_ratio, "ddelta_f": err, "method": "flow importance sampling", "n": int(log_w_a.size)}
 

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from regflow_mm.data.checkpointed_hdf5 import (check_resume_settings, commit_rows, committed_checkpoint,
                                               truncate_uncommitted)
 from regflow_mm.sampling.moves import FlowIndependenceMove, maxwell_boltzmann_velocities
+from regflow_mm.systems import check_spec_hash, system_from_spec_dict
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def run_hybrid_mc(system, flow_path: str | Path, out: str | Path, n_iterations: 
     Reruns with the same ``out`` resume. Returns the summary of :func:`hybrid_summary` plus timings
     of this run (CPU seconds in MD and in flow moves).
     """
-    from regflow_mm.flows import flow_file_hash, load_flow
+    from regflow_mm.flows import flow_file_hash, load_flow, require_flow_file
     from regflow_mm.systems import get_system
 
     if isinstance(system, str):
@@ -91,9 +92,7 @@ def run_hybrid_mc(system, flow_path: str | Path, out: str | Path, n_iterations: 
     if n_iterations < 1 or n_walkers < 1 or md_steps < 0 or flow_moves < 0 or checkpoint_every < 1:
         raise ValueError("n_iterations, n_walkers, checkpoint_every must be >= 1 and md_steps, flow_moves >= 0; got "
                          f"{n_iterations}, {n_walkers}, {checkpoint_every}, {md_steps}, {flow_moves}")
-    flow_path = Path(flow_path)
-    if not flow_path.is_file():
-        raise FileNotFoundError(f"flow file {flow_path} not found")
+    flow_path = require_flow_file(flow_path)
     out = Path(out)
     settings = {"md_steps": int(md_steps), "timestep_fs": float(timestep_fs),
                 "friction_per_ps": float(system.spec.friction if friction_per_ps is None else friction_per_ps),
@@ -170,7 +169,7 @@ def run_hybrid_mc(system, flow_path: str | Path, out: str | Path, n_iterations: 
 
 def _create(out, system, flow_path, flow_hash, settings, seed):
     n, w = system.n_atoms, settings["n_walkers"]
-    metadata = {"format": FORMAT, "system": _spec_json(system), "system_hash": system.spec_hash,
+    metadata = {"format": FORMAT, "system": system.spec.to_dict(), "system_hash": system.spec_hash,
                 "flow_path": str(Path(flow_path).resolve()), "flow_hash": flow_hash, "settings": settings,
                 "seed": int(seed), "temperature": system.temperature,
                 "units": {"positions": "nm", "time": "ps", "temperature": "K"}}
@@ -182,19 +181,12 @@ def _create(out, system, flow_path, flow_hash, settings, seed):
         fh.create_dataset("accepted", shape=(0, w), maxshape=(None, w), dtype=np.int16, chunks=(256, w))
 
 
-def _spec_json(system) -> dict:
-    from regflow_mm.sampling.moves import _spec_dict
-
-    return _spec_dict(system)
-
-
 def _prepare_resume(out, system, flow_hash, settings, seed):
     with h5py.File(out, "r+") as fh:
         md = json.loads(fh.attrs["metadata"])
         if md.get("format") != FORMAT:
             raise ValueError(f"{out} is not a hybrid-MC file ({md.get('format')!r}): choose another --out")
-        if md["system_hash"] != system.spec_hash:
-            raise ValueError(f"{out} holds a run of another system (hash {md['system_hash'][:12]}): choose another --out")
+        check_spec_hash(md["system_hash"], system, str(out), verb="holds a run of", allow_unknown=False)
         if md["flow_hash"] != flow_hash:
             raise ValueError(f"{out} was run with another flow (hash {md['flow_hash'][:12]}, this one "
                              f"{flow_hash[:12]}): resume with the original flow file or choose another --out")
@@ -252,9 +244,7 @@ def hybrid_summary(path: str | Path) -> dict:
                "n_accepted_frames": int((accepted > 0).sum()),
                "counters": [{k: s[k] for k in ("n_proposed", "n_accepted", "n_rejected_nonfinite",
                                                "n_rejected_chirality")} for s in states]}
-    from regflow_mm.sampling.moves import _system_from_spec
-
-    torsions = _system_from_spec(md["system"]).torsions
+    torsions = system_from_spec_dict(md["system"]).torsions
     for name, idx in torsions.items():
         if not name.startswith("phi") or n == 0:
             continue
@@ -273,15 +263,13 @@ def export_walker_trajectory(path: str | Path, walker: int, out: str | Path) -> 
     """Write one walker's frames as DCD/XTC/PDB (by extension, via mdtraj)."""
     import mdtraj
 
-    from regflow_mm.sampling.moves import _system_from_spec
-
     with h5py.File(path, "r") as fh:
         md = json.loads(fh.attrs["metadata"])
         n = int(fh.attrs["n_iterations"])
         if not 0 <= walker < fh["positions"].shape[1]:
             raise ValueError(f"walker must be in 0..{fh['positions'].shape[1] - 1}, got {walker}")
         xyz = fh["positions"][:n, walker]
-    topology = mdtraj.Topology.from_openmm(_system_from_spec(md["system"]).topology)
+    topology = mdtraj.Topology.from_openmm(system_from_spec_dict(md["system"]).topology)
     out = Path(out)
     mdtraj.Trajectory(xyz, topology).save(str(out))
     return out

@@ -21,59 +21,22 @@ instead (both are exact; with Langevin dynamics around the move the choice hardl
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from pathlib import Path
 
 import numpy as np
 import openmm
-import torch
 from openmm import unit
 from openmmtools.mcmc import MCMCMove
+
+from regflow_mm.flows import flow_file_hash, flow_log_prob, load_flow, require_flow_file, sample_flow
+from regflow_mm.systems import check_spec_hash, system_from_spec_dict
 
 log = logging.getLogger(__name__)
 
 _VELOCITY_MODES = ("keep", "redraw")
 _STAT_KEYS = ("n_proposed", "n_accepted", "n_rejected_nonfinite", "n_rejected_chirality")
-
-
-def flow_dtype(flow: torch.nn.Module) -> torch.dtype:
-    """Floating dtype of a flow's parameters/buffers (float32 when it has none)."""
-    for tensor in list(flow.parameters()) + list(flow.buffers()):
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.get_default_dtype()
-
-
-def as_numpy(t) -> np.ndarray:
-    """Torch tensor or array-like -> float64 numpy array (detached, on CPU)."""
-    if isinstance(t, torch.Tensor):
-        return t.detach().cpu().to(torch.float64).numpy()
-    return np.asarray(t, dtype=np.float64)
-
-
-@torch.no_grad()
-def sample_flow(flow, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` samples of ``flow`` under torch seed ``seed`` without touching the global torch RNG.
-
-    Returns positions (n, n_atoms, 3) nm float64 and log q (n,) float64.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        x, log_q = flow.sample(int(n))
-    x, log_q = as_numpy(x), as_numpy(log_q)
-    if x.ndim != 3 or x.shape[2] != 3 or log_q.shape != (x.shape[0],):
-        raise ValueError(f"flow.sample({n}) must return positions (n, n_atoms, 3) and log q (n,); "
-                         f"got {x.shape} and {log_q.shape}")
-    return x, log_q
-
-
-@torch.no_grad()
-def flow_log_prob(flow, x: np.ndarray) -> np.ndarray:
-    """log q(x) for positions x (B, n_atoms, 3) nm -> (B,) float64 (NaN/inf passed through)."""
-    xt = torch.as_tensor(np.asarray(x), dtype=flow_dtype(flow))
-    return as_numpy(flow.log_prob(xt))
 
 
 def maxwell_boltzmann_velocities(system: openmm.System, temperature_k: float, rng: np.random.Generator) -> np.ndarray:
@@ -108,7 +71,7 @@ class FlowIndependenceMove(MCMCMove):
         super().__init__()
         if isinstance(flow, (str, Path)):
             flow_path = flow
-            flow = _load_flow(flow)
+            flow = load_flow(flow)
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
         if velocities not in _VELOCITY_MODES:
@@ -117,7 +80,7 @@ class FlowIndependenceMove(MCMCMove):
             raise ValueError("reject_d_chirality=True needs molecular_system= (it provides the chirality check)")
         self.flow = flow
         self.flow_path = None if flow_path is None else str(Path(flow_path).resolve())
-        self.flow_hash = None if flow_path is None else _flow_file_hash(self.flow_path)
+        self.flow_hash = None if flow_path is None else flow_file_hash(self.flow_path)
         self.molecular_system = molecular_system
         self.reject_d_chirality = bool(reject_d_chirality)
         self.batch_size = int(batch_size)
@@ -226,10 +189,7 @@ class FlowIndependenceMove(MCMCMove):
         ms = self.molecular_system
         if ms is None:
             return
-        flow_hash = getattr(self.flow, "spec_hash", None)
-        if flow_hash is not None and flow_hash != ms.spec_hash:
-            raise ValueError(f"the flow was trained for system hash {str(flow_hash)[:12]}, not for {ms.name!r} "
-                             f"(hash {ms.spec_hash[:12]}): use a flow trained for this system")
+        check_spec_hash(getattr(self.flow, "spec_hash", None), ms, "the flow")
         n = getattr(self.flow, "n_atoms", None)
         if n is not None and int(n) != ms.n_atoms:
             raise ValueError(f"the flow models {n} atoms but {ms.name!r} has {ms.n_atoms}")
@@ -241,7 +201,7 @@ class FlowIndependenceMove(MCMCMove):
                              "flow.save(path) and pass flow_path=path")
         rng_state = self._rng.bit_generator.state
         return dict(flow_path=self.flow_path, flow_hash=self.flow_hash,
-                    system_spec=None if self.molecular_system is None else _spec_dict(self.molecular_system),
+                    system_spec=None if self.molecular_system is None else self.molecular_system.spec.to_dict(),
                     reject_d_chirality=self.reject_d_chirality, batch_size=self.batch_size,
                     velocities=self.velocities, seed=self.seed,
                     rng_state={"bit_generator": rng_state["bit_generator"],
@@ -250,19 +210,17 @@ class FlowIndependenceMove(MCMCMove):
                     batch_seed=self._batch_seed, batch_pos=self._batch_pos, **self.statistics)
 
     def __setstate__(self, state):
-        path = Path(state["flow_path"])
-        if not path.is_file():
-            raise FileNotFoundError(f"FlowIndependenceMove: flow file {path} not found; restore it (hash "
-                                    f"{state['flow_hash'][:12]}) or rebuild the move with the new path")
-        actual = _flow_file_hash(path)
+        path = require_flow_file(state["flow_path"], hint=f" (FlowIndependenceMove): restore it (hash "
+                                 f"{state['flow_hash'][:12]}) or rebuild the move with the new path")
+        actual = flow_file_hash(path)
         if actual != state["flow_hash"]:
             raise ValueError(f"FlowIndependenceMove: flow file {path} changed since the move was saved (hash "
                              f"{actual[:12]}, expected {state['flow_hash'][:12]}): restore the original flow file")
-        self.flow = _load_flow(path)
+        self.flow = load_flow(path)
         self.flow_path, self.flow_hash = str(path), actual
         self.molecular_system = None
         if state.get("system_spec"):
-            self.molecular_system = _system_from_spec(state["system_spec"])
+            self.molecular_system = system_from_spec_dict(state["system_spec"])
         self.reject_d_chirality = bool(state["reject_d_chirality"])
         self.batch_size = int(state["batch_size"])
         self.velocities = state["velocities"]
@@ -277,29 +235,3 @@ class FlowIndependenceMove(MCMCMove):
         self._check_system()
         self.statistics = state
 
-
-def _spec_dict(molecular_system) -> dict:
-    """The system's ``SystemSpec`` as a plain dict (rebuilds the same system on any machine with its files)."""
-    spec = dataclasses.asdict(molecular_system.spec)
-    spec["forcefield"] = list(spec["forcefield"])
-    return spec
-
-
-def _system_from_spec(spec: dict):
-    from regflow_mm.systems import MolecularSystem, SystemSpec
-
-    return MolecularSystem(SystemSpec(**{**spec, "forcefield": tuple(spec["forcefield"])}))
-
-
-def _load_flow(path):
-    from regflow_mm.flows import load_flow
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"flow file {path} not found")
-    return load_flow(path)
-
-
-def _flow_file_hash(path) -> str:
-    from regflow_mm.flows import flow_file_hash
-
-    return flow_file_hash(path)

@@ -3,7 +3,8 @@
 Flow samples x ~ q carry importance log-weights log w = log(p/q) = -u(x) - log q(x) + const (u in kT;
 the flow energy -log q enters with a plus sign: log w = -u + u_flow, u_flow = -log q). Self-normalised
 estimates E_p[f] ~ sum_i w_i f_i / sum_i w_i come with delta-method standard errors
-(var ~ sum_i w_i^2 (f_i - mu)^2 / (sum_i w_i)^2), or bootstrap ones on request.
+(var ~ sum_i w_i^2 (f_i - mu)^2 / (sum_i w_i)^2), or bootstrap ones on request. The weights
+themselves (log w, ESS, normalisation) are defined in ``regflow_mm.importance``.
 Samples whose u or log q is not finite get weight 0 (log w = -inf) and are counted, never dropped
 silently: they still count in N, so they lower the ESS.
 """
@@ -19,8 +20,8 @@ from scipy.special import logsumexp
 from tqdm.auto import tqdm
 
 from regflow_mm.data.dataset import dihedrals
-from regflow_mm.sampling.moves import sample_flow
-from regflow_mm.training.metrics import kish_ess, log_weights
+from regflow_mm.flows.sampling import sample_flow
+from regflow_mm.importance import kish_ess, log_weights, normalized_weights
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +51,8 @@ class WeightedSamples:
         return int(np.sum(~np.isfinite(self.log_w)))
 
     def ess(self) -> dict:
-        """Kish ESS as a fraction of N (``training.metrics.kish_ess``)."""
+        """Kish ESS as a fraction of N (``regflow_mm.importance.kish_ess``)."""
         return kish_ess(self.log_w)
-
-
-def importance_log_weights(log_q, reduced_energy) -> np.ndarray:
-    """log w = -u - log q (N,), i.e. log(exp(-u) / q); -inf where u is not finite (weight 0).
-
-    The one definition lives in ``training.metrics.log_weights``; NaN log q is an error there.
-    """
-    return log_weights(log_q, reduced_energy)
 
 
 def draw_weighted_samples(flow, evaluator, n: int, chunk_size: int = 4096, seed: int = 0,
@@ -84,7 +77,7 @@ def draw_weighted_samples(flow, evaluator, n: int, chunk_size: int = 4096, seed:
     try:
         while done < n:
             m = min(chunk_size, n - done)
-            x, log_q = sample_flow(flow, m, seed + chunk)
+            x, log_q = sample_flow(flow, m, seed + chunk, chunk_size)
             finite_x = np.isfinite(x).all(axis=(1, 2))
             u = np.full(m, np.inf)
             if finite_x.any():
@@ -108,7 +101,7 @@ def draw_weighted_samples(flow, evaluator, n: int, chunk_size: int = 4096, seed:
     log_q = np.concatenate(parts["log_q"])
     u = np.concatenate(parts["u"])
     samples = WeightedSamples(
-        log_q=log_q, reduced_energy=u, log_w=importance_log_weights(log_q, u),
+        log_q=log_q, reduced_energy=u, log_w=log_weights(log_q, u),
         torsions={k: np.concatenate(parts[f"t:{k}"]) for k in torsion_idx},
         is_l=np.concatenate(parts["is_l"]) if parts["is_l"] else None,
         observables={k: np.concatenate(parts[f"o:{k}"]) for k in observables})
@@ -117,24 +110,13 @@ def draw_weighted_samples(flow, evaluator, n: int, chunk_size: int = 4096, seed:
     return samples
 
 
-def _normalised_weights(log_w: np.ndarray) -> np.ndarray:
-    log_w = np.asarray(log_w, dtype=np.float64)
-    if log_w.ndim != 1:
-        raise ValueError(f"log_w must be 1-D, got shape {log_w.shape}")
-    if np.isnan(log_w).any() or np.isposinf(log_w).any():
-        raise ValueError("log_w contains NaN or +inf: build it with importance_log_weights()")
-    if not np.isfinite(log_w).any():
-        raise ValueError("all importance weights are zero (no sample has finite u and log q)")
-    return np.exp(log_w - logsumexp(log_w))
-
-
 def weighted_mean(values, log_w, error: str = "delta", n_bootstrap: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Self-normalised E_p[f] from values (N,) or (N, k) and log-weights (N,) -> (mean, standard error).
 
     error: "delta" (delta method) or "bootstrap" (``n_bootstrap`` resamples of the N samples).
     Values at zero-weight samples are ignored (they may be NaN).
     """
-    w = _normalised_weights(log_w)
+    w = normalized_weights(log_w)
     f = np.asarray(values, dtype=np.float64)
     if f.shape[0] != w.size:
         raise ValueError(f"values have {f.shape[0]} rows but log_w has {w.size}")
@@ -165,7 +147,7 @@ def weighted_histogram(values, log_w, bins: int = 60, value_range: tuple[float, 
     """
     values = np.asarray(values, dtype=np.float64)
     edges = np.linspace(value_range[0], value_range[1], bins + 1)
-    w = _normalised_weights(log_w)
+    w = normalized_weights(log_w)
     inside = (w > 0) & (values >= edges[0]) & (values <= edges[-1])
     which = np.clip(np.searchsorted(edges, np.where(inside, values, edges[0]), side="right") - 1, 0, bins - 1)
     onehot = np.zeros((w.size, bins))

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 from ..data import dihedrals
+from ..flows.sampling import sample_flow
+from ..systems import check_spec_hash
 from . import metrics, plots
 
 
@@ -33,14 +35,6 @@ def ramachandran_pair(names: list[str]) -> tuple[int, int]:
     return 0, min(1, len(names) - 1)
 
 
-@torch.no_grad()
-def sample_flow(flow, n: int, seed: int, chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """n flow samples (n, n_atoms, 3) nm float64 and log q (n,), seeded on the flow's device."""
-    gen = torch.Generator(device=flow.device).manual_seed(int(seed))
-    x, log_q = flow.sample(n, chunk_size=chunk_size, generator=gen)
-    return x.double().cpu().numpy(), log_q.double().cpu().numpy()
-
-
 def evaluate_flow(flow, system, md_positions: np.ndarray, md_reduced_energy: np.ndarray, *, evaluator,
                   n_samples: int = 10_000, n_torsion: int | None = None, seed: int = 0,
                   energy_clip_kT: float | None = None, drop_top_fraction: float = 0.0,
@@ -54,9 +48,7 @@ def evaluate_flow(flow, system, md_positions: np.ndarray, md_reduced_energy: np.
     e_w1, e_w1_raw, t_w2, t_w2_raw, nll, d_fraction, d_fraction_md, invertibility_max_abs,
     timings in s) plus ``details`` with the options and counts of each metric.
     """
-    if flow.spec_hash is not None and flow.spec_hash != system.spec_hash:
-        raise ValueError(f"the flow was trained for system hash {flow.spec_hash[:12]}, not {system.name!r} "
-                         f"({system.spec_hash[:12]})")
+    check_spec_hash(flow.spec_hash, system, "the flow")
     md_positions = np.asarray(md_positions)
     md_u = np.asarray(md_reduced_energy, dtype=np.float64)
     if md_positions.shape[0] != md_u.shape[0] or md_positions.shape[0] == 0:

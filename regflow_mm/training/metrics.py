@@ -4,8 +4,8 @@ All energies are reduced, u = U/kT in kT; angles in radians. Every clipping, fil
 subsampling is an explicit argument (default: none) and is echoed in the returned dict, so a
 reported number always carries the options that produced it.
 
-- ``log_weights``: log w = -u(x) - log q(x), i.e. log(exp(-u)/q) (importance weights of flow samples).
-- ``kish_ess``: exp(2 LSE(log w) - LSE(2 log w)) / N.
+- ``log_weights``, ``kish_ess``: importance weights and Kish ESS, defined in ``regflow_mm.importance``
+  (re-exported here).
 - ``energy_w1``: POT ``emd2_1d`` between held-out MD u and u of flow samples resampled
   multinomially with w (seeded ``numpy`` generator).
 - ``torsion_w2``: sqrt of exact POT ``emd2`` on backbone torsions with the periodic ground cost
@@ -20,65 +20,8 @@ from typing import Any
 import numpy as np
 import ot
 import torch
-from scipy.special import logsumexp
 
-
-def log_weights(log_q: np.ndarray, reduced_energy: np.ndarray) -> np.ndarray:
-    """Importance log-weights log w = log(exp(-u) / q) = -u - log q, shape (N,).
-
-    Non-finite u (the evaluator's +inf for failed configurations) gives log w = -inf (weight 0).
-    """
-    log_q = np.asarray(log_q, dtype=np.float64)
-    u = np.asarray(reduced_energy, dtype=np.float64)
-    if log_q.shape != u.shape or log_q.ndim != 1:
-        raise ValueError(f"log_q and reduced_energy must be matching 1-D arrays, got {log_q.shape} and {u.shape}")
-    if np.isnan(log_q).any():
-        raise ValueError("log_q contains NaN: the flow produced an invalid density; check the model")
-    lw = np.full(u.shape, -np.inf)
-    ok = np.isfinite(u)  # the evaluator reports failed/overflowing configurations as +inf: weight 0
-    lw[ok] = -u[ok] - log_q[ok]
-    return lw
-
-
-def _drop_top(log_w: np.ndarray, fraction: float) -> np.ndarray:
-    """Boolean keep-mask dropping the ceil(fraction * N) largest log-weights."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"drop_top_fraction must be in [0, 1), got {fraction}")
-    keep = np.ones(log_w.shape[0], dtype=bool)
-    n_drop = int(math.ceil(fraction * log_w.shape[0])) if fraction > 0 else 0
-    if n_drop:
-        keep[np.argsort(log_w)[-n_drop:]] = False
-    return keep
-
-
-def kish_ess(log_w: np.ndarray, drop_top_fraction: float = 0.0) -> dict[str, Any]:
-    """Kish effective sample size as a fraction of N (after optional dropping of top log-weights).
-
-    ``log_w`` (N,). Returns ``{"ess": float in [0, 1], "n": N, "n_used", "drop_top_fraction"}``;
-    N counts all samples (also those with log w = -inf), so failed samples lower the ESS.
-    """
-    log_w = np.asarray(log_w, dtype=np.float64)
-    if log_w.ndim != 1 or log_w.size == 0:
-        raise ValueError(f"log_w must be a non-empty 1-D array, got shape {log_w.shape}")
-    if np.isnan(log_w).any() or np.isposinf(log_w).any():
-        raise ValueError("log_w contains NaN or +inf; compute it with log_weights() so failures become -inf")
-    keep = _drop_top(log_w, drop_top_fraction)
-    lw = log_w[keep]
-    if not np.isfinite(lw).any():
-        ess = 0.0
-    else:
-        ess = float(np.exp(2.0 * logsumexp(lw) - logsumexp(2.0 * lw)) / log_w.size)
-    return {"ess": ess, "n": int(log_w.size), "n_used": int(keep.sum()), "drop_top_fraction": float(drop_top_fraction)}
-
-
-def resample_indices(log_w: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Multinomial resampling: ``n`` indices drawn with probabilities w / sum(w) (seeded)."""
-    log_w = np.asarray(log_w, dtype=np.float64)
-    if not np.isfinite(log_w).any():
-        raise ValueError("all importance weights are zero (every flow sample has infinite energy): cannot resample")
-    p = np.exp(log_w - logsumexp(log_w))
-    p /= p.sum()
-    return np.random.default_rng(seed).choice(log_w.size, size=n, replace=True, p=p)
+from ..importance import drop_top, kish_ess, log_weights, resample  # noqa: F401  (log_weights, kish_ess: re-exported)
 
 
 def energy_w1(
@@ -119,8 +62,8 @@ def energy_w1(
         log_w = np.asarray(log_w, dtype=np.float64)
         if log_w.shape != u_flow.shape:
             raise ValueError(f"log_w shape {log_w.shape} does not match u_flow shape {u_flow.shape}")
-        keep = _drop_top(log_w, drop_top_fraction)
-        idx = np.flatnonzero(keep)[resample_indices(log_w[keep], n_resample, seed)]
+        keep = drop_top(log_w, drop_top_fraction)
+        idx = np.flatnonzero(keep)[resample(log_w[keep], n_resample, np.random.default_rng(seed))]
         sample = u_flow[idx]
         out.update(weighted=True, n_resampled=n_resample, n_dropped=int((~keep).sum()))
     ref = u_md
@@ -175,8 +118,9 @@ def torsion_w2(
         out.update(weighted=False, n_nonfinite_dropped=int((~finite).sum()))
     else:
         log_w = np.asarray(log_w, dtype=np.float64)
-        keep = _drop_top(log_w, drop_top_fraction)
-        idx = np.flatnonzero(keep)[resample_indices(log_w[keep], int(n_resample or angles_flow.shape[0]), seed)]
+        keep = drop_top(log_w, drop_top_fraction)
+        n = int(n_resample or angles_flow.shape[0])
+        idx = np.flatnonzero(keep)[resample(log_w[keep], n, np.random.default_rng(seed))]
         sample = angles_flow[idx]
         out.update(weighted=True, n_dropped=int((~keep).sum()))
     if sample.shape[0] == 0 or angles_md.shape[0] == 0:

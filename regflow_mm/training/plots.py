@@ -12,14 +12,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
-from scipy.special import logsumexp
 
-
-def _normalised_weights(log_w: np.ndarray) -> np.ndarray:
-    log_w = np.asarray(log_w, dtype=np.float64)
-    if not np.isfinite(log_w).any():
-        raise ValueError("all importance weights are zero: nothing to reweight")
-    return np.exp(log_w - logsumexp(log_w))
+from ..importance import normalized_weights
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -43,7 +37,7 @@ def ramachandran_plot(path: str | Path, angles_md: np.ndarray, angles_flow: np.n
         raise ValueError("ramachandran_plot takes (n, 2) arrays of (phi, psi) in radians")
     panels = [("MD", angles_md, None), ("flow (raw)", angles_flow, None)]
     if log_w is not None:
-        panels.append(("flow (reweighted)", angles_flow, _normalised_weights(log_w)))
+        panels.append(("flow (reweighted)", angles_flow, normalized_weights(log_w)))
     fig = Figure(figsize=(4.2 * len(panels), 4.0))
     edges = np.linspace(-np.pi, np.pi, bins + 1)
     for i, (title, a, w) in enumerate(panels):
@@ -87,7 +81,7 @@ def energy_histogram(path: str | Path, u_md: np.ndarray, u_flow: np.ndarray, log
     else:
         ax.plot([], [], color="C0", label=f"flow raw (all {u_flow.size} outside range)")
     if log_w is not None and inside.any():
-        w = _normalised_weights(log_w)
+        w = normalized_weights(log_w)
         if w[inside].sum() > 0:
             ax.hist(u_flow[inside], bins=edges, weights=w[inside], density=True, histtype="step", color="C3",
                     label=f"flow reweighted ({1.0 - w[inside].sum():.2%} weight outside)")
