@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..files import atomic_write
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "stage.json"
@@ -86,9 +88,8 @@ class StagedRun:
         started = time.perf_counter()
         results = stage.run(folder, {n: self.records[n].results for n in stage.needs})
         seconds = time.perf_counter() - started
-        tmp = manifest.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"stage": stage.name, "key": key, "settings": stage.settings,
-                                   "results": results, "seconds": seconds}, indent=2, default=str))
-        os.replace(tmp, manifest)  # atomic: a kill never leaves a half-written manifest
+        text = json.dumps({"stage": stage.name, "key": key, "settings": stage.settings,
+                           "results": results, "seconds": seconds}, indent=2, default=str)
+        atomic_write(manifest, lambda tmp: tmp.write_text(text))  # a kill never leaves a half-written manifest
         self.records[stage.name] = StageRecord(stage.name, key, results, seconds, False)
         return results

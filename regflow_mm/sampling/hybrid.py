@@ -34,8 +34,8 @@ from openmmtools.mcmc import LangevinDynamicsMove
 from openmmtools.states import SamplerState, ThermodynamicState
 from tqdm.auto import tqdm
 
-from regflow_mm.data.checkpointed_hdf5 import (check_resume_settings, commit_rows, committed_checkpoint,
-                                              truncate_uncommitted)
+from regflow_mm.data.checkpointed_hdf5 import commit_rows, committed_checkpoint, truncate_uncommitted
+from regflow_mm.files import check_resume_settings
 from regflow_mm.sampling.moves import FlowIndependenceMove, maxwell_boltzmann_velocities
 from regflow_mm.systems import check_spec_hash, system_from_spec_dict
 

@@ -33,6 +33,7 @@ import ot
 import torch
 from tqdm.auto import tqdm
 
+from ..files import check_resume_settings
 from .cnf import SolverOptions, TeacherCNF, prior_sample
 
 
@@ -73,9 +74,8 @@ class PairStore:
         text = json.dumps(settings, sort_keys=True)
         if path.exists():
             with h5py.File(path, "a") as f:
-                if f.attrs.get("kind") != kind or f.attrs.get("settings") != text:
-                    raise ValueError(f"pair store {path} was made with other settings ({f.attrs.get('kind')}: "
-                                     f"{f.attrs.get('settings')}); use a new path or delete it")
+                stored = {"kind": f.attrs.get("kind"), **json.loads(f.attrs.get("settings") or "{}")}
+                check_resume_settings(f"pair store {path}", stored, {"kind": kind, **json.loads(text)}, verb="made")
                 n_done = int(f.attrs["n_done"])
                 for name in ("x0", "x1"):  # drop rows of a chunk interrupted before n_done was updated
                     f[name].resize(n_done, axis=0)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..files import check_resume_settings
 from .cnf import FlowMatchingConfig, SolverOptions, TeacherCNF, VelocityMLP, train_flow_matching
 from .couplings import generate_ot_pairs, generate_reflow_pairs, load_pairs, tensor_hash
 from .distributed import DistInfo, barrier, init_distributed, shutdown
@@ -49,12 +50,8 @@ def load_config_file(path: str | Path) -> dict:
 def _check_run_config(config: TrainConfig, out_dir: Path) -> None:
     path = out_dir / "config.json"
     if path.exists():
-        saved = json.loads(path.read_text())
-        diff = sorted(k for k in set(saved) | set(config.to_dict())
-                      if k not in RESUMABLE_CHANGES and saved.get(k) != config.to_dict().get(k))
-        if diff:
-            raise ValueError(f"{out_dir} holds a run with other settings ({diff}); use a new --out directory "
-                             f"or the original settings to resume")
+        check_resume_settings(out_dir, json.loads(path.read_text()), config.to_dict(), ignore=RESUMABLE_CHANGES,
+                              verb="trained")
     path.write_text(json.dumps(config.to_dict(), indent=2))
 
 

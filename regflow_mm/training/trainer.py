@@ -19,9 +19,9 @@ One ``Trainer`` runs the optimisation loop on in-memory tensors with
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
-import os
 import random
 import signal
 import time
@@ -34,6 +34,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
+from ..files import atomic_write, check_resume_settings
 from .couplings import derived_seed
 from .distributed import DistInfo, all_reduce_max, all_reduce_mean, average_gradients
 from .objectives import REGULARIZERS, force_matching_loss, nll_loss, regflow_loss, reverse_kl_loss
@@ -175,12 +176,6 @@ def ema_update_fn(decay: float, warmup: bool = True):
     return update
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 class Trainer:
     """Optimisation loop for a BoltzmannFlow on in-memory tensors.
 
@@ -262,16 +257,12 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         if self.dist.is_main:
-            _atomic_torch_save(self._state(), self.checkpoint_path)
+            atomic_write(self.checkpoint_path, functools.partial(torch.save, self._state()))
 
     def _load_checkpoint(self) -> None:
         state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
-        saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE_CHANGES}
-        now = {k: v for k, v in self.config.to_dict().items() if k not in RESUMABLE_CHANGES}
-        if saved != now:
-            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-            raise ValueError(f"{self.checkpoint_path} belongs to a run with other settings ({diff}); "
-                             f"use a new output directory or the original settings")
+        check_resume_settings(self.checkpoint_path, state["config"], self.config.to_dict(), ignore=RESUMABLE_CHANGES,
+                              verb="trained")
         if state["data_order"]["n"] != self.n:
             raise ValueError(f"{self.checkpoint_path} was trained on {state['data_order']['n']} rows, now {self.n}: "
                              f"the training data changed")
