@@ -160,7 +160,29 @@ def test_internal_fit_and_config_round_trip(md_frames):
     clone = representation_from_config(rep.get_config()).to(torch.float64)
     clone.load_state_dict(rep.state_dict())
     torch.testing.assert_close(clone.to_flow_space(frames)[0], rep.to_flow_space(frames)[0], rtol=0, atol=0)
-    assert int(rep.circular.sum()) == system.n_atoms - 3
+    # fit made every torsion whose centred spread is below narrow_span_rad an interval, the rest circles
+    _, _, tors = rep.internal(torch.from_numpy(frames).double())
+    centred = torch.remainder(tors - rep.torsion_offset + math.pi, 2 * math.pi) - math.pi
+    spread = centred.max(0).values - centred.min(0).values
+    assert torch.equal(rep.circular_torsions, spread >= rep.narrow_span_rad)
+    assert torch.equal(clone.circular, rep.circular)
+    assert bool((rep.torsion_lo[~rep.circular_torsions] < centred.min(0).values[~rep.circular_torsions]).all())
+    all_circles = InternalCoordinates.from_topology(system.topology, narrow_span_rad=0.0).fit(frames)
+    assert int(all_circles.circular.sum()) == system.n_atoms - 3
+
+
+def test_internal_narrow_torsions_exact_logdet(md_frames):
+    """With interval torsions, from_flow_space inverts to_flow_space and the log-dets cancel."""
+    system, frames = md_frames["aldp"]
+    mask = [k % 2 == 0 for k in range(system.n_atoms - 3)]
+    rep = InternalCoordinates.from_topology(system.topology, circular_torsions=mask).to(torch.float64).fit(frames)
+    assert rep.circular_torsions.tolist() == mask
+    u, logdet_to = rep.to_flow_space(frames)
+    assert bool(((u >= 0) & (u <= 1)).all())
+    x, logdet_from = rep.from_flow_space(u)
+    u2, _ = rep.to_flow_space(x)
+    torch.testing.assert_close(u2, u, rtol=0, atol=1e-9)
+    torch.testing.assert_close(logdet_from, -logdet_to, rtol=0, atol=1e-9)
 
 
 def test_cartesian_representation_exact(md_frames):
@@ -235,8 +257,8 @@ def test_torsions_are_centred_mid_box_and_old_files_load():
     system = get_system("aldp")
     x = torch.as_tensor(system.positions, dtype=torch.float64)[None] + 0.01 * torch.randn(64, system.n_atoms, 3,
                                                                                           dtype=torch.float64)
-    plain = InternalCoordinates.from_topology(system.topology).double()
-    fitted = InternalCoordinates.from_topology(system.topology).double().fit(x)
+    plain = InternalCoordinates.from_topology(system.topology, narrow_span_rad=0.0).double()
+    fitted = InternalCoordinates.from_topology(system.topology, narrow_span_rad=0.0).double().fit(x)
     u, logdet = fitted.to_flow_space(x)
     angle = 2 * math.pi * u[:, fitted.n_bonds + fitted.n_angles:]
     centre = torch.atan2(angle.sin().mean(0), angle.cos().mean(0))

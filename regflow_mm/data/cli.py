@@ -23,6 +23,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--test-fraction", type=float, default=0.1)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("enhanced sampling (frames store log-weights to the unbiased ensemble)")
+    g.add_argument("--enhanced", choices=["metadynamics"], default=None,
+                   help="well-tempered metadynamics on backbone torsions (OpenMM's Metadynamics)")
+    g.add_argument("--metad-torsions", default="phi1,psi1", help="comma-separated torsion names (default phi1,psi1)")
+    g.add_argument("--metad-bias-factor", type=float, default=6.0, help="bias factor gamma > 1 (default 6)")
+    g.add_argument("--metad-height", type=float, default=1.2, help="initial Gaussian height, kJ/mol (default 1.2)")
+    g.add_argument("--metad-width", type=float, default=0.35, help="Gaussian width, rad (default 0.35)")
+    g.add_argument("--metad-deposition-ps", type=float, default=1.0, help="ps between Gaussians (default 1)")
     p.set_defaults(func=_simulate)
 
     p = subparsers.add_parser("dataset-info", help="print a dataset's summary")
@@ -52,11 +60,18 @@ def _simulate(args) -> int:
     from .simulate import simulate
 
     system = get_system(args.system)
+    enhanced = None
+    if args.enhanced == "metadynamics":
+        from .metadynamics import MetadynamicsSettings
+
+        enhanced = MetadynamicsSettings(torsions=tuple(t.strip() for t in args.metad_torsions.split(",") if t.strip()),
+                                        bias_factor=args.metad_bias_factor, height_kJ=args.metad_height,
+                                        width_rad=args.metad_width, deposition_ps=args.metad_deposition_ps)
     out = simulate(system, args.out, ns=args.ns, save_interval_ps=args.save_interval_ps,
                    timestep_fs=args.timestep_fs, friction_per_ps=args.friction, seed=args.seed,
                    platform=args.platform, threads=args.threads, equilibration_ps=args.equilibration_ps,
                    chunk_frames=args.chunk_frames, val_fraction=args.val_fraction,
-                   test_fraction=args.test_fraction, progress=not args.quiet)
+                   test_fraction=args.test_fraction, progress=not args.quiet, enhanced=enhanced)
     print(load_dataset(out, system).summary())
     return 0
 

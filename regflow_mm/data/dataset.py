@@ -7,8 +7,12 @@ File layout (one HDF5 file, readable with h5py or any HDF5 tool)::
     /forces      (T, n_atoms, 3) float32   kJ/mol/nm
     /time        (T,)            float64   ps since the start of production
     /splits/{train,val,test}     int64     frame indices, contiguous time blocks
-    /checkpoint                  uint8     OpenMM checkpoint after the last stored frame (resume)
-    attrs: metadata (JSON: system spec and hash, temperature, seed, integrator, versions),
+    /checkpoint                  uint8     OpenMM checkpoint after the last stored frame (resume); with
+                                           metadynamics a group: openmm (uint8), bias (grid, kJ/mol)
+    /log_weights, /bias_energy, /bias_offset   (T,) float64   metadynamics only: log-weight to the
+                                           unbiased ensemble, bias V(s_t, t) and c(t) in kJ/mol
+    attrs: metadata (JSON: system spec and hash, temperature, seed, integrator, enhanced sampling
+           settings or null, versions),
            topology_pdb (the system's PDB text), n_frames (frames committed)
 
 ``n_frames`` is written last in every append, so a process killed during a write
@@ -32,7 +36,9 @@ SPLIT_NAMES = ("train", "val", "test")
 @dataclass
 class Dataset:
     """An MD dataset in memory. Arrays: positions (T, n, 3) nm float32, energies (T,) kJ/mol,
-    forces (T, n, 3) kJ/mol/nm, time (T,) ps; ``splits`` maps train/val/test to frame indices."""
+    forces (T, n, 3) kJ/mol/nm, time (T,) ps, log_weights (T,) (log of the importance weight of each
+    frame to the unbiased Boltzmann ensemble, up to a constant; zeros for plain MD);
+    ``splits`` maps train/val/test to frame indices."""
 
     path: Path
     positions: np.ndarray
@@ -42,6 +48,30 @@ class Dataset:
     splits: dict[str, np.ndarray]
     metadata: dict
     system: MolecularSystem
+    log_weights: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.log_weights is None:
+            self.log_weights = np.zeros(len(self.energies))
+        self.log_weights = np.asarray(self.log_weights, dtype=np.float64)
+        if self.log_weights.shape != self.energies.shape:
+            raise ValueError(f"dataset {self.path}: {self.log_weights.shape[0]} log-weights for "
+                             f"{len(self.energies)} frames")
+        if np.isnan(self.log_weights).any() or np.isposinf(self.log_weights).any():
+            raise ValueError(f"dataset {self.path}: its frame log-weights contain NaN or +inf; the "
+                             "enhanced-sampling run is corrupt: re-simulate it")
+        if len(self.energies) and not np.isfinite(self.log_weights).any():
+            raise ValueError(f"dataset {self.path}: every frame has weight 0 (log-weight -inf); nothing to "
+                             "estimate from: re-simulate it")
+
+    @property
+    def weighted(self) -> bool:
+        """True when frames carry non-uniform weights (enhanced sampling)."""
+        return bool(self.metadata.get("enhanced")) or bool(np.ptp(self.log_weights) > 0)
+
+    def split_log_weights(self, name: str) -> np.ndarray:
+        """(n_frames,) log-weights of one split."""
+        return self.log_weights[self.split_indices(name)]
 
     def __len__(self):
         return len(self.energies)
@@ -70,10 +100,19 @@ class Dataset:
                  f"friction {md['integrator']['friction_per_ps']}/ps, seed {md['seed']}",
                  f"  energy       mean {self.energies.mean():.2f} kJ/mol, std {self.energies.std():.2f} kJ/mol",
                  "  splits       " + ", ".join(f"{k} {len(v)}" for k, v in self.splits.items())]
+        if self.weighted:
+            w = np.exp(self.log_weights - self.log_weights.max())
+            ess = w.sum() ** 2 / (w * w).sum()
+            lines.append(f"  enhanced     {md['enhanced']['method'] if md.get('enhanced') else 'weighted'}; "
+                         f"weight ESS {ess:.0f} of {len(self)} frames")
+        w = np.exp(self.log_weights - self.log_weights.max())
         for name, idx in self.system.torsions.items():
             if name.startswith("phi"):
                 phi = dihedrals(self.positions, [idx])[:, 0]
-                lines.append(f"  {name} > 0     {np.mean(phi > 0):.3%} of frames")
+                line = f"  {name} > 0     {np.mean(phi > 0):.3%} of frames"
+                if self.weighted:
+                    line += f", {np.sum(w * (phi > 0)) / w.sum():.3%} reweighted"
+                lines.append(line)
         return "\n".join(lines)
 
 
@@ -116,6 +155,7 @@ def load_dataset(path: str | Path, system: MolecularSystem | None = None) -> Dat
         metadata = json.loads(fh.attrs["metadata"])
         n = int(fh.attrs["n_frames"])
         arrays = {k: fh[k][:n] for k in ("positions", "energies", "forces", "time")}
+        arrays["log_weights"] = fh["log_weights"][:n] if "log_weights" in fh else None
         splits = {k: fh["splits"][k][:] for k in fh["splits"]} if "splits" in fh else {}
         pdb_text = fh.attrs["topology_pdb"]
     if n == 0:

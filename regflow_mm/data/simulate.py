@@ -1,10 +1,12 @@
-"""Equilibrium MD with OpenMM, written incrementally to an HDF5 dataset and resumable.
+"""MD with OpenMM (plain or well-tempered metadynamics), written incrementally to an HDF5 dataset, resumable.
 
 Every ``chunk_frames`` frames the new frames, an OpenMM checkpoint and the frame count
 are appended to the file and the file is closed again, so a killed run loses at most
 the chunk in progress; running the same command again resumes from the checkpoint and
 appends (the RNG state travels in the checkpoint, so the continued trajectory is the
-one an uninterrupted run produces on a deterministic platform).
+one an uninterrupted run produces on a deterministic platform). With ``enhanced`` metadynamics
+settings the bias grid travels in the checkpoint too, and every frame stores its log-weight to
+the unbiased ensemble (``regflow_mm.data.metadynamics``); plain MD frames have log-weight 0.
 """
 from __future__ import annotations
 
@@ -26,11 +28,14 @@ from ..systems.platforms import platform_properties, resolve_platform
 from .checkpointed_hdf5 import (check_resume_settings, commit_rows, committed_checkpoint,
                                 truncate_uncommitted)
 from .dataset import _open, contiguous_splits
+from .metadynamics import MetadynamicsSettings, TorsionMetadynamics, weights_from_bias
 
 log = logging.getLogger(__name__)
 
 # Settings that must agree between a dataset on disk and a run that appends to it.
-_RESUME_KEYS = ("timestep_fs", "friction_per_ps", "save_interval_ps", "name")
+_RESUME_KEYS = ("timestep_fs", "friction_per_ps", "save_interval_ps", "name", "enhanced")
+_FRAME_ARRAYS = ("positions", "forces", "energies", "time")
+_WEIGHT_ARRAYS = ("log_weights", "bias_energy", "bias_offset")
 
 
 def _versions() -> dict:
@@ -53,8 +58,11 @@ def simulate(system: MolecularSystem, out: str | Path, ns: float, save_interval_
              timestep_fs: float = 1.0, friction_per_ps: float | None = None, seed: int = 0,
              platform: str = "auto", threads: int | None = 1, equilibration_ps: float = 10.0,
              chunk_frames: int = 100, val_fraction: float = 0.1, test_fraction: float = 0.1,
-             progress: bool = True) -> Path:
+             progress: bool = True, enhanced: MetadynamicsSettings | None = None) -> Path:
     """Run Langevin MD (LangevinMiddle) of ``system`` until ``out`` holds ``ns`` nanoseconds of frames.
+
+    ``enhanced``: well-tempered metadynamics settings (``MetadynamicsSettings``); frames then carry
+    the log-weights to the unbiased ensemble and stored energies/forces exclude the bias.
 
     Frames every ``save_interval_ps`` ps; ``friction_per_ps`` defaults to the system spec's friction;
     ``equilibration_ps`` of unsaved MD precede production. Re-running with the same ``out`` resumes.
@@ -66,6 +74,8 @@ def simulate(system: MolecularSystem, out: str | Path, ns: float, save_interval_
     out = Path(out)
     if ns <= 0 or save_interval_ps <= 0 or timestep_fs <= 0:
         raise ValueError(f"ns, save_interval_ps and timestep_fs must be positive; got {ns}, {save_interval_ps}, {timestep_fs}")
+    if int(chunk_frames) < 1:
+        raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
     steps_per_frame = save_interval_ps * 1000.0 / timestep_fs
     if abs(steps_per_frame - round(steps_per_frame)) > 1e-9:
         raise ValueError(f"save interval {save_interval_ps} ps is not a whole number of {timestep_fs} fs steps")
@@ -73,50 +83,77 @@ def simulate(system: MolecularSystem, out: str | Path, ns: float, save_interval_
     target = int(round(ns * 1000.0 / save_interval_ps))
     settings = {"name": "LangevinMiddleIntegrator", "timestep_fs": timestep_fs,
                 "friction_per_ps": system.spec.friction if friction_per_ps is None else friction_per_ps,
-                "save_interval_ps": save_interval_ps, "equilibration_ps": equilibration_ps}
+                "save_interval_ps": save_interval_ps, "equilibration_ps": equilibration_ps,
+                "enhanced": enhanced.to_dict() if enhanced is not None else None}
+    meta = TorsionMetadynamics(system, enhanced, timestep_fs) if enhanced is not None else None
+    n_equil = int(round(equilibration_ps * 1000.0 / timestep_fs))
+    resume = _read_resume(out, system, settings, seed) if out.exists() else None
+    if resume is not None and meta is not None:
+        meta.restore_bias(resume["bias"])
     platform = resolve_platform(platform, system.n_atoms, system.system)
-    properties = platform_properties(platform, threads)
-    context = openmm.Context(system.system, _integrator(system, settings, seed),
-                             openmm.Platform.getPlatformByName(platform), properties)
-    log.info("simulating %s on the %s platform", system.name, platform)
+    simulation = app.Simulation(system.topology, meta.openmm_system if meta else system.system,
+                                _integrator(system, settings, seed), openmm.Platform.getPlatformByName(platform),
+                                platform_properties(platform, threads))
+    context = simulation.context
+    log.info("simulating %s on the %s platform%s", system.name, platform, " with metadynamics" if meta else "")
 
-    if out.exists():
-        n_done = _prepare_resume(out, system, settings, seed, context)
+    if resume is not None:
+        n_done = resume["n_frames"]
+        try:
+            context.loadCheckpoint(resume["checkpoint"])
+        except Exception as err:  # OpenMM raises OpenMMException for a checkpoint of another platform/system
+            raise ValueError(f"cannot resume {out}: its checkpoint does not load on this platform ({err}); "
+                             "resume with the same --platform") from None
+        log.info("resuming %s at frame %d", out, n_done)
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         _create(out, system, settings, seed, platform, val_fraction, test_fraction)
         context.setPositions(system.positions * unit.nanometer)
         context.setVelocitiesToTemperature(system.temperature * unit.kelvin, seed)
-        n_equil = int(round(equilibration_ps * 1000.0 / timestep_fs))
         if n_equil:
-            context.getIntegrator().step(n_equil)
+            simulation.step(n_equil)  # unbiased equilibration
         n_done = 0
+    # Metadynamics deposits a Gaussian whenever the step counter is a multiple of its interval.
+    simulation.currentStep = n_equil + n_done * steps_per_frame
 
     bar = tqdm(total=target, initial=min(n_done, target), unit="frame", disable=not progress,
-               desc=f"MD {system.name}", dynamic_ncols=True, mininterval=1.0)
+               desc=f"{'metaD' if meta else 'MD'} {system.name}", dynamic_ncols=True, mininterval=1.0)
     started, frames_this_run = wallclock.perf_counter(), 0
-    integrator = context.getIntegrator()
+    groups = meta.physical_groups if meta else -1
     try:
         while n_done < target:
-            n_chunk = min(chunk_frames, target - n_done)
-            pos = np.empty((n_chunk, system.n_atoms, 3), np.float32)
-            frc = np.empty_like(pos)
-            ene = np.empty(n_chunk)
+            n_chunk = min(int(chunk_frames), target - n_done)
+            arrays = {"positions": np.empty((n_chunk, system.n_atoms, 3), np.float32),
+                      "forces": np.empty((n_chunk, system.n_atoms, 3), np.float32),
+                      "energies": np.empty(n_chunk),
+                      "time": (np.arange(n_done, n_done + n_chunk) + 1) * save_interval_ps}
+            if meta:
+                arrays.update({name: np.empty(n_chunk) for name in _WEIGHT_ARRAYS})
             for k in range(n_chunk):
-                integrator.step(steps_per_frame)
-                state = context.getState(getPositions=True, getEnergy=True, getForces=True)
-                ene[k] = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
-                if not np.isfinite(ene[k]):
-                    raise RuntimeError(f"{system.name}: MD blew up at frame {n_done + k} (energy {ene[k]}); "
+                if meta:
+                    meta.step(simulation, steps_per_frame)
+                else:
+                    simulation.step(steps_per_frame)
+                state = context.getState(getPositions=True, getEnergy=True, getForces=True, groups=groups)
+                energy = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+                if not np.isfinite(energy):
+                    raise RuntimeError(f"{system.name}: MD blew up at frame {n_done + k} (energy {energy}); "
                                        f"{n_done} frames are kept in {out}; use a smaller --timestep-fs")
-                pos[k] = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
-                frc[k] = state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)
+                arrays["energies"][k] = energy
+                arrays["positions"][k] = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+                arrays["forces"][k] = state.getForces(asNumpy=True).value_in_unit(
+                    unit.kilojoule_per_mole / unit.nanometer)
+                if meta:
+                    arrays["bias_energy"][k] = meta.bias_energy(context)
+                    arrays["bias_offset"][k] = meta.offset()
                 bar.update(1)
                 frames_this_run += 1
                 elapsed = wallclock.perf_counter() - started
                 bar.set_postfix(ns_per_day=f"{frames_this_run * save_interval_ps * 1e-3 * 86400 / max(elapsed, 1e-9):.0f}",
                                 refresh=False)
-            _append(out, pos, ene, frc, n_done, save_interval_ps, context.createCheckpoint())
+            if meta:
+                arrays["log_weights"] = weights_from_bias(arrays["bias_energy"], arrays["bias_offset"], system.kT)
+            _append(out, arrays, n_done, context.createCheckpoint(), meta)
             n_done += n_chunk
     finally:
         bar.close()
@@ -127,6 +164,7 @@ def _create(out, system, settings, seed, platform, val_fraction, test_fraction):
     n = system.n_atoms
     pdb = _pdb_text(system)
     metadata = {"format": "regflow-mm dataset 1", "system": asdict(system.spec), "system_hash": system.spec_hash,
+                "enhanced": settings["enhanced"],
                 "temperature": system.temperature, "kT": system.kT, "seed": seed, "integrator": settings,
                 "platform": platform, "versions": _versions(),
                 "split_fractions": {"val": val_fraction, "test": test_fraction},
@@ -139,39 +177,53 @@ def _create(out, system, settings, seed, platform, val_fraction, test_fraction):
                                    ("energies", (), np.float64), ("time", (), np.float64)):
             fh.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
                               chunks=(256, *shape), compression="gzip" if shape else None)
+        if settings["enhanced"] is not None:
+            for name in _WEIGHT_ARRAYS:
+                fh.create_dataset(name, shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(256,))
 
 
-def _prepare_resume(out, system, settings, seed, context) -> int:
+def _read_resume(out, system, settings, seed) -> dict | None:
+    """Committed frame count, OpenMM checkpoint and bias grid of ``out``; None if nothing was committed.
+
+    A file that committed no chunk yet (killed early) is removed, so the run starts over by itself.
+    """
     with _open(out, "r+") as fh:
         md = json.loads(fh.attrs["metadata"])
         if md["system_hash"] != system.spec_hash:
             raise ValueError(f"{out} holds system {md['system']['name']!r} (hash {md['system_hash'][:12]}); refusing to "
                              f"append {system.name!r} (hash {system.spec_hash[:12]}): choose another --out")
-        check_resume_settings(out, md["integrator"], settings, _RESUME_KEYS, md["seed"], seed, verb="simulated")
-        n_done = truncate_uncommitted(fh, "n_frames", ("positions", "forces", "energies", "time"))
+        stored = {**md["integrator"], "enhanced": md.get("enhanced")}
+        check_resume_settings(out, stored, settings, _RESUME_KEYS, md["seed"], seed, verb="simulated")
+        weighted = tuple(name for name in _WEIGHT_ARRAYS if name in fh)
+        n_done = truncate_uncommitted(fh, "n_frames", _FRAME_ARRAYS + weighted)
         checkpoint = committed_checkpoint(fh, "n_frames")
-        if n_done == 0 or checkpoint is None:
-            raise ValueError(f"{out} has no completed chunk to resume from; delete it and start again")
-        checkpoint = checkpoint[()].tobytes()
-        _write_splits(fh, n_done)
-    try:
-        context.loadCheckpoint(checkpoint)
-    except Exception as err:  # OpenMM raises OpenMMException for a checkpoint of another platform/system
-        raise ValueError(f"cannot resume {out}: its checkpoint does not load on this platform ({err}); "
-                         "resume with the same --platform") from None
-    log.info("resuming %s at frame %d", out, n_done)
-    return n_done
+        if n_done > 0 and checkpoint is not None:
+            _write_splits(fh, n_done)
+            if isinstance(checkpoint, h5py.Group):
+                return {"n_frames": n_done, "checkpoint": checkpoint["openmm"][()].tobytes(),
+                        "bias": checkpoint["bias"][()]}
+            return {"n_frames": n_done, "checkpoint": checkpoint[()].tobytes(), "bias": None}
+    log.info("%s committed no frames before it stopped: starting it over", out)
+    out.unlink()
+    return None
 
 
-def _append(out, pos, ene, frc, n_done, save_interval_ps, checkpoint: bytes):
-    n_new = n_done + len(ene)
+def _append(out, arrays: dict, n_done: int, checkpoint: bytes, meta: TorsionMetadynamics | None):
+    n_new = n_done + len(arrays["energies"])
+
+    def write_checkpoint(name):
+        if meta is None:
+            return fh.create_dataset(name, data=np.frombuffer(checkpoint, dtype=np.uint8))
+        group = fh.create_group(name)
+        group.create_dataset("openmm", data=np.frombuffer(checkpoint, dtype=np.uint8))
+        group.create_dataset("bias", data=meta.bias_grid)
+        return group
+
     with h5py.File(out, "r+") as fh:
-        for name, arr in (("positions", pos), ("forces", frc), ("energies", ene),
-                          ("time", (np.arange(n_done, n_new) + 1) * save_interval_ps)):
+        for name, arr in arrays.items():
             fh[name].resize(n_new, axis=0)
             fh[name][n_done:n_new] = arr
-        commit_rows(fh, "n_frames", n_new,
-                    lambda name: fh.create_dataset(name, data=np.frombuffer(checkpoint, dtype=np.uint8)))
+        commit_rows(fh, "n_frames", n_new, write_checkpoint)
         _write_splits(fh, n_new)  # after the commit: stored splits never index uncommitted frames
 
 

@@ -2,8 +2,13 @@
 
 Flow space, dimension D = 3N - 6, in the order [bonds (N-1) | angles (N-2) | torsions (N-3)]:
 bonds r (nm) and angles theta (rad) are mapped affinely to [0, 1] by fitted bounds
-u = (v - lo) / (hi - lo); torsions phi map to the circle u = ((phi - c + pi) / (2 pi)) mod 1 in [0, 1), c the
-per-torsion circular mean of the training data (fit), so the data sits mid-box.
+u = (v - lo) / (hi - lo). Torsions are first centred on c, the per-torsion circular mean of the training
+data (fit): d = wrap(phi - c) in [-pi, pi). Wide torsions (backbone, rotors) stay circles,
+u = (d + pi) / (2 pi) in [0, 1) (periodic flow dimensions); narrow ones (data spread below
+``narrow_span_rad``, e.g. the improper torsions of branching atoms) become fitted intervals like bonds,
+u = (d - lo) / (hi - lo), which gives the flow resolution where the data are. Which torsions are
+circles is decided by ``fit`` (unless given) and is part of the config, so the flow's couplings can be
+built to match.
 The seed bonds r(s0,s1), r(s1,s2) and angle theta(s0,s1,s2) lead each block.
 
 Density: log q(x) = log q_U(u) + logdet_to is the density of the configuration modulo rigid motions,
@@ -12,7 +17,8 @@ with respect to the measure dx / (dt dR) that Lebesgue measure on R^{3N} induces
 So for a rigid-motion-invariant energy u(x), exp(-u(x)) / Z is the target density in the same
 measure and log w = -u(x) - log q(x) are correct importance weights. With
 J(x) = r01^2 r12^2 sin(theta012) prod_rows r_i^2 sin(theta_i)  (the Jacobian of the Z-matrix,
-seeds included), logdet_to = -log J - sum log(hi - lo) over bonds and angles - (N-3) log(2 pi).
+seeds included), logdet_to = -log J - sum log(hi - lo) over bonds, angles and torsions (hi - lo = 2 pi
+for a circle).
 ``from_flow_space`` puts the seeds in the reference frame s0 = 0, s1 on +x, s2 in the xy plane (y > 0).
 """
 from __future__ import annotations
@@ -56,18 +62,28 @@ def place_atom(xj, xk, xl, r, theta, phi):
     return xj + d
 
 
+def _wrap(angle):
+    """Angles (rad) wrapped into [-pi, pi)."""
+    return torch.remainder(angle + math.pi, 2 * math.pi) - math.pi
+
+
 class InternalCoordinates(Representation):
     """Z-matrix internal coordinates on [0, 1]^{3N-6} (torsions periodic). See the module docstring.
 
     Args:
         zmatrix: the Z-matrix (``zmatrix_from_topology``).
-        margin: fraction of the fitted range added on each side of the bond/angle bounds by ``fit``.
+        margin: fraction of the fitted range added on each side of the bond/angle/narrow-torsion bounds.
+        circular_torsions: (N-3,) bools, True for torsions kept on the circle; None lets ``fit`` choose
+            (circle unless the data's spread around its circular mean is below ``narrow_span_rad``).
+        narrow_span_rad: spread (max - min of the centred torsion, rad) below which ``fit`` makes a
+            torsion an interval; 0 keeps every torsion a circle.
     """
 
     name = "internal"
     domain = "box"
 
-    def __init__(self, zmatrix: ZMatrix, margin: float = 0.25):
+    def __init__(self, zmatrix: ZMatrix, margin: float = 0.25, circular_torsions=None,
+                 narrow_span_rad: float = math.pi / 2):
         n = zmatrix.n_atoms
         if n < 3:
             raise ValueError(f"internal coordinates need >= 3 atoms, got {n}")
@@ -95,19 +111,41 @@ class InternalCoordinates(Representation):
         # mass sits mid-box instead of straddling the 0/1 seam (a rotation of the circle: log-det 0).
         # Models that are not periodic-aware (the Euclidean teacher CNF, l2 regression) need this.
         self.register_buffer("torsion_offset", torch.zeros(n - 3, dtype=dtype))
-        self.circular[self.n_bonds + self.n_angles:] = True
+        # Bounds of the centred torsions (rad); (-pi, pi) for circles.
+        self.register_buffer("torsion_lo", torch.full((n - 3,), -math.pi, dtype=dtype))
+        self.register_buffer("torsion_hi", torch.full((n - 3,), math.pi, dtype=dtype))
+        if not narrow_span_rad >= 0:
+            raise ValueError(f"narrow_span_rad must be >= 0, got {narrow_span_rad}")
+        self.narrow_span_rad = float(narrow_span_rad)
+        self._choose_circular = circular_torsions is None
+        circ = torch.ones(n - 3, dtype=torch.bool) if circular_torsions is None else \
+            torch.as_tensor(list(circular_torsions), dtype=torch.bool)
+        if circ.shape != (n - 3,):
+            raise ValueError(f"circular_torsions must have {n - 3} entries (one per torsion), got {tuple(circ.shape)}")
+        self.circular[self.n_bonds + self.n_angles:] = circ
 
     @classmethod
-    def from_topology(cls, topology, margin: float = 0.25) -> "InternalCoordinates":
-        return cls(zmatrix_from_topology(topology), margin=margin)
+    def from_topology(cls, topology, **options) -> "InternalCoordinates":
+        return cls(zmatrix_from_topology(topology), **options)
+
+    @property
+    def circular_torsions(self) -> torch.Tensor:
+        """(N-3,) bool: torsions kept on the circle."""
+        return self.circular[self.n_bonds + self.n_angles:]
 
     def get_config(self):
-        return {"type": self.name, "n_atoms": self.n_atoms, "zmatrix": self.zmatrix.to_config(),
-                "margin": self.margin}
+        config = {"type": self.name, "n_atoms": self.n_atoms, "zmatrix": self.zmatrix.to_config(),
+                  "margin": self.margin, "narrow_span_rad": self.narrow_span_rad}
+        if not self._choose_circular:
+            config["circular_torsions"] = [bool(c) for c in self.circular_torsions.tolist()]
+        return config
 
     @classmethod
     def from_config(cls, config: dict) -> "InternalCoordinates":
-        return cls(ZMatrix.from_config(config["zmatrix"]), margin=config.get("margin", 0.25))
+        # Files written before narrow torsions existed have no circular_torsions: all circles.
+        return cls(ZMatrix.from_config(config["zmatrix"]), margin=config.get("margin", 0.25),
+                   circular_torsions=config.get("circular_torsions"),
+                   narrow_span_rad=config.get("narrow_span_rad", 0.0))
 
     @property
     def torsion_atoms(self) -> torch.Tensor:
@@ -124,10 +162,23 @@ class InternalCoordinates(Representation):
 
     @torch.no_grad()
     def fit(self, positions):
-        """Bounds from training positions (B, N, 3) nm: [min - m*range, max + m*range], m = margin."""
+        """Bounds from training positions (B, N, 3) nm: [min - m*range, max + m*range], m = margin.
+
+        Also centres the torsions and, if the constructor left it open, decides which are circles.
+        """
         x = as_positions(positions, self.n_atoms, torch.float64, self.device)
         bonds, angles, torsions = self.internal(x)
-        self.torsion_offset.copy_(torch.atan2(torsions.sin().mean(0), torsions.cos().mean(0)))
+        offset = torch.atan2(torsions.sin().mean(0), torsions.cos().mean(0))
+        self.torsion_offset.copy_(offset)
+        centred = _wrap(torsions - offset)
+        tmin, tmax = centred.min(0).values, centred.max(0).values
+        if self._choose_circular:
+            self.circular[self.n_bonds + self.n_angles:] = (tmax - tmin) >= self.narrow_span_rad
+            self._choose_circular = False
+        circ = self.circular_torsions
+        span = (tmax - tmin).clamp_min(1e-2)
+        self.torsion_lo.copy_(torch.where(circ, -math.pi, (tmin - self.margin * span).clamp_min(-math.pi)))
+        self.torsion_hi.copy_(torch.where(circ, math.pi, (tmax + self.margin * span).clamp_max(math.pi)))
         for values, lo, hi, floor, ceil, min_range in ((bonds, self.bond_lo, self.bond_hi, 1e-3, math.inf, 1e-3),
                                                        (angles, self.angle_lo, self.angle_hi, 1e-3,
                                                         math.pi - 1e-3, 1e-2)):
@@ -140,6 +191,8 @@ class InternalCoordinates(Representation):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Flow files saved before torsion offsets existed keep their meaning: offset 0.
         state_dict.setdefault(prefix + "torsion_offset", torch.zeros_like(self.torsion_offset))
+        state_dict.setdefault(prefix + "torsion_lo", torch.full_like(self.torsion_lo, -math.pi))
+        state_dict.setdefault(prefix + "torsion_hi", torch.full_like(self.torsion_hi, math.pi))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _jacobian_log(self, bonds, angles):
@@ -148,14 +201,15 @@ class InternalCoordinates(Representation):
 
     def _scale_log(self):
         return ((self.bond_hi - self.bond_lo).log().sum() + (self.angle_hi - self.angle_lo).log().sum()
-                + self.n_torsions * math.log(2 * math.pi))
+                + (self.torsion_hi - self.torsion_lo).log().sum())
 
     def to_flow_space(self, x):
         x = self.positions(x)
         bonds, angles, torsions = self.internal(x)
         u = torch.cat([(bonds - self.bond_lo) / (self.bond_hi - self.bond_lo),
                        (angles - self.angle_lo) / (self.angle_hi - self.angle_lo),
-                       torch.remainder((torsions - self.torsion_offset + math.pi) / (2 * math.pi), 1.0)], dim=-1)
+                       (_wrap(torsions - self.torsion_offset) - self.torsion_lo)
+                       / (self.torsion_hi - self.torsion_lo)], dim=-1)
         return u, -self._jacobian_log(bonds, angles) - self._scale_log()
 
     def from_flow_space(self, y):
@@ -163,7 +217,7 @@ class InternalCoordinates(Representation):
         nb, na = self.n_bonds, self.n_angles
         bonds = self.bond_lo + (self.bond_hi - self.bond_lo) * u[:, :nb]
         angles = self.angle_lo + (self.angle_hi - self.angle_lo) * u[:, nb:nb + na]
-        torsions = 2 * math.pi * u[:, nb + na:] - math.pi + self.torsion_offset
+        torsions = self.torsion_offset + self.torsion_lo + (self.torsion_hi - self.torsion_lo) * u[:, nb + na:]
         batch = u.shape[0]
         zeros = u.new_zeros(batch)
         s0, s1, s2 = self.zmatrix.seeds

@@ -2,8 +2,11 @@
 
 A Z-matrix has three seed atoms (s0, s1, s2: a bonded chain fixing the reference frame) and one row
 (i, j, k, l) per remaining atom: atom i is placed at bond length |ij|, angle i-j-k and torsion i-j-k-l
-from atoms placed before it. j is always bonded to i and k to j; l is bonded to k (proper torsion) when
-possible, else to j (improper torsion).
+from atoms placed before it. j is always bonded to i and k to j. Along the backbone spine l is bonded to k
+(proper torsions: phi, psi, omega are coordinates). Off the spine, l is an already placed neighbour of j
+when there is one ("improper first", as bgmol's templates do: HB2 by HB2-CB-CA-HB1), else a neighbour of
+k. So each branching atom is placed relative to its placed siblings: those torsions are narrow and
+unimodal, and only the backbone and one torsion per rotor (e.g. one H of each methyl) stay wide.
 
 Construction: a backbone "spine" is laid first (N-CA-C of every amino-acid residue in order, extended at
 both ends by the longest heavy-atom branch, which brings in ACE/NME caps or charged termini; without
@@ -175,7 +178,7 @@ def build_zmatrix(n_atoms: int, bonds, heavy=None, residues=None) -> ZMatrix:
         improper = [a for a in adjacency[j] if a in rank and a not in (i, k)]
         if not proper and not improper:
             raise ValueError(f"cannot place atom {i}: no torsion reference near atoms {j}, {k}")
-        place(i, j, k, best(proper) if proper else best(improper))
+        place(i, j, k, best(improper) if improper else best(proper))
     return ZMatrix(n_atoms, seeds, tuple(rows))
 
 
