@@ -3,6 +3,7 @@
     >>> from regflow_mm.export import flow_force
     >>> system.addForce(flow_force(flow, backend="torch", force_group=1))
 """
+from .check import check_flow_force
 from .forces import BACKENDS, FlowEnergyModule, export_torchscript, flow_force
 
-__all__ = ["BACKENDS", "FlowEnergyModule", "export_torchscript", "flow_force"]
+__all__ = ["BACKENDS", "FlowEnergyModule", "check_flow_force", "export_torchscript", "flow_force"]

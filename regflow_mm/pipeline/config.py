@@ -68,6 +68,28 @@ def load_config(path: str | Path | None) -> dict:
     return validate(raw, str(path))
 
 
+def train_settings(config: dict, method: str | None = None) -> dict:
+    """The one mapping of a validated pipeline config onto ``TrainConfig`` settings (flat names).
+
+    [train] with [flow] (representation, architecture, hyper), [run] (seed, device) and [system];
+    ``method`` (the baseline's): the RegFlow-only settings (``TrainConfig.regflow_only()``) are left
+    out, so tuning the teacher or the pairs does not change the baseline's settings (nor its cache key).
+    The result is checked by ``TrainConfig.from_dict`` here, before any stage runs.
+    """
+    from ..training.trainer import TrainConfig
+
+    train = dict(config["train"])
+    if method is not None:
+        train = {k: v for k, v in train.items() if k not in TrainConfig.regflow_only()}
+        train["method"] = method
+    flow = config["flow"]
+    settings = {**train, "representation": flow["representation"], "architecture": flow["architecture"],
+                "hyper": {"layers": flow["layers"], "hidden": flow["hidden"]}, "seed": config["run"]["seed"],
+                "device": config["run"]["device"], "system": config["system"]["name"]}
+    TrainConfig.from_dict(settings)
+    return settings
+
+
 def _checked(value, default, where):
     expected = type(default)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):

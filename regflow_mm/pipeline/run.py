@@ -1,6 +1,10 @@
 """The end-to-end job: MD -> RegFlow (teacher CNF, reflow pairs, student) and an MLE baseline ->
 evaluation -> hybrid MD/flow Monte Carlo -> reweighted free energy -> exported OpenMM force -> report.
 
+Orchestration only: each stage calls the layer that does the work (``data.simulate``,
+``training.run_training``, ``training.evaluation``, ``sampling``, ``export.check``) and its figures
+come from ``training.plots``; the config reaches the trainer through ``config.train_settings``.
+
 Every stage is cached (see ``stages.py``): re-running with the same config does no work, an
 interrupted run continues where it stopped (MD and training resume from their own checkpoints).
 """
@@ -13,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import load_config
+from .config import load_config, train_settings
 from .stages import Stage, StagedRun
 
 log = logging.getLogger(__name__)
@@ -22,8 +26,6 @@ log = logging.getLogger(__name__)
 # produces, so existing runs retrain instead of reusing flows made by the old code.
 # 2: internal coordinates centre each torsion mid-box (fitted circular-mean offsets).
 TRAIN_CODE_VERSION = 2
-
-REGFLOW_ONLY = ("target", "teacher_steps", "n_pairs", "ode_method", "regularizer", "lambda_r", "lambda_n")
 
 
 def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bool = True) -> Path:
@@ -43,15 +45,13 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
 
     run.run(Stage("md", lambda f, i: _md(f, system_name, config["md"], seed, progress),
                   {"system": system_name, "seed": seed, **config["md"]}))
-    train_settings = _train_settings(config, config["train"])
-    run.run(Stage("train_regflow", lambda f, i: _train(f, i["md"], train_settings, progress),
-                  {**train_settings, "code_version": TRAIN_CODE_VERSION}, needs=("md",)))
+    regflow = train_settings(config)
+    run.run(Stage("train_regflow", lambda f, i: _train(f, i["md"], regflow, progress),
+                  {**regflow, "code_version": TRAIN_CODE_VERSION}, needs=("md",)))
     flows = {"regflow": "train_regflow"}
     if config["baseline"]["enabled"]:
-        # The baseline shares architecture, optimiser and budget; RegFlow-only settings stay out of
-        # its cache key, so tuning the teacher or the pairs does not retrain the baseline.
-        shared = {k: v for k, v in config["train"].items() if k not in REGFLOW_ONLY}
-        baseline = _train_settings(config, {**shared, "method": config["baseline"]["method"]})
+        # The baseline shares architecture, optimiser and budget (not the RegFlow-only settings).
+        baseline = train_settings(config, method=config["baseline"]["method"])
         run.run(Stage("train_baseline", lambda f, i: _train(f, i["md"], baseline, progress),
                       {**baseline, "code_version": TRAIN_CODE_VERSION}, needs=("md",)))
         flows[config["baseline"]["method"]] = "train_baseline"
@@ -72,13 +72,6 @@ def _check_system(name: str) -> None:
     from ..systems import get_system
 
     get_system(name)  # fails early, with the clear message, on an unknown system
-
-
-def _train_settings(config: dict, train: dict) -> dict:
-    flow = config["flow"]
-    return {**train, "representation": flow["representation"], "architecture": flow["architecture"],
-            "hyper": {"layers": flow["layers"], "hidden": flow["hidden"]}, "seed": config["run"]["seed"],
-            "device": config["run"]["device"], "system": config["system"]["name"]}
 
 
 # ----------------------------------------------------------------------------------------------- stages
@@ -148,12 +141,12 @@ def _finite_or_inf(value) -> float:
 
 
 def _mc(folder: Path, inputs: dict, system_name: str, mc: dict, seed: int, progress: bool) -> dict:
+    import h5py
+
     from ..sampling.hybrid import hybrid_summary, run_hybrid_mc
     from ..systems import get_system
     from ..systems.platforms import resolve_platform
-    from matplotlib.figure import Figure
-
-    from ..training.plots import _save
+    from ..training.plots import mc_trace_plot
 
     system = get_system(system_name)
     started = time.process_time()
@@ -161,26 +154,11 @@ def _mc(folder: Path, inputs: dict, system_name: str, mc: dict, seed: int, progr
                   n_walkers=mc["n_walkers"], md_steps=mc["md_steps_per_iteration"], seed=seed,
                   platform=resolve_platform("auto", system.n_atoms, system.system), progress=progress)
     summary = hybrid_summary(folder / "mc.h5")
-    import h5py
-
     with h5py.File(folder / "mc.h5", "r") as fh:
         positions = fh["positions"][: int(fh.attrs["n_iterations"])]
     name, _ = _phi(system, positions[:, 0])
-    fig = Figure(figsize=(10, 3.2), layout="constrained")
-    axes = fig.subplots(1, 2)
-    for w in range(positions.shape[1]):
-        axes[0].plot(np.degrees(_phi(system, positions[:, w])[1]), ".", ms=2, label=f"walker {w}")
-    axes[0].set(xlabel="iteration", ylabel=f"{name} (deg)", ylim=(-180, 180), title="hybrid MC trace")
-    axes[0].legend(fontsize=7)
-    counters = summary["counters"]
-    labels = ["accepted", "rejected\n(Metropolis)", "rejected\n(non-finite)", "rejected\n(chirality)"]
-    totals = [sum(c["n_accepted"] for c in counters),
-              sum(c["n_proposed"] - c["n_accepted"] - c["n_rejected_nonfinite"] - c["n_rejected_chirality"]
-                  for c in counters),
-              sum(c["n_rejected_nonfinite"] for c in counters), sum(c["n_rejected_chirality"] for c in counters)]
-    axes[1].bar(labels, totals, color=["tab:green", "tab:gray", "tab:red", "tab:orange"])
-    axes[1].set(title=f"flow proposals (acceptance {summary['acceptance']:.2%})", ylabel="count")
-    _save(fig, folder / "mc_trace.png")
+    angles = np.stack([_phi(system, positions[:, w])[1] for w in range(positions.shape[1])], axis=1)
+    mc_trace_plot(folder / "mc_trace.png", name, angles, summary["counters"], summary["acceptance"])
     summary.pop("settings", None)
     return {**summary, "cpu_s": time.process_time() - started, "figure": "mc_trace.png"}
 
@@ -189,11 +167,9 @@ def _free_energy(folder: Path, inputs: dict, settings: dict, seed: int, progress
     from ..data import load_dataset
     from ..energy import EnergyEvaluator
     from ..flows import load_flow
-    from ..sampling.free_energy import state_delta_f
+    from ..sampling.free_energy import md_state_delta_f, state_delta_f
     from ..sampling.reweighting import draw_weighted_samples
-    from matplotlib.figure import Figure
-
-    from ..training.plots import _save
+    from ..training.plots import free_energy_plot
 
     data = load_dataset(inputs["md"]["dataset"])
     system = data.system
@@ -210,77 +186,24 @@ def _free_energy(folder: Path, inputs: dict, settings: dict, seed: int, progress
         result["flow"] = state_delta_f(log_w, phi < 0, phi > 0)
     except ValueError as err:
         result["flow"] = {"error": str(err)}
-    result["md"] = _md_delta_f(phi_md > 0, block=max(len(phi_md) // 20, 1))
-
-    fig = Figure(figsize=(5, 3.2), layout="constrained")
-    ax = fig.subplots()
-    for i, (label, est) in enumerate((("flow (reweighted)", result["flow"]), ("MD (counting)", result["md"]))):
-        if "delta_f" in est and np.isfinite(est["delta_f"]):
-            ax.errorbar([i], [est["delta_f"]], yerr=[est["ddelta_f"]], fmt="o", capsize=5)
-    ax.set_xticks([0, 1], ["flow (reweighted)", "MD (counting)"])
-    ax.set(ylabel=f"dF({name}<0 -> {name}>0) (kT)", title="free-energy difference", xlim=(-0.6, 1.6))
-    _save(fig, folder / "free_energy.png")
+    result["md"] = md_state_delta_f(phi_md > 0, block=max(len(phi_md) // 20, 1))
+    free_energy_plot(folder / "free_energy.png", [("flow (reweighted)", result["flow"]), ("MD (counting)", result["md"])],
+                     ylabel=f"dF({name}<0 -> {name}>0) (kT)")
     result["figure"] = "free_energy.png"
     return result
 
 
-def _md_delta_f(positive: np.ndarray, block: int) -> dict:
-    """dF = -ln(p/(1-p)) from MD state populations, error by block averaging (n blocks of ``block``)."""
-    p = float(positive.mean())
-    n_blocks = len(positive) // block
-    blocks = positive[: n_blocks * block].reshape(n_blocks, block).mean(axis=1)
-    dp = float(blocks.std(ddof=1) / np.sqrt(n_blocks)) if n_blocks > 1 else float("nan")
-    if p in (0.0, 1.0):
-        return {"p_b": p, "n_frames": int(len(positive)), "error": "MD visited only one state: no estimate"}
-    return {"delta_f": -float(np.log(p / (1 - p))), "ddelta_f": dp / (p * (1 - p)), "p_b": p, "dp_b": dp,
-            "n_frames": int(len(positive)), "block_frames": int(block)}
-
-
 def _export(folder: Path, inputs: dict, settings: dict, seed: int) -> dict:
-    import openmm
-    import torch
-    from openmm import unit
-
     from ..data import load_dataset
-    from ..export.forces import flow_force
+    from ..export.check import check_flow_force
     from ..flows import load_flow
 
     data = load_dataset(inputs["md"]["dataset"])
-    system = data.system
-    flow = load_flow(inputs["evaluate"]["downstream"]["flow"], system=system)
-    force = flow_force(flow, backend=settings["backend"], path=folder / "model.pt")
-    flow_system = openmm.System()
-    for i in range(system.system.getNumParticles()):
-        flow_system.addParticle(system.system.getParticleMass(i))
-    flow_system.addForce(force)
-    integrator = openmm.LangevinMiddleIntegrator(system.temperature, 1.0, 0.001)
-    integrator.setRandomNumberSeed(seed)
-    context = openmm.Context(flow_system, integrator, openmm.Platform.getPlatformByName("Reference"))
-
-    test = data.split("test")[:8].astype(np.float64)
-    exported, reference = [], flow.double().energy(torch.as_tensor(test)).detach().numpy()
-    for x in test:
-        context.setPositions(x)
-        exported.append(context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
-    rel = float(np.max(np.abs(np.array(exported) - reference) / np.maximum(np.abs(reference), 1.0)))
-
-    context.setPositions(test[0])
-    context.setVelocitiesToTemperature(system.temperature, seed)
-    energies, started = [], time.perf_counter()
-    for _ in range(max(settings["md_steps"] // 10, 1)):
-        integrator.step(10)
-        energies.append(context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
-    seconds = time.perf_counter() - started
-    energies = np.array(energies)
-    finite = energies[np.isfinite(energies)]
-    first_bad = np.flatnonzero(~np.isfinite(energies))
-    return {"backend": settings["backend"], "model": str(folder / "model.pt") if settings["backend"] == "torch" else None,
-            "max_rel_energy_error": rel, "md_steps": int(len(energies) * 10), "md_seconds": seconds,
-            "md_finite": bool(finite.size == energies.size),
-            "first_nonfinite_step": int((first_bad[0] + 1) * 10) if first_bad.size else None,
-            "flow_energy_mean": float(finite.mean()) if finite.size else None,
-            "flow_energy_std": float(finite.std()) if finite.size else None,
-            "ns_per_day": len(energies) * 10 * 1e-6 * 86400 / seconds}
+    flow = load_flow(inputs["evaluate"]["downstream"]["flow"], system=data.system)
+    torch_backend = settings["backend"] == "torch"
+    result = check_flow_force(flow, data.system, data.split("test")[:8], settings["backend"], settings["md_steps"],
+                              seed, model_path=folder / "model.pt")
+    return {"backend": settings["backend"], "model": str(folder / "model.pt") if torch_backend else None, **result}
 
 
 def _phi(system, positions) -> tuple[str, np.ndarray]:

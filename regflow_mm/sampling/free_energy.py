@@ -140,3 +140,21 @@ def _check_work(w: np.ndarray, what: str) -> None:
         raise ValueError(f"{what} contains NaN: check the reduced energies")
     if math.isinf(float(np.min(w))) and np.min(w) < 0:
         raise ValueError(f"{what} contains -inf: a sample has infinite energy in its own state")
+
+
+def md_state_delta_f(in_b, block: int) -> dict:
+    """Delta F_{A->B} = -ln(p / (1 - p)) (kT) from an MD time series of membership in B (A = not B).
+
+    ``in_b`` (T,) bool per frame; the error of p comes from block averaging over T // ``block`` blocks of
+    ``block`` frames. Returns {"delta_f", "ddelta_f", "p_b", "dp_b", "n_frames", "block_frames"}, or
+    {"p_b", "n_frames", "error"} when MD visited only one state.
+    """
+    positive = np.asarray(in_b, dtype=bool)
+    p = float(positive.mean())
+    n_blocks = len(positive) // block
+    blocks = positive[: n_blocks * block].reshape(n_blocks, block).mean(axis=1)
+    dp = float(blocks.std(ddof=1) / np.sqrt(n_blocks)) if n_blocks > 1 else float("nan")
+    if p in (0.0, 1.0):
+        return {"p_b": p, "n_frames": int(len(positive)), "error": "MD visited only one state: no estimate"}
+    return {"delta_f": -float(np.log(p / (1 - p))), "ddelta_f": dp / (p * (1 - p)), "p_b": p, "dp_b": dp,
+            "n_frames": int(len(positive)), "block_frames": int(block)}

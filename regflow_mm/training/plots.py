@@ -119,3 +119,41 @@ def training_curves(path: str | Path, records: Sequence[dict], keys: Sequence[st
         ax.set_xlabel(x_key)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def mc_trace_plot(path: str | Path, torsion_name: str, angles: np.ndarray, counters: Sequence[dict],
+                  acceptance: float) -> Path:
+    """Write a PNG of a hybrid-MC run: a torsion (rad) per walker over iterations, and the fate of the
+    flow proposals.
+
+    ``angles`` (T, W) rad; ``counters``: one dict per walker with n_proposed, n_accepted,
+    n_rejected_nonfinite, n_rejected_chirality (``sampling.hybrid_summary``); ``acceptance`` overall.
+    """
+    angles = np.asarray(angles)
+    fig = Figure(figsize=(10, 3.2), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for w in range(angles.shape[1]):
+        axes[0].plot(np.degrees(angles[:, w]), ".", ms=2, label=f"walker {w}")
+    axes[0].set(xlabel="iteration", ylabel=f"{torsion_name} (deg)", ylim=(-180, 180), title="hybrid MC trace")
+    axes[0].legend(fontsize=7)
+    labels = ["accepted", "rejected\n(Metropolis)", "rejected\n(non-finite)", "rejected\n(chirality)"]
+    totals = [sum(c["n_accepted"] for c in counters),
+              sum(c["n_proposed"] - c["n_accepted"] - c["n_rejected_nonfinite"] - c["n_rejected_chirality"]
+                  for c in counters),
+              sum(c["n_rejected_nonfinite"] for c in counters), sum(c["n_rejected_chirality"] for c in counters)]
+    axes[1].bar(labels, totals, color=["tab:green", "tab:gray", "tab:red", "tab:orange"])
+    axes[1].set(title=f"flow proposals (acceptance {acceptance:.2%})", ylabel="count")
+    return _save(fig, path)
+
+
+def free_energy_plot(path: str | Path, estimates: Sequence[tuple[str, dict]], ylabel: str) -> Path:
+    """Write a PNG comparing free-energy estimates: ``estimates`` [(label, {"delta_f", "ddelta_f"} kT)];
+    an estimate without a finite ``delta_f`` (e.g. {"error": ...}) is left out of the plot."""
+    fig = Figure(figsize=(5, 3.2), layout="constrained")
+    ax = fig.subplots()
+    for i, (_, est) in enumerate(estimates):
+        if "delta_f" in est and np.isfinite(est["delta_f"]):
+            ax.errorbar([i], [est["delta_f"]], yerr=[est["ddelta_f"]], fmt="o", capsize=5)
+    ax.set_xticks(list(range(len(estimates))), [label for label, _ in estimates])
+    ax.set(ylabel=ylabel, title="free-energy difference", xlim=(-0.6, len(estimates) - 0.4))
+    return _save(fig, path)

@@ -25,7 +25,7 @@ import math
 import random
 import signal
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -52,8 +52,80 @@ class TrainingDiverged(RuntimeError):
 
 
 @dataclass
+class TeacherSettings:
+    """The reflow teacher: a flow-matching CNF (``cnf.py``). RegFlow-only."""
+
+    teacher_steps: int = 3000
+    teacher_hidden: int = 256
+    teacher_layers: int = 3
+    teacher_batch_size: int = 256
+    teacher_lr: float = 1e-3
+    teacher_coupling: str = "minibatch_ot"
+
+
+@dataclass
+class CouplingSettings:
+    """The (latent, data) pairs RegFlow regresses on (``couplings.py``): reflow ODE or OT. RegFlow-only."""
+
+    target: str = "reflow"
+    n_pairs: int | None = None
+    ode_method: str = "dopri5"
+    ode_rtol: float = 1e-5
+    ode_atol: float = 1e-5
+    ode_steps: int = 50
+    ot_method: str = "exact"
+    ot_block_size: int = 4096
+    pair_chunk_size: int = 10_000
+    pair_workers: int = 0
+
+
+@dataclass
+class OptimSettings:
+    """The optimisation loop: budget, batches, AdamW, EMA, schedule, seed, precision, checkpoints."""
+
+    epochs: int = 20
+    max_steps: int | None = None
+    time_budget_s: float | None = None
+    batch_size: int = 256
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    grad_clip: float = 10.0
+    lr_schedule: str = "constant"
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "auto"
+    log_every: int = 50
+    checkpoint_every: int = 500
+
+
+@dataclass
+class ValidationSettings:
+    """Per-epoch validation against held-out MD (``evaluation.py``) and its energy evaluator."""
+
+    val_every_epochs: int = 1
+    val_samples: int = 2000
+    val_torsion_samples: int = 2000
+    energy_workers: int = 0
+    energy_platform: str = "Reference"
+
+
+_GROUPS = {"teacher": TeacherSettings, "couplings": CouplingSettings, "optim": OptimSettings,
+           "validation": ValidationSettings}
+# Objective settings that only RegFlow's regression loss reads (with the teacher and coupling groups).
+_REGFLOW_OBJECTIVE = ("regularizer", "lambda_r", "lambda_n")
+
+
+@dataclass(init=False)
 class TrainConfig:
-    """Everything that defines a training run (saved verbatim as ``config.json`` with the run).
+    """Everything that defines a training run (saved verbatim, flat, as ``config.json`` with the run).
+
+    The settings live in groups: what to train and the objective here, ``teacher``
+    (TeacherSettings), ``couplings`` (CouplingSettings), ``optim`` (OptimSettings) and ``validation``
+    (ValidationSettings). Construction, ``from_dict``/``to_dict``, CLI flags and config files use the
+    flat names (``TrainConfig(batch_size=64, teacher_steps=100)``); reading a flat name
+    (``config.batch_size``) reads it from its group (``config.optim.batch_size``).
 
     Units: lambda_* are dimensionless weights on losses in flow-space units^2 (regression),
     nats (NLL), (kT/nm)^2 (force matching) and kT (reverse KL); time budgets in CPU seconds.
@@ -71,7 +143,6 @@ class TrainConfig:
     architecture: str = "nsf"
     hyper: dict = field(default_factory=dict)
     method: str = "regflow"
-    target: str = "reflow"
     # objective
     regularizer: str = "logdet"
     lambda_r: float = 1e-6
@@ -81,44 +152,40 @@ class TrainConfig:
     kl_energy_cap_kT: float | None = None
     w_nll: float = 1.0
     w_fm: float = 1.0
-    # optimisation
-    epochs: int = 20
-    max_steps: int | None = None
-    time_budget_s: float | None = None
-    batch_size: int = 256
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    ema_decay: float = 0.999
-    ema_warmup: bool = True
-    grad_clip: float = 10.0
-    lr_schedule: str = "constant"
-    seed: int = 0
-    dtype: str = "float32"
-    device: str = "auto"
-    # bookkeeping
-    log_every: int = 50
-    checkpoint_every: int = 500
-    val_every_epochs: int = 1
-    val_samples: int = 2000
-    val_torsion_samples: int = 2000
-    energy_workers: int = 0
-    energy_platform: str = "Reference"
-    # reflow teacher and couplings
-    n_pairs: int | None = None
-    teacher_steps: int = 3000
-    teacher_hidden: int = 256
-    teacher_layers: int = 3
-    teacher_batch_size: int = 256
-    teacher_lr: float = 1e-3
-    teacher_coupling: str = "minibatch_ot"
-    ode_method: str = "dopri5"
-    ode_rtol: float = 1e-5
-    ode_atol: float = 1e-5
-    ode_steps: int = 50
-    ot_method: str = "exact"
-    ot_block_size: int = 4096
-    pair_chunk_size: int = 10_000
-    pair_workers: int = 0
+    # groups
+    teacher: TeacherSettings = field(default_factory=TeacherSettings)
+    couplings: CouplingSettings = field(default_factory=CouplingSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
+
+    def __init__(self, **settings):
+        for name, cls in _GROUPS.items():
+            group = settings.pop(name, None)
+            group = cls(**group) if isinstance(group, dict) else (group or cls())
+            own = {f.name for f in fields(cls)}
+            flat = {k: settings.pop(k) for k in list(settings) if k in own}
+            object.__setattr__(self, name, replace(group, **flat))
+        for f in fields(self):
+            if f.name in _GROUPS:
+                continue
+            if f.name in settings:
+                value = settings.pop(f.name)
+            else:
+                value = f.default_factory() if f.default_factory is not MISSING else f.default
+            object.__setattr__(self, f.name, value)
+        if settings:
+            raise TypeError(f"TrainConfig got unexpected settings {sorted(settings)}")
+        self.__post_init__()
+
+    def __getattr__(self, name):
+        # Only called when normal lookup fails: flat names of the grouped settings.
+        if name.startswith("__") or name in _GROUPS:
+            raise AttributeError(name)
+        for group in _GROUPS:
+            values = self.__dict__.get(group)
+            if values is not None and name in values.__dataclass_fields__:
+                return getattr(values, name)
+        raise AttributeError(f"TrainConfig has no setting {name!r}")
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -138,15 +205,32 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
     @classmethod
+    def setting_names(cls) -> list[str]:
+        """Every flat setting name (the keys of ``to_dict``, CLI ``--set`` and config files)."""
+        names = [f.name for f in fields(cls) if f.name not in _GROUPS]
+        return names + [f.name for group in _GROUPS.values() for f in fields(group)]
+
+    @classmethod
+    def regflow_only(cls) -> tuple[str, ...]:
+        """Settings only RegFlow reads (teacher, couplings, regression objective): an MLE or NLL+FM
+        baseline ignores them."""
+        return (*(f.name for f in fields(TeacherSettings)), *(f.name for f in fields(CouplingSettings)),
+                *_REGFLOW_OBJECTIVE)
+
+    @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
+        known = set(cls.setting_names()) | set(_GROUPS)
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
+            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known - set(_GROUPS))}")
         return cls(**values)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Flat dict of every setting."""
+        flat = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _GROUPS}
+        for group in _GROUPS:
+            flat.update(asdict(getattr(self, group)))
+        return flat
 
     @property
     def torch_dtype(self) -> torch.dtype:
