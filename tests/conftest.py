@@ -14,3 +14,11 @@ torch.set_num_threads(1)
 def _seed():
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def aldp():
+    """The built-in alanine dipeptide system (cached by ``get_system``; treat it as read-only)."""
+    from regflow_mm.systems import get_system
+
+    return get_system("aldp")

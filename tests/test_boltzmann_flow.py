@@ -14,11 +14,6 @@ TINY = {"resnvp": dict(layers=2, hidden=16, blocks=1), "nsf": dict(layers=2, hid
 
 
 @pytest.fixture(scope="module")
-def aldp():
-    return get_system("aldp")
-
-
-@pytest.fixture(scope="module")
 def train_positions(aldp):
     """Perturbed copies of the minimised structure (B, 22, 3) nm, float64."""
     gen = np.random.default_rng(0)

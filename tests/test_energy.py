@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from regflow_mm.energy import EnergyEvaluator, EnergyWorkerError
-from regflow_mm.systems import get_system
 
 K_SPRING = 250.0  # kJ/mol/nm^2
 TEMPERATURE = 300.0  # K
@@ -67,11 +66,6 @@ def _context_loop(system, x, platform="Reference", properties=None):
         energies.append(state.getPotentialEnergy().value_in_unit(openmm.unit.kilojoule_per_mole))
         forces.append(state.getForces(asNumpy=True).value_in_unit(openmm.unit.kilojoule_per_mole / openmm.unit.nanometer))
     return np.array(energies), np.array(forces)
-
-
-@pytest.fixture(scope="module")
-def aldp():
-    return get_system("aldp")
 
 
 @pytest.fixture(scope="module")

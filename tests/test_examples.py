@@ -20,15 +20,9 @@ from regflow_mm.energy import EnergyEvaluator
 from regflow_mm.flows import build_flow
 from regflow_mm.sampling.free_energy import state_delta_f
 from regflow_mm.sampling.reweighting import draw_weighted_samples, weighted_mean
-from regflow_mm.systems import get_system
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NUMBER = r"([-+0-9.eE]+|nan|inf|-inf)"
-
-
-@pytest.fixture(scope="module")
-def aldp():
-    return get_system("aldp")
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,8 @@ from openmm import unit
 from regflow_mm.export import flow_force
 from regflow_mm.export.cli import register
 from regflow_mm.flows import build_flow
-from regflow_mm.systems import get_system
 
 RTOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def aldp():
-    return get_system("aldp")
 
 
 @pytest.fixture(scope="module")

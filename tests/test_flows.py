@@ -9,7 +9,6 @@ from regflow_mm.flows import (ElementwiseAffine, NormalCDF, SequentialFlow, Stan
 from regflow_mm.flows.autoregressive import AutoregressiveSpline
 from regflow_mm.flows.realnvp import AffineCoupling
 from regflow_mm.flows.splines import SplineCoupling
-from regflow_mm.systems import get_system
 
 ARCHS = ["resnvp", "nsf", "ar-nsf"]
 TINY = {"resnvp": dict(layers=2, hidden=16, blocks=1), "nsf": dict(layers=2, hidden=16, blocks=1, bins=4),
@@ -23,11 +22,6 @@ def randomise(module, scale, seed=0):
         for p in module.parameters():
             p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     return module
-
-
-@pytest.fixture(scope="module")
-def aldp():
-    return get_system("aldp")
 
 
 def aldp_flow(aldp, rep, arch, scale=0.1):

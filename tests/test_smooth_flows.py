@@ -391,12 +391,6 @@ def test_force_matching_loss_decreases_on_toy(analytic):
 
 # ------------------------------------------------------------------------- aldp smooth Boltzmann generator
 
-@pytest.fixture(scope="module")
-def aldp():
-    systems = pytest.importorskip("regflow_mm.systems")
-    return systems.get_system("aldp")
-
-
 def _aldp_flow(aldp, analytic):
     from regflow_mm.flows.factory import build_flow
     flow = build_flow(aldp, "internal", "smooth", n_layers=2, n_components=4, hidden=[16], analytic=analytic,
