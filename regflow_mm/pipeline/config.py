@@ -9,6 +9,8 @@ import copy
 import tomllib
 from pathlib import Path
 
+from ..files import require_file
+
 # section -> key -> default (the default's type is the required type; None means "str or unset").
 SCHEMA: dict[str, dict] = {
     # threads: torch CPU threads; 1 is fastest for these small networks on a shared CPU.
@@ -58,9 +60,7 @@ def load_config(path: str | Path | None) -> dict:
     """The validated config of a TOML file (``None``: all defaults, the aldp CPU demo)."""
     if path is None:
         return default_config()
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pipeline config {path} not found (examples are in examples/*.toml)")
+    path = require_file(path, "pipeline config", " (examples are in examples/*.toml)")
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:

@@ -17,6 +17,8 @@ import numpy as np
 import openmm
 from openmm import app, unit
 
+from ..files import require_file
+
 MOLAR_GAS_CONSTANT = 0.00831446261815324  # kJ/(mol K)
 
 _NONBONDED = {
@@ -53,10 +55,7 @@ class SystemSpec:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "SystemSpec":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"system spec {path} not found: give a TOML file or a built-in name "
-                                    "(see `regflow-mm systems`)")
+        path = require_file(path, "system spec", ": give a TOML file or a built-in name (see `regflow-mm systems`)")
         try:
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as err:
@@ -107,9 +106,7 @@ class MolecularSystem:
     def __init__(self, spec: SystemSpec):
         self.spec = spec
         self.name = spec.name
-        pdb_path = Path(spec.pdb)
-        if not pdb_path.is_file():
-            raise FileNotFoundError(f"system {spec.name!r}: structure file {pdb_path} not found")
+        pdb_path = require_file(spec.pdb, f"system {spec.name!r}: structure file")
         try:
             pdb = app.PDBFile(str(pdb_path))
         except Exception as err:  # OpenMM raises bare Exceptions/ValueErrors on bad PDBs

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..files import check_resume_settings
+from ..files import check_resume_settings, require_file
 from .cnf import FlowMatchingConfig, SolverOptions, TeacherCNF, VelocityMLP, train_flow_matching
 from .couplings import generate_ot_pairs, generate_reflow_pairs, load_pairs, tensor_hash
 from .distributed import DistInfo, barrier, init_distributed, shutdown
@@ -35,9 +35,7 @@ from .trainer import RESUMABLE_CHANGES, TrainConfig, Trainer
 
 def load_config_file(path: str | Path) -> dict:
     """Settings from a .json or .toml file (keys are TrainConfig fields)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found")
+    path = require_file(path, "config file")
     if path.suffix == ".toml":
         import tomllib
         with open(path, "rb") as fh:
@@ -90,13 +88,15 @@ def prepare_pairs(config: TrainConfig, flow, y_train: torch.Tensor, out_dir: Pat
     prior = flow.prior
     if config.target == "ot":
         t = time.perf_counter()
-        path = generate_ot_pairs(y_train, prior, out_dir / "pairs_ot.h5", method=config.ot_method, seed=config.seed,
-                                 block_size=config.ot_block_size, chunk_size=config.pair_chunk_size,
+        pairs = config.couplings
+        path = generate_ot_pairs(y_train, prior, out_dir / "pairs_ot.h5", method=pairs.ot_method, seed=config.seed,
+                                 block_size=pairs.ot_block_size, chunk_size=pairs.pair_chunk_size,
                                  progress=progress)
         info.setdefault("pairs_s", time.perf_counter() - t)
         return path
     teacher_path = out_dir / "teacher.pt"
-    solver = SolverOptions(config.ode_method, config.ode_rtol, config.ode_atol, config.ode_steps)
+    pairs, teacher = config.couplings, config.teacher
+    solver = SolverOptions(pairs.ode_method, pairs.ode_rtol, pairs.ode_atol, pairs.ode_steps)
     device = flow.device
     if teacher_path.exists():
         cnf = TeacherCNF.load(teacher_path, map_location=device).to(y_train.dtype)
@@ -105,22 +105,22 @@ def prepare_pairs(config: TrainConfig, flow, y_train: torch.Tensor, out_dir: Pat
         t = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            velocity = VelocityMLP(y_train.shape[1], config.teacher_hidden, config.teacher_layers)
+            velocity = VelocityMLP(y_train.shape[1], teacher.teacher_hidden, teacher.teacher_layers)
         velocity = velocity.to(device=device, dtype=y_train.dtype)
-        fm = FlowMatchingConfig(n_steps=config.teacher_steps, batch_size=config.teacher_batch_size,
-                                lr=config.teacher_lr, coupling=config.teacher_coupling, seed=config.seed)
+        fm = FlowMatchingConfig(n_steps=teacher.teacher_steps, batch_size=teacher.teacher_batch_size,
+                                lr=teacher.teacher_lr, coupling=teacher.teacher_coupling, seed=config.seed)
         log = train_flow_matching(velocity, y_train.to(device), prior, fm, progress=progress)
         cnf = TeacherCNF(velocity, solver)
         cnf.save(teacher_path, extra={"flow_matching": vars(fm), "log": log})
         info["teacher_train_s"] = time.perf_counter() - t
-    n_pairs = config.n_pairs or y_train.shape[0]
+    n_pairs = pairs.n_pairs or y_train.shape[0]
     t = time.perf_counter()
     # spawn, not fork: forking a process that already runs torch's thread pools can deadlock
-    executor = (ProcessPoolExecutor(config.pair_workers, mp_context=multiprocessing.get_context("spawn"))
-                if config.pair_workers > 0 else None)
+    executor = (ProcessPoolExecutor(pairs.pair_workers, mp_context=multiprocessing.get_context("spawn"))
+                if pairs.pair_workers > 0 else None)
     try:
         path = generate_reflow_pairs(cnf, prior, n_pairs, out_dir / "pairs_reflow.h5",
-                                     chunk_size=config.pair_chunk_size, seed=config.seed, solver=solver,
+                                     chunk_size=pairs.pair_chunk_size, seed=config.seed, solver=solver,
                                      dtype=y_train.dtype, executor=executor, progress=progress)
     finally:
         if executor is not None:
