@@ -270,7 +270,7 @@ def main() -> None:
 
 
 def kish_fraction(log_w):
-    from regflow_mm.training.metrics import kish_ess
+    from regflow_mm.importance import kish_ess
 
     return kish_ess(log_w)["ess"]
 

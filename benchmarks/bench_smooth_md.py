@@ -24,7 +24,6 @@ import openmm
 import torch
 from openmm import unit
 
-import regflow_mm.flows.smooth_coupling  # noqa: F401  registers the 'smooth' architecture
 from regflow_mm.data import load_dataset
 from regflow_mm.data.simulate import simulate
 from regflow_mm.energy import EnergyEvaluator

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from regflow_mm.sampling.free_energy import _pymbar
 from regflow_mm.training.couplings import ot_pairing
-from regflow_mm.training.metrics import kish_ess
+from regflow_mm.importance import kish_ess
 from regflow_mm.training.objectives import regflow_loss
 
 log = logging.getLogger(__name__)
