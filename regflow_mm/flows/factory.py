@@ -142,12 +142,16 @@ def build_flow(system_or_n_atoms, representation: str = "cartesian", architectur
         if seed is not None:
             torch.manual_seed(int(seed))
         rep = _make_representation(system_or_n_atoms, representation, options)
+        if dtype is not None:
+            rep = rep.to(dtype)
+        if fit_to is not None:
+            # Before the transform: fitting can decide the flow space's layout (which torsions are
+            # circles), which the couplings and the saved config must match.
+            rep.fit(fit_to)
         config = {"representation": rep.get_config(), "architecture": architecture, "hyper": dict(hyper)}
         transform, prior = get_architecture(architecture)(rep, **hyper)
         flow = BoltzmannFlow(rep, transform, prior, kT=float(kT), spec_hash=spec_hash, config=config)
     if dtype is not None:
         flow = flow.to(dtype)
-    if fit_to is not None:
-        flow.representation.fit(fit_to)
     return flow
 

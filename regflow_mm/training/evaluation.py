@@ -39,14 +39,18 @@ def evaluate_flow(flow, system, md_positions: np.ndarray, md_reduced_energy: np.
                   n_samples: int = 10_000, n_torsion: int | None = None, seed: int = 0,
                   energy_clip_kT: float | None = None, drop_top_fraction: float = 0.0,
                   n_invertibility: int = 512, chunk_size: int = 4096,
-                  plots_dir: str | Path | None = None, plot_prefix: str = "") -> dict[str, Any]:
-    """All metrics of ``flow`` against held-out MD frames.
+                  plots_dir: str | Path | None = None, plot_prefix: str = "",
+                  md_log_weights: np.ndarray | None = None, n_bootstrap: int = 0) -> dict[str, Any]:
+    """All metrics of ``flow`` against held-out reference frames (MD, or enhanced sampling with weights).
 
     ``md_positions`` (M, n_atoms, 3) nm and their reduced energies ``md_reduced_energy`` (M,) kT;
-    ``evaluator`` an EnergyEvaluator of ``system``. ``n_torsion`` caps both sides of T-W2 (default
-    min(n_samples, M, 10000); exact EMD memory grows as n^2). Returns flat scalar metrics (ess,
-    e_w1, e_w1_raw, t_w2, t_w2_raw, nll, d_fraction, d_fraction_md, invertibility_max_abs,
-    timings in s) plus ``details`` with the options and counts of each metric.
+    ``md_log_weights`` (M,) the frames' log-weights to the target ensemble (None: plain MD, equal
+    weights); ``evaluator`` an EnergyEvaluator of ``system``. ``n_torsion`` caps both sides of T-W2
+    (default min(n_samples, M, 10000); exact EMD memory grows as n^2). ``n_bootstrap`` > 0 adds a
+    bootstrap interval of the ESS (ess_p05, ess_p95). Returns flat scalar metrics (ess, e_w1,
+    e_w1_raw, t_w2, t_w2_raw, nll, d_fraction, d_fraction_md, above_max_fraction: raw samples with u
+    above the reference's highest, invertibility_max_abs, timings in s) plus ``details`` with the
+    options and counts of each metric.
     """
     check_spec_hash(flow.spec_hash, system, "the flow")
     md_positions = np.asarray(md_positions)
@@ -66,11 +70,16 @@ def evaluate_flow(flow, system, md_positions: np.ndarray, md_reduced_energy: np.
     out["n_nonfinite_energy"] = int((~np.isfinite(u)).sum())
     log_w = metrics.log_weights(log_q, u)
 
-    details["ess"] = metrics.kish_ess(log_w, drop_top_fraction=drop_top_fraction)
+    md_lw = None if md_log_weights is None else np.asarray(md_log_weights, dtype=np.float64)
+    details["ess"] = metrics.kish_ess(log_w, drop_top_fraction=drop_top_fraction, n_bootstrap=n_bootstrap,
+                                      seed=seed)
     out["ess"] = details["ess"]["ess"]
+    if n_bootstrap:
+        out["ess_p05"], out["ess_p95"] = details["ess"]["ess_fraction_p05"], details["ess"]["ess_fraction_p95"]
+    out["above_max_fraction"] = float(np.mean(~(u <= md_u.max())))  # non-finite energies count as above
     details["e_w1"] = metrics.energy_w1(md_u, u, log_w, seed=seed, energy_clip_kT=energy_clip_kT,
-                                        drop_top_fraction=drop_top_fraction)
-    details["e_w1_raw"] = metrics.energy_w1(md_u, u, None, energy_clip_kT=energy_clip_kT)
+                                        drop_top_fraction=drop_top_fraction, md_log_w=md_lw)
+    details["e_w1_raw"] = metrics.energy_w1(md_u, u, None, energy_clip_kT=energy_clip_kT, md_log_w=md_lw)
     out["e_w1"], out["e_w1_raw"] = details["e_w1"]["e_w1"], details["e_w1_raw"]["e_w1"]
 
     ang_flow, names = backbone_torsions(system, x)
@@ -78,8 +87,9 @@ def evaluate_flow(flow, system, md_positions: np.ndarray, md_reduced_energy: np.
     n_torsion = int(n_torsion or min(n_samples, md_u.size, 10_000))
     t = time.perf_counter()
     details["t_w2"] = metrics.torsion_w2(ang_md, ang_flow, log_w, n_resample=n_torsion, max_md=n_torsion,
-                                         seed=seed, drop_top_fraction=drop_top_fraction)
-    details["t_w2_raw"] = metrics.torsion_w2(ang_md, ang_flow[:n_torsion], None, max_md=n_torsion, seed=seed)
+                                         seed=seed, drop_top_fraction=drop_top_fraction, md_log_w=md_lw)
+    details["t_w2_raw"] = metrics.torsion_w2(ang_md, ang_flow[:n_torsion], None, max_md=n_torsion, seed=seed,
+                                             md_log_w=md_lw)
     out["t_w2_s"] = time.perf_counter() - t
     out["t_w2"], out["t_w2_raw"] = details["t_w2"]["t_w2"], details["t_w2_raw"]["t_w2"]
     details["torsions"] = names
@@ -89,7 +99,7 @@ def evaluate_flow(flow, system, md_positions: np.ndarray, md_reduced_energy: np.
     out["d_fraction_md"] = metrics.d_chirality_fraction(system.d_residues(md_positions))["d_fraction"]
 
     t = time.perf_counter()
-    details["nll"] = metrics.heldout_nll(flow, torch.as_tensor(md_positions, dtype=flow.dtype), chunk_size)
+    details["nll"] = metrics.heldout_nll(flow, torch.as_tensor(md_positions, dtype=flow.dtype), chunk_size, md_lw)
     out["nll_s"] = time.perf_counter() - t
     out["nll"] = details["nll"]["nll"]
 
@@ -102,8 +112,8 @@ def evaluate_flow(flow, system, md_positions: np.ndarray, md_reduced_energy: np.
         plots_dir = Path(plots_dir)
         i, j = ramachandran_pair(names)
         plots.ramachandran_plot(plots_dir / f"{plot_prefix}ramachandran.png", ang_md[:, [i, j]],
-                                ang_flow[:, [i, j]], log_w, labels=(names[i], names[j]))
-        plots.energy_histogram(plots_dir / f"{plot_prefix}energy_histogram.png", md_u, u, log_w)
+                                ang_flow[:, [i, j]], log_w, labels=(names[i], names[j]), md_log_w=md_lw)
+        plots.energy_histogram(plots_dir / f"{plot_prefix}energy_histogram.png", md_u, u, log_w, md_log_w=md_lw)
     out["details"] = details
     return out
 

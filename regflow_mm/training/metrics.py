@@ -10,6 +10,8 @@ reported number always carries the options that produced it.
   multinomially with w (seeded ``numpy`` generator).
 - ``torsion_w2``: sqrt of exact POT ``emd2`` on backbone torsions with the periodic ground cost
   sum_k min(|d_k|, 2 pi - |d_k|)^2.
+- Both take ``md_log_w``, the reference frames' own log-weights (enhanced-sampling data): the
+  reference side of the transport problem then carries those normalised weights exactly.
 - ``d_chirality_fraction``, ``heldout_nll``, ``invertibility_error``.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 import ot
 import torch
 
-from ..importance import drop_top, kish_ess, log_weights, resample  # noqa: F401  (log_weights, kish_ess: re-exported)
+from ..importance import drop_top, kish_ess, log_weights, normalized_weights, resample  # noqa: F401  (re-exports)
 
 
 def energy_w1(
@@ -33,9 +35,11 @@ def energy_w1(
     seed: int = 0,
     energy_clip_kT: float | None = None,
     drop_top_fraction: float = 0.0,
+    md_log_w: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """E-W1 in kT between held-out MD reduced energies and (weight-resampled) flow sample energies.
 
+    ``md_log_w`` (M,): log-weights of the MD frames (None: equal weights).
     ``u_md`` (M,), ``u_flow`` (N,), ``log_w`` (N,) or None for the raw (unweighted) flow samples.
     ``n_resample`` defaults to N; ``energy_clip_kT`` clamps both sets to [-c, c] before W1;
     ``drop_top_fraction`` drops the largest log-weights before resampling. Returns the metric
@@ -71,8 +75,20 @@ def energy_w1(
         c = float(energy_clip_kT)
         out["n_clipped"] = int((np.abs(sample) > c).sum() + (np.abs(ref) > c).sum())
         sample, ref = np.clip(sample, -c, c), np.clip(ref, -c, c)
-    out["e_w1"] = float(ot.emd2_1d(ref, sample, metric="euclidean"))  # POT default is sqeuclidean
+    ref_w = _reference_weights(md_log_w, ref.size)
+    out["md_weighted"] = ref_w is not None
+    out["e_w1"] = float(ot.emd2_1d(ref, sample, a=ref_w, metric="euclidean"))  # POT default is sqeuclidean
     return out
+
+
+def _reference_weights(md_log_w, m: int) -> np.ndarray | None:
+    """Normalised reference weights (m,) from log-weights, or None for equal weights."""
+    if md_log_w is None:
+        return None
+    md_log_w = np.asarray(md_log_w, dtype=np.float64)
+    if md_log_w.shape != (m,):
+        raise ValueError(f"md_log_w must have one entry per MD frame ({m}), got shape {md_log_w.shape}")
+    return normalized_weights(md_log_w)
 
 
 def torus_cost_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -97,9 +113,12 @@ def torsion_w2(
     max_md: int | None = None,
     seed: int = 0,
     drop_top_fraction: float = 0.0,
+    md_log_w: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """T-W2 in rad: sqrt(exact EMD) with the torus cost between MD and (resampled) flow torsions.
 
+    ``md_log_w`` (M,): log-weights of the MD frames (None: equal weights); a ``max_md`` subset keeps
+    its frames' renormalised weights.
     ``angles_md`` (M, k), ``angles_flow`` (N, k) rad; ``log_w`` (N,) or None (raw samples, those
     with NaN angles dropped and counted). ``max_md`` subsamples MD frames without replacement
     (seeded); ``n_resample`` defaults to N. Memory is M*N float64 (10k x 10k: 0.8 GB).
@@ -108,8 +127,13 @@ def torsion_w2(
     angles_flow = np.asarray(angles_flow, dtype=np.float64)
     rng = np.random.default_rng(seed + 1)
     out: dict[str, Any] = {"seed": int(seed), "max_md": max_md, "drop_top_fraction": float(drop_top_fraction)}
+    md_w = None if md_log_w is None else np.asarray(md_log_w, dtype=np.float64)
+    if md_w is not None and md_w.shape != (angles_md.shape[0],):
+        raise ValueError(f"md_log_w must have one entry per MD frame ({angles_md.shape[0]}), got shape {md_w.shape}")
     if max_md is not None and angles_md.shape[0] > max_md:
-        angles_md = angles_md[np.sort(rng.choice(angles_md.shape[0], size=max_md, replace=False))]
+        subset = np.sort(rng.choice(angles_md.shape[0], size=max_md, replace=False))
+        angles_md = angles_md[subset]
+        md_w = None if md_w is None else md_w[subset]
     if log_w is None:
         if drop_top_fraction:
             raise ValueError("drop_top_fraction needs log-weights; pass log_w or set it to 0")
@@ -126,8 +150,10 @@ def torsion_w2(
     if sample.shape[0] == 0 or angles_md.shape[0] == 0:
         raise ValueError("T-W2 needs at least one MD and one flow sample with finite torsions")
     cost = torus_cost_matrix(angles_md, sample)
-    w2_sq = ot.emd2(np.full(cost.shape[0], 1.0 / cost.shape[0]), np.full(cost.shape[1], 1.0 / cost.shape[1]),
-                    cost, numItermax=max(100_000, 50 * cost.size))
+    ref_w = _reference_weights(md_w, cost.shape[0])
+    out["md_weighted"] = ref_w is not None
+    w2_sq = ot.emd2(np.full(cost.shape[0], 1.0 / cost.shape[0]) if ref_w is None else ref_w,
+                    np.full(cost.shape[1], 1.0 / cost.shape[1]), cost, numItermax=max(100_000, 50 * cost.size))
     out.update(t_w2=float(np.sqrt(max(float(w2_sq), 0.0))), n_md=int(cost.shape[0]), n_flow=int(cost.shape[1]))
     return out
 
@@ -148,10 +174,12 @@ def d_chirality_fraction(d_residues: np.ndarray) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def heldout_nll(flow, x: np.ndarray | torch.Tensor, batch_size: int = 4096) -> dict[str, Any]:
+def heldout_nll(flow, x: np.ndarray | torch.Tensor, batch_size: int = 4096,
+                log_w: np.ndarray | None = None) -> dict[str, Any]:
     """Mean negative log-likelihood -log q(x) in nats of held-out configurations ``x`` (B, n_atoms, 3) nm.
 
     Uses ``flow.log_prob`` (the density over the representation's coordinates, see BoltzmannFlow).
+    ``log_w`` (B,): frame log-weights (enhanced-sampling data) for a weighted mean.
     Non-finite values are counted, never dropped silently: any makes ``nll`` = inf.
     """
     x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x)
@@ -160,8 +188,12 @@ def heldout_nll(flow, x: np.ndarray | torch.Tensor, batch_size: int = 4096) -> d
     lps = [flow.log_prob(x[i:i + batch_size]).detach().double().cpu() for i in range(0, x.shape[0], batch_size)]
     lp = torch.cat(lps)
     n_bad = int((~torch.isfinite(lp)).sum())
-    nll = float(-lp.mean()) if n_bad == 0 else math.inf
-    return {"nll": nll, "n": int(lp.numel()), "n_nonfinite": n_bad}
+    w = None if log_w is None else torch.as_tensor(normalized_weights(log_w))
+    if w is not None and w.shape != lp.shape:
+        raise ValueError(f"log_w must have one entry per configuration ({lp.numel()}), got {tuple(w.shape)}")
+    mean = lp.mean() if w is None else (w * lp).sum()
+    nll = float(-mean) if n_bad == 0 else math.inf
+    return {"nll": nll, "n": int(lp.numel()), "n_nonfinite": n_bad, "weighted": w is not None}
 
 
 @torch.no_grad()
