@@ -26,20 +26,27 @@ def _save(fig: Figure, path: str | Path) -> Path:
 
 def ramachandran_plot(path: str | Path, angles_md: np.ndarray, angles_flow: np.ndarray,
                       log_w: np.ndarray | None = None, *, bins: int = 60,
-                      labels: tuple[str, str] = ("phi", "psi")) -> Path:
+                      labels: tuple[str, str] = ("phi", "psi"), md_log_w: np.ndarray | None = None) -> Path:
     """Write a PNG with 2-D histograms of (phi, psi) in rad: MD | flow raw | flow reweighted.
 
     ``angles_md`` (M, 2), ``angles_flow`` (N, 2); the reweighted panel is drawn only when
     ``log_w`` (N,) is given (weighted histogram with w / sum w; zero-weight samples vanish).
+    ``md_log_w`` (M,): log-weights of enhanced-sampling frames; adds an "MD (reweighted)" panel
+    beside the frames as sampled.
     """
     angles_md, angles_flow = np.asarray(angles_md), np.asarray(angles_flow)
     if angles_md.ndim != 2 or angles_md.shape[1] != 2 or angles_flow.ndim != 2 or angles_flow.shape[1] != 2:
         raise ValueError("ramachandran_plot takes (n, 2) arrays of (phi, psi) in radians")
-    panels = [("MD", angles_md, None), ("flow (raw)", angles_flow, None)]
+    if md_log_w is None:
+        panels = [("MD", angles_md, None)]
+    else:
+        panels = [("MD (frames)", angles_md, None), ("MD (reweighted)", angles_md, normalized_weights(md_log_w))]
+    panels.append(("flow (raw)", angles_flow, None))
     if log_w is not None:
         panels.append(("flow (reweighted)", angles_flow, normalized_weights(log_w)))
     fig = Figure(figsize=(4.2 * len(panels), 4.0))
     edges = np.linspace(-np.pi, np.pi, bins + 1)
+
     for i, (title, a, w) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         ok = np.isfinite(a).all(axis=1)
@@ -59,8 +66,11 @@ def ramachandran_plot(path: str | Path, angles_md: np.ndarray, angles_flow: np.n
 
 
 def energy_histogram(path: str | Path, u_md: np.ndarray, u_flow: np.ndarray, log_w: np.ndarray | None = None,
-                     *, bins: int = 80, u_range: tuple[float, float] | None = None) -> Path:
+                     *, bins: int = 80, u_range: tuple[float, float] | None = None,
+                     md_log_w: np.ndarray | None = None) -> Path:
     """Write a PNG with densities of reduced energies u (kT): MD, flow raw, flow reweighted.
+
+    ``md_log_w`` (M,): log-weights of enhanced-sampling MD frames (the MD histogram is then reweighted).
 
     The default range spans the MD energies padded by half their width; flow samples outside it
     (or with infinite energy) are counted in the legend, not silently dropped.
@@ -73,7 +83,9 @@ def energy_histogram(path: str | Path, u_md: np.ndarray, u_flow: np.ndarray, log
     fig = Figure(figsize=(6.0, 4.0))
     ax = fig.add_subplot(1, 1, 1)
     edges = np.linspace(u_range[0], u_range[1], bins + 1)
-    ax.hist(u_md, bins=edges, density=True, histtype="stepfilled", alpha=0.35, color="k", label=f"MD (n={u_md.size})")
+    ax.hist(u_md, bins=edges, density=True, histtype="stepfilled", alpha=0.35, color="k",
+            weights=None if md_log_w is None else normalized_weights(md_log_w),
+            label=f"MD (n={u_md.size}{', reweighted' if md_log_w is not None else ''})")
     inside = np.isfinite(u_flow) & (u_flow >= u_range[0]) & (u_flow <= u_range[1])
     if inside.any():
         ax.hist(u_flow[inside], bins=edges, density=True, histtype="step", color="C0",
