@@ -16,18 +16,25 @@ SCHEMA: dict[str, dict] = {
     # threads: torch CPU threads; 1 is fastest for these small networks on a shared CPU.
     "run": {"seed": 0, "device": "cpu", "threads": 1},
     "system": {"name": "aldp"},  # built-in name or a system spec .toml path
-    "md": {"ns": 5.0, "save_interval_ps": 0.5, "timestep_fs": 1.0, "equilibration_ps": 10.0, "platform": "auto"},
+    # enhanced: "none" (plain MD) or "metadynamics" (well-tempered, on the system's phi1/psi1 by
+    # default; frames carry log-weights to the unbiased ensemble). reference_ns > 0 runs a second,
+    # independent simulation (seed + 1) of that length, in parallel, held out as the evaluation reference.
+    "md": {"ns": 5.0, "save_interval_ps": 0.5, "timestep_fs": 1.0, "equilibration_ps": 10.0, "platform": "auto",
+           "enhanced": "none", "metad_torsions": "phi1,psi1", "metad_bias_factor": 6.0, "metad_height_kJ": 1.2,
+           "metad_width_rad": 0.35, "metad_deposition_ps": 1.0, "reference_ns": 0.0},
     # Internal coordinates by default: on a CPU budget they train far better than Cartesian flows
     # (see BENCHMARKS.md); the RegFlow paper's Cartesian setup is `representation = "cartesian"`.
     "flow": {"representation": "internal", "architecture": "nsf", "layers": 6, "hidden": 128},
     # Passed to regflow_mm.training.TrainConfig; the baseline trains with the same settings and budget.
     "train": {"method": "regflow", "target": "reflow", "time_budget_s": 150.0, "epochs": 1000,
               "batch_size": 256, "lr": 5e-4, "regularizer": "logdet", "lambda_r": 1e-6, "lambda_n": 0.0,
-              "n_pairs": 20000, "teacher_steps": 6000, "val_samples": 0, "ode_method": "dopri5"},
+              "n_pairs": 20000, "teacher_steps": 6000, "val_samples": 0, "ode_method": "dopri5",
+              "lr_schedule": "constant", "keep_best": False},
     "baseline": {"enabled": True, "method": "mle"},
     # downstream_flow: the flow used by mc / free_energy / export: "best" (lowest E-W1 on held-out
     # data), "regflow" or "baseline".
-    "evaluate": {"n_samples": 5000, "downstream_flow": "best"},
+    # n_bootstrap: resamples for the ESS interval; n_torsion: samples per side of the exact T-W2.
+    "evaluate": {"n_samples": 5000, "downstream_flow": "best", "n_bootstrap": 200, "n_torsion": 5000},
     "mc": {"n_iterations": 200, "md_steps_per_iteration": 500, "n_walkers": 2},
     "free_energy": {"n_samples": 20000},
     "export": {"backend": "torch", "md_steps": 1000},

@@ -20,7 +20,6 @@ PUBLISHED = {
 
 # Below these counts an estimate is flagged in the report rather than presented as a result.
 MIN_STATE_ESS = 20.0
-MIN_STATE_FRAMES = 20
 
 
 def _fmt(value, digits=3) -> str:
@@ -56,25 +55,42 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
              "## Stages", "", "| stage | wall time (s) | cached in this run |", "|---|---|---|"]
     lines += [f"| {name} | {seconds[name]:.1f} | {'yes' if rec.cached else 'no'} |" for name, rec in records.items()]
 
-    lines += ["", "## MD data", "",
-              f"{md['n_frames']} frames over {md['ns']:.2f} ns (splits {md['splits']}); "
-              f"{md['phi_name']} > 0 in {md['phi_positive_fraction']:.2%} of frames, "
-              f"{md['phi_sign_changes']} sign changes of {md['phi_name']}.", ""]
+    lines += ["", "## MD data", ""]
+    for name, label in (("dataset", "Training run"), ("reference", "Reference run (held out, independent seed)")):
+        run = md.get(f"{name}_summary")
+        if run is None:
+            continue
+        weighted = run["enhanced"] != "none"
+        lines.append(f"- {label}: {run['n_frames']} frames over {run['ns']:.2f} ns of "
+                     f"{'well-tempered metadynamics' if weighted else 'plain MD'}; {md['phi_name']} > 0 in "
+                     f"{run['phi_positive_fraction']:.2%} of frames" +
+                     (f", {run['phi_positive_reweighted']:.2%} after reweighting to the unbiased ensemble "
+                      f"(weight ESS {run['weight_ess']:.0f} frames)" if weighted else "") +
+                     f"; {run['phi_sign_changes']} sign changes of {md['phi_name']}.")
+    if "dataset_summary" not in md:  # a run cached before reference runs existed
+        lines.append(f"{md['n_frames']} frames over {md['ns']:.2f} ns (splits {md['splits']}); "
+                     f"{md['phi_name']} > 0 in {md['phi_positive_fraction']:.2%} of frames.")
+    lines.append("")
 
-    lines += ["## Flows (held-out test frames)", "",
-              "| method | ESS (fraction) | E-W1 (kT) | T-W2 (rad) | NLL | D-chirality fraction | published E-W1 / T-W2 |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [f"## Flows (against the {ev.get('reference', 'test split')}"
+              f"{', with its frame weights' if ev.get('reference_weighted') else ''})", "",
+              "| method | ESS (fraction) [5%, 95%] | samples | E-W1 (kT) | T-W2 (rad) | above max ref. energy | NLL | "
+              "D-chirality fraction | published E-W1 / T-W2 |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for name, m in ev["metrics"].items():
         pub = PUBLISHED.get(system, {}).get("mle" if name == "mle" else "regflow", {})
         published = " / ".join(_fmt(pub.get(k)) for k in ("e_w1", "t_w2")) if pub else "-"
-        lines.append(f"| {name} | {_fmt(m.get('ess'))} | {_fmt(m.get('e_w1'))} | {_fmt(m.get('t_w2'))} | "
-                     f"{_fmt(m.get('nll'))} | {_fmt(m.get('d_fraction'))} | {published} |")
+        interval = f" [{_fmt(m['ess_p05'])}, {_fmt(m['ess_p95'])}]" if "ess_p05" in m else ""
+        lines.append(f"| {name} | {_fmt(m.get('ess'))}{interval} | {m.get('n_samples')} | {_fmt(m.get('e_w1'))} | "
+                     f"{_fmt(m.get('t_w2'))} | {_fmt(m.get('above_max_fraction'))} | {_fmt(m.get('nll'))} | "
+                     f"{_fmt(m.get('d_fraction'))} | {published} |")
     lines += ["", "Published values: RegFlow paper, NSF in Cartesian coordinates, GPU training with up to 10.4M "
               "reflow pairs. Ours: the budget of this config on this machine. **Different budgets: compare the "
               "methods within a row set, not our numbers with the paper's.** E-W1 and T-W2 use weight-resampled "
               "flow samples, no energy clipping and no weight filtering.", ""]
     for name, figs in ev["figures"].items():
-        lines += [f"**{name}**: Ramachandran (MD | flow raw | flow reweighted) and reduced-energy histograms", "",
+        lines += [f"**{name}**: Ramachandran (reference frames{' | reference reweighted' if ev.get('reference_weighted') else ''}"
+                  f" | flow raw | flow reweighted) and reduced-energy histograms", "",
                   f"![{name} Ramachandran]({figure('evaluate', figs['ramachandran'])})",
                   f"![{name} energies]({figure('evaluate', figs['energy'])})", ""]
     for stage in ("train_regflow", "train_baseline"):
@@ -97,21 +113,28 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
               f"+- {_fmt(mc.get(md['phi_name'] + '_positive_fraction_err'))}; sign changes per walker "
               f"{mc.get(md['phi_name'] + '_sign_changes')}.", "", f"![MC]({figure('mc', mc['figure'])})", ""]
 
-    flow_fe, md_fe = fe["flow"], fe["md"]
-    flow_note = flow_fe.get("error") or (
-        f"Kish ESS inside the states: {_fmt(flow_fe.get('ess_a'))} / {_fmt(flow_fe.get('ess_b'))}"
-        + (" - UNRELIABLE: fewer than %d effective samples in a state, the error bar is not meaningful"
-           % MIN_STATE_ESS if min(flow_fe.get("ess_a", 0), flow_fe.get("ess_b", 0)) < MIN_STATE_ESS else ""))
-    md_minority = min(md_fe.get("p_b", 0.0), 1 - md_fe.get("p_b", 0.0)) * md_fe.get("n_frames", 0)
-    md_note = md_fe.get("error") or (
-        f"block averaging; {md_minority:.0f} frames in the rarer state"
-        + (" - UNRELIABLE: too few frames in a state" if md_minority < MIN_STATE_FRAMES else ""))
+    flow_fe = fe["flow"]
+
+    def note(est: dict, what: str) -> str:
+        if "error" in est:
+            return est["error"]
+        low = min(est.get("ess_a", 0), est.get("ess_b", 0))
+        text = f"{what}; Kish ESS inside the states {_fmt(est.get('ess_a'))} / {_fmt(est.get('ess_b'))}"
+        return text + (f" - UNRELIABLE: fewer than {MIN_STATE_ESS:.0f} effective samples in a state"
+                       if low < MIN_STATE_ESS else "")
+
+    rows = [("flow, reweighted", flow_fe, note(flow_fe, "delta-method error"))]
+    for key, label in (("md", "MD training run"), ("md_reference", "MD reference run")):
+        if key in fe:
+            est = fe[key]
+            rows.append((label + (" (reweighted)" if est.get("weighted") else " (counting)"), est,
+                         note(est, "20-block bootstrap error")))
     lines += ["## Free energy", "",
               f"dF({fe['torsion']} < 0 -> {fe['torsion']} > 0) from {fe['n_samples']} reweighted flow samples "
               f"(ESS {_fmt(fe['ess'])}, {fe['n_zero_weight']} with zero weight):", "",
               "| estimate | dF (kT) | error (kT) | note |", "|---|---|---|---|",
-              f"| flow, reweighted | {_fmt(flow_fe.get('delta_f'))} | {_fmt(flow_fe.get('ddelta_f'))} | {flow_note} |",
-              f"| MD, counting | {_fmt(md_fe.get('delta_f'))} | {_fmt(md_fe.get('ddelta_f'))} | {md_note} |", "",
+              *[f"| {label} | {_fmt(est.get('delta_f'))} | {_fmt(est.get('ddelta_f'))} | {text} |"
+                for label, est, text in rows], "",
               *(["Reference: plain MD of aldp at 300 K puts about 2% in phi > 0 (dF about 3.9 kT).", ""]
                 if system == "aldp" else []),
               f"![free energy]({figure('free_energy', fe['figure'])})", ""]

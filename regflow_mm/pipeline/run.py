@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 # Part of the training stages' cache key: bump it when a code change alters what training
 # produces, so existing runs retrain instead of reusing flows made by the old code.
 # 2: internal coordinates centre each torsion mid-box (fitted circular-mean offsets).
-TRAIN_CODE_VERSION = 2
+# 3: improper-first Z-matrix, narrow torsions as intervals.
+TRAIN_CODE_VERSION = 3
 
 
 def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bool = True) -> Path:
@@ -76,20 +77,75 @@ def _check_system(name: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- stages
 
+def _simulate_one(system_name: str, path: str, ns: float, md: dict, seed: int, progress: bool) -> str:
+    """One MD or metadynamics run of the [md] settings (module-level: runs in a worker process too)."""
+    from ..data import simulate
+    from ..data.metadynamics import MetadynamicsSettings
+    from ..systems import get_system
+
+    enhanced = None
+    if md["enhanced"] == "metadynamics":
+        enhanced = MetadynamicsSettings(torsions=tuple(t.strip() for t in md["metad_torsions"].split(",") if t.strip()),
+                                        bias_factor=md["metad_bias_factor"], height_kJ=md["metad_height_kJ"],
+                                        width_rad=md["metad_width_rad"], deposition_ps=md["metad_deposition_ps"])
+    elif md["enhanced"] != "none":
+        raise ValueError(f"[md].enhanced must be 'none' or 'metadynamics', got {md['enhanced']!r}")
+    simulate(get_system(system_name), path, ns=ns, save_interval_ps=md["save_interval_ps"],
+             timestep_fs=md["timestep_fs"], seed=seed, platform=md["platform"],
+             equilibration_ps=md["equilibration_ps"], progress=progress, enhanced=enhanced)
+    return path
+
+
 def _md(folder: Path, system_name: str, md: dict, seed: int, progress: bool) -> dict:
-    from ..data import load_dataset, simulate
+    """The training data and, with reference_ns > 0, an independent reference run in a second process."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from ..data import load_dataset
     from ..systems import get_system
 
     system = get_system(system_name)
-    path = simulate(system, folder / "md.h5", ns=md["ns"], save_interval_ps=md["save_interval_ps"],
-                    timestep_fs=md["timestep_fs"], seed=seed, platform=md["platform"],
-                    equilibration_ps=md["equilibration_ps"], progress=progress)
-    data = load_dataset(path, system)
-    phi = _phi(data.system, data.positions)
-    return {"dataset": str(path), "n_frames": len(data), "ns": float(data.time[-1] / 1000.0),
-            "phi_name": phi[0], "phi_positive_fraction": float(np.mean(phi[1] > 0)),
+    runs = {"dataset": (str(folder / "md.h5"), md["ns"], seed)}
+    if md["reference_ns"] > 0:
+        runs["reference"] = (str(folder / "reference.h5"), md["reference_ns"], seed + 1)
+    if len(runs) == 1:
+        _simulate_one(system_name, *runs["dataset"][:2], md, seed, progress)
+    else:  # the two runs are independent: one core each
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_simulate_one, system_name, path, ns, md, s, progress and name == "dataset")
+                       for name, (path, ns, s) in runs.items()]
+            for future in futures:
+                future.result()
+    result = {}
+    for name, (path, _, _) in runs.items():
+        data = load_dataset(path, system)
+        phi = _phi(data.system, data.positions)
+        weights = np.exp(data.log_weights - data.log_weights.max())
+        result[name] = path
+        result[f"{name}_summary"] = {
+            "n_frames": len(data), "ns": float(data.time[-1] / 1000.0), "enhanced": md["enhanced"],
+            "phi_positive_fraction": float(np.mean(phi[1] > 0)),
+            "phi_positive_reweighted": float(np.sum(weights * (phi[1] > 0)) / weights.sum()),
+            "weight_ess": float(weights.sum() ** 2 / (weights ** 2).sum()),
             "phi_sign_changes": int(np.abs(np.diff((phi[1] > 0).astype(int))).sum()),
             "splits": {k: len(v) for k, v in data.splits.items()}}
+    summary = result["dataset_summary"]
+    return {**result, "n_frames": summary["n_frames"], "ns": summary["ns"], "phi_name": _phi(system, system.positions[None])[0],
+            "phi_positive_fraction": summary["phi_positive_fraction"], "phi_sign_changes": summary["phi_sign_changes"],
+            "splits": summary["splits"]}
+
+
+def _reference(inputs: dict):
+    """The held-out reference frames: the independent reference run if there is one, else the test split.
+
+    Returns (dataset, frame indices, description)."""
+    from ..data import load_dataset
+
+    if inputs["md"].get("reference"):
+        ref = load_dataset(inputs["md"]["reference"])
+        return ref, np.arange(len(ref)), f"independent {inputs['md']['reference_summary']['enhanced']} run"
+    data = load_dataset(inputs["md"]["dataset"])
+    return data, data.split_indices("test"), "test split (last block of the training run)"
 
 
 def _train(folder: Path, md: dict, settings: dict, progress: bool) -> dict:
@@ -110,15 +166,16 @@ def _evaluate(folder: Path, inputs: dict, flows: dict, settings: dict, seed: int
     from ..flows import load_flow
     from ..training.evaluation import evaluate_flow, scalar_metrics
 
-    data = load_dataset(inputs["md"]["dataset"])
-    test = data.split_indices("test")
+    data, test, reference = _reference(inputs)
+    log_w = data.log_weights[test] if data.weighted else None
     results = {}
     with EnergyEvaluator(data.system, n_workers=0) as evaluator:
         for name, stage in flows.items():
             flow = load_flow(inputs[stage]["flow"], system=data.system)
             res = evaluate_flow(flow, data.system, data.positions[test], data.reduced_energies()[test],
                                 evaluator=evaluator, n_samples=settings["n_samples"], seed=seed,
-                                plots_dir=folder, plot_prefix=f"{name}_")
+                                n_torsion=settings["n_torsion"], n_bootstrap=settings["n_bootstrap"],
+                                md_log_weights=log_w, plots_dir=folder, plot_prefix=f"{name}_")
             results[name] = scalar_metrics(res)
     (folder / "metrics.json").write_text(json.dumps(results, indent=2))
     choice = settings["downstream_flow"]
@@ -129,7 +186,8 @@ def _evaluate(folder: Path, inputs: dict, flows: dict, settings: dict, seed: int
     if choice not in flows:
         raise ValueError(f"[evaluate].downstream_flow {settings['downstream_flow']!r}: no such flow in this run "
                          f"({', '.join(flows)}); use best, regflow or baseline")
-    return {"metrics": results, "n_test_frames": int(len(test)),
+    return {"metrics": results, "n_test_frames": int(len(test)), "reference": reference,
+            "reference_weighted": log_w is not None,
             "downstream": {"method": choice, "flow": inputs[flows[choice]]["flow"],
                            "rule": settings["downstream_flow"]},
             "figures": {name: {"ramachandran": f"{name}_ramachandran.png", "energy": f"{name}_energy_histogram.png"}
@@ -167,17 +225,18 @@ def _free_energy(folder: Path, inputs: dict, settings: dict, seed: int, progress
     from ..data import load_dataset
     from ..energy import EnergyEvaluator
     from ..flows import load_flow
-    from ..sampling.free_energy import md_state_delta_f, state_delta_f
+    from ..sampling.free_energy import state_delta_f
     from ..sampling.reweighting import draw_weighted_samples
     from ..training.plots import free_energy_plot
 
     data = load_dataset(inputs["md"]["dataset"])
     system = data.system
+    ref, ref_idx, _ = _reference(inputs)
     flow = load_flow(inputs["evaluate"]["downstream"]["flow"], system=system)
     with EnergyEvaluator(system, n_workers=0) as evaluator:
         samples = draw_weighted_samples(flow, evaluator, settings["n_samples"], seed=seed,
                                         molecular_system=system, progress=progress)
-    name, phi_md = _phi(system, data.positions)
+    name = _phi(system, system.positions[None])[0]
     phi = samples.torsions[name]
     log_w = np.where(samples.is_l, samples.log_w, -np.inf) if samples.is_l is not None else samples.log_w
     result = {"torsion": name, "n_samples": samples.n, "n_zero_weight": int(np.sum(~np.isfinite(log_w))),
@@ -186,9 +245,20 @@ def _free_energy(folder: Path, inputs: dict, settings: dict, seed: int, progress
         result["flow"] = state_delta_f(log_w, phi < 0, phi > 0)
     except ValueError as err:
         result["flow"] = {"error": str(err)}
-    result["md"] = md_state_delta_f(phi_md > 0, block=max(len(phi_md) // 20, 1))
-    free_energy_plot(folder / "free_energy.png", [("flow (reweighted)", result["flow"]), ("MD (counting)", result["md"])],
-                     ylabel=f"dF({name}<0 -> {name}>0) (kT)")
+    # MD estimates: each run's frames with their own weights (zero for plain MD), 20-block bootstrap.
+    estimates = [("flow (reweighted)", result["flow"])]
+    for label, dataset, idx in (("md", data, np.arange(len(data))), ("md_reference", ref, ref_idx)):
+        if label == "md_reference" and dataset is data:
+            continue
+        phi_md = _phi(system, dataset.positions[idx])[1]
+        try:
+            result[label] = state_delta_f(dataset.log_weights[idx], phi_md < 0, phi_md > 0,
+                                          block_size=max(len(idx) // 20, 1), seed=seed)
+        except ValueError as err:
+            result[label] = {"error": str(err)}
+        result[label]["weighted"] = dataset.weighted
+        estimates.append(("MD reference run" if label == "md_reference" else "MD training run", result[label]))
+    free_energy_plot(folder / "free_energy.png", estimates, ylabel=f"dF({name}<0 -> {name}>0) (kT)")
     result["figure"] = "free_energy.png"
     return result
 

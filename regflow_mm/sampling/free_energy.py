@@ -16,6 +16,7 @@ import math
 from typing import Callable
 
 import numpy as np
+from scipy.special import logsumexp
 
 from regflow_mm.importance import kish_ess, log_weights, normalized_weights
 from regflow_mm.sampling.reweighting import log_ratio_of_means
@@ -28,12 +29,17 @@ def _pymbar():
     return pymbar
 
 
-def state_delta_f(log_w, in_a, in_b) -> dict:
+def state_delta_f(log_w, in_a, in_b, block_size: int | None = None, n_bootstrap: int = 200,
+                  seed: int = 0) -> dict:
     """Delta F_{A->B} = F_B - F_A = -ln(P_B / P_A) in kT from weighted samples of one ensemble.
 
-    log_w (N,) importance log-weights (0 for unbiased samples); in_a, in_b (N,) bool membership.
-    Returns {"delta_f", "ddelta_f", "p_a", "p_b", "n", "n_a", "n_b", "ess_a", "ess_b"}; ess_S is the
-    Kish ESS (a count) of the weights inside S: the delta-method error means little when it is small.
+    log_w (N,) log-weights to the target ensemble: importance weights of flow samples, metadynamics
+    frame weights, or 0 for plain MD; in_a, in_b (N,) bool membership. The error ``ddelta_f`` is the
+    delta-method error for independent samples (``block_size`` None), or, for time series (MD,
+    enhanced sampling), the standard deviation over ``n_bootstrap`` resamples of contiguous blocks of
+    ``block_size`` frames (``default_rng(seed)``; blocks longer than the correlation time).
+    Returns {"delta_f", "ddelta_f", "p_a", "p_b", "n", "n_a", "n_b", "ess_a", "ess_b", "error_method"};
+    ess_S is the Kish ESS (a count) of the weights inside S: the error means little when it is small.
     """
     log_w = np.asarray(log_w, dtype=np.float64)
     in_a, in_b = np.asarray(in_a, dtype=bool), np.asarray(in_b, dtype=bool)
@@ -43,10 +49,31 @@ def state_delta_f(log_w, in_a, in_b) -> dict:
         raise ValueError(f"state A holds {int(in_a.sum())} and state B {int(in_b.sum())} samples with non-zero "
                          "weight: both need some; draw more samples or redefine the states")
     log_ratio, err = log_ratio_of_means(np.where(in_a, log_w, -np.inf), np.where(in_b, log_w, -np.inf))
+    method = "delta method (independent samples)"
+    if block_size is not None:
+        err, method = _block_bootstrap_error(log_w, in_a, in_b, int(block_size), int(n_bootstrap), seed), \
+            f"block bootstrap ({int(block_size)}-frame blocks, {int(n_bootstrap)} resamples)"
     w = normalized_weights(log_w)
     return {"delta_f": -log_ratio, "ddelta_f": err, "p_a": float(w[in_a].sum()), "p_b": float(w[in_b].sum()),
             "n": int(log_w.size), "n_a": int(in_a.sum()), "n_b": int(in_b.sum()),
-            "ess_a": _kish_count(log_w[in_a]), "ess_b": _kish_count(log_w[in_b])}
+            "ess_a": _kish_count(log_w[in_a]), "ess_b": _kish_count(log_w[in_b]), "error_method": method}
+
+
+def _block_bootstrap_error(log_w, in_a, in_b, block_size: int, n_bootstrap: int, seed: int) -> float:
+    """Std of Delta F over resamples of contiguous blocks; inf when a resample loses a state."""
+    n = log_w.size
+    if not 1 <= block_size <= n // 2 or n_bootstrap < 2:
+        raise ValueError(f"block bootstrap needs 1 <= block_size <= N/2 = {n // 2} and n_bootstrap >= 2, got "
+                         f"{block_size} and {n_bootstrap}")
+    n_blocks = n // block_size
+    starts = np.arange(n_blocks) * block_size
+    rng = np.random.default_rng(seed)
+    estimates = np.empty(n_bootstrap)
+    for k in range(n_bootstrap):
+        idx = (starts[rng.integers(0, n_blocks, n_blocks)][:, None] + np.arange(block_size)).ravel()
+        lw = log_w[idx]
+        estimates[k] = logsumexp(np.where(in_a[idx], lw, -np.inf)) - logsumexp(np.where(in_b[idx], lw, -np.inf))
+    return float(np.std(estimates, ddof=1)) if np.isfinite(estimates).all() else math.inf
 
 
 def _kish_count(log_w: np.ndarray) -> float:
@@ -142,19 +169,3 @@ def _check_work(w: np.ndarray, what: str) -> None:
         raise ValueError(f"{what} contains -inf: a sample has infinite energy in its own state")
 
 
-def md_state_delta_f(in_b, block: int) -> dict:
-    """Delta F_{A->B} = -ln(p / (1 - p)) (kT) from an MD time series of membership in B (A = not B).
-
-    ``in_b`` (T,) bool per frame; the error of p comes from block averaging over T // ``block`` blocks of
-    ``block`` frames. Returns {"delta_f", "ddelta_f", "p_b", "dp_b", "n_frames", "block_frames"}, or
-    {"p_b", "n_frames", "error"} when MD visited only one state.
-    """
-    positive = np.asarray(in_b, dtype=bool)
-    p = float(positive.mean())
-    n_blocks = len(positive) // block
-    blocks = positive[: n_blocks * block].reshape(n_blocks, block).mean(axis=1)
-    dp = float(blocks.std(ddof=1) / np.sqrt(n_blocks)) if n_blocks > 1 else float("nan")
-    if p in (0.0, 1.0):
-        return {"p_b": p, "n_frames": int(len(positive)), "error": "MD visited only one state: no estimate"}
-    return {"delta_f": -float(np.log(p / (1 - p))), "ddelta_f": dp / (p * (1 - p)), "p_b": p, "dp_b": dp,
-            "n_frames": int(len(positive)), "block_frames": int(block)}

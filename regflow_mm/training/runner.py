@@ -187,7 +187,7 @@ def run_training(config: TrainConfig, out_dir: str | Path, *, progress: bool = T
         summary = trainer.fit()
         info["train"] = summary
         if dist.is_main:
-            ema_flow = trainer.ema_flow
+            ema_flow = trainer.result_flow()
             ema_flow.save(out_dir / "flow.pt")
             flow.save(out_dir / "flow_raw.pt")
             final = evaluate_flow(ema_flow, system, val_x, val_u, evaluator=evaluator,

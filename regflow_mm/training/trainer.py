@@ -109,6 +109,10 @@ class ValidationSettings:
     val_torsion_samples: int = 2000
     energy_workers: int = 0
     energy_platform: str = "Reference"
+    # Keep the EMA weights of the lowest validation NLL as the result, and stop after this many
+    # validations without improvement (None: never stop early).
+    keep_best: bool = False
+    early_stop_patience: int | None = None
 
 
 _GROUPS = {"teacher": TeacherSettings, "couplings": CouplingSettings, "optim": OptimSettings,
@@ -196,6 +200,9 @@ class TrainConfig:
             raise ValueError(f"regularizer must be one of {REGULARIZERS}, got {self.regularizer!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.early_stop_patience is not None and (self.early_stop_patience < 1 or not self.keep_best):
+            raise ValueError(f"early_stop_patience must be >= 1 and needs keep_best = true, got "
+                             f"{self.early_stop_patience} (keep_best {self.keep_best})")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         for name in ("batch_size", "epochs", "log_every", "checkpoint_every", "val_every_epochs"):
@@ -308,17 +315,27 @@ class Trainer:
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
         self.flow.to(self.device)
+        self.cpu_time = 0.0  # before the scheduler: the time-based cosine reads it
         self.optimizer = torch.optim.AdamW(self.flow.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         if config.lr_schedule == "cosine":
-            horizon = config.epochs * self.steps_per_epoch if config.max_steps is None else config.max_steps
-            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, horizon))
+            # Anneal over the run that will actually happen: whichever of the step horizon and the
+            # CPU-time budget ends it first (a time-budgeted run never reaches its step horizon).
+            horizon = max(1, self.total_steps)
+            budget = config.time_budget_s
+
+            def cosine(step: int) -> float:
+                done = step / horizon if budget is None else max(step / horizon, self.cpu_time / budget)
+                return 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
+
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine)
         else:
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
         # parameters are averaged; buffers (normalisation, index tables, flags) are copied in _update_ema
         self.ema = AveragedModel(self.flow, multi_avg_fn=ema_update_fn(config.ema_decay, config.ema_warmup),
                                  use_buffers=False)
         self.step = 0
-        self.cpu_time = 0.0
+        self.best: dict | None = None  # keep_best: {"nll", "step", "state" (EMA flow state dict)}
+        self._since_best = 0
         self.records: list[dict] = []
         self._running: dict[str, list[float]] = {}  # per-step values since the last log row
         self._stop_requested = False
@@ -337,7 +354,8 @@ class Trainer:
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                 "data_order": {"n": self.n, "batch_size": self.config.batch_size, "seed": self.config.seed,
                                "rule": "epoch permutation seeded by (seed, 1, epoch)"},
-                "records": self.records, "running": self._running}
+                "records": self.records, "running": self._running,
+                "best": self.best, "since_best": self._since_best}
 
     def save_checkpoint(self) -> None:
         if self.dist.is_main:
@@ -364,6 +382,7 @@ class Trainer:
         self.cpu_time = float(state["cpu_time"])
         self.records = list(state["records"])
         self._running = {k: list(v) for k, v in state["running"].items()}
+        self.best, self._since_best = state.get("best"), int(state.get("since_best", 0))
         self.resumed_from = self.step
         if self.dist.is_main:
             self._rewrite_logs()
@@ -499,11 +518,12 @@ class Trainer:
                 epoch_end = self.step % self.steps_per_epoch == 0
                 if epoch_end and (self.step // self.steps_per_epoch) % cfg.val_every_epochs == 0:
                     self._run_validation()
+                no_progress = (cfg.early_stop_patience is not None and self._since_best >= cfg.early_stop_patience)
                 if self.on_step_end is not None:
                     self.on_step_end(self.step)
                 out_of_time = cfg.time_budget_s is not None and self.cpu_time >= cfg.time_budget_s
-                flags = all_reduce_max(torch.tensor([float(self._stop_requested), float(out_of_time)]),
-                                       self.dist.world_size)
+                flags = all_reduce_max(torch.tensor([float(self._stop_requested), float(out_of_time),
+                                                     float(no_progress)]), self.dist.world_size)
                 if epoch_end or self.step % cfg.checkpoint_every == 0 or flags.any():
                     self.save_checkpoint()
                     self._last_checkpoint_step = self.step
@@ -512,6 +532,9 @@ class Trainer:
                     break
                 if flags[1]:
                     stopped_by = "time_budget"
+                    break
+                if flags[2]:
+                    stopped_by = "early_stopping"
                     break
             self.save_checkpoint()
             self._last_checkpoint_step = self.step
@@ -527,7 +550,9 @@ class Trainer:
             raise KeyboardInterrupt(f"training interrupted at step {self.step}; checkpoint saved to "
                                     f"{self.checkpoint_path}, rerun to resume")
         return {"step": self.step, "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
-                "cpu_time_s": self.cpu_time, "stopped_by": stopped_by, "resumed_from": self.resumed_from}
+                "cpu_time_s": self.cpu_time, "stopped_by": stopped_by, "resumed_from": self.resumed_from,
+                "best_step": None if self.best is None else self.best["step"],
+                "best_val_nll": None if self.best is None else self.best["nll"]}
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -544,6 +569,13 @@ class Trainer:
                 metrics = self.validate(self.ema.module)
             self._append_record({"kind": "val", "step": self.step,
                                  "epoch": self.step // self.steps_per_epoch - 1, **metrics})
+            nll = metrics.get("nll")
+            if self.config.keep_best and nll is not None and math.isfinite(nll):
+                if self.best is None or nll < self.best["nll"]:
+                    state = {k: v.detach().clone() for k, v in self.ema.module.state_dict().items()}
+                    self.best, self._since_best = {"nll": float(nll), "step": self.step, "state": state}, 0
+                else:
+                    self._since_best += 1
 
     @staticmethod
     def _in_main_thread() -> bool:
@@ -553,6 +585,12 @@ class Trainer:
     @property
     def ema_flow(self):
         """The EMA-averaged BoltzmannFlow (what is saved and evaluated)."""
+        return self.ema.module
+
+    def result_flow(self):
+        """The flow to save: the EMA weights of the lowest validation NLL with keep_best, else the last."""
+        if self.best is not None and self.config.keep_best:
+            self.ema.module.load_state_dict(self.best["state"])
         return self.ema.module
 
 

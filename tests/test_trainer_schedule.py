@@ -1,0 +1,46 @@
+"""Trainer schedule and result selection: time-budget cosine annealing, keep-best by validation NLL."""
+import math
+
+import pytest
+import torch
+
+from regflow_mm.flows import build_flow
+from regflow_mm.training.trainer import TrainConfig, Trainer
+
+
+def _trainer(tmp_path, aldp, **settings):
+    flow = build_flow(aldp, "cartesian", "gaussian", seed=0)
+    y = torch.randn(512, flow.representation.dim)
+    config = TrainConfig(method="mle", representation="cartesian", architecture="gaussian", batch_size=64,
+                         lr=1e-2, ema_decay=0.0, **settings)
+    return Trainer(flow, config, tmp_path, (y,), progress=False)
+
+
+def test_cosine_anneals_over_the_time_budget(tmp_path, aldp):
+    trainer = _trainer(tmp_path, aldp, lr_schedule="cosine", epochs=10_000, time_budget_s=100.0)
+    for cpu, expected in ((0.0, 1.0), (25.0, 0.5 * (1 + math.cos(math.pi / 4))), (50.0, 0.5), (100.0, 0.0),
+                          (150.0, 0.0)):
+        trainer.cpu_time = cpu
+        assert trainer.scheduler.lr_lambdas[0](0) == pytest.approx(expected, abs=1e-12)
+    # Without a budget the step horizon sets the schedule.
+    by_steps = _trainer(tmp_path / "steps", aldp, lr_schedule="cosine", epochs=2)
+    assert by_steps.scheduler.lr_lambdas[0](by_steps.total_steps // 2) == pytest.approx(0.5)
+
+
+def test_keep_best_returns_the_lowest_validation_nll_and_stops_early(tmp_path, aldp):
+    scores = iter([5.0, 3.0, 4.0, 4.5, 6.0, 7.0, 8.0])
+    trainer = _trainer(tmp_path, aldp, epochs=50, keep_best=True, early_stop_patience=3)
+    trainer.validate = lambda flow: {"nll": next(scores)}
+    summary = trainer.fit()
+    # epochs of 8 steps: validations at 8, 16 (best, nll 3), 24, 32, 40 -> 3 without improvement
+    assert summary["stopped_by"] == "early_stopping" and summary["step"] == 40
+    assert summary["best_step"] == 16 and summary["best_val_nll"] == 3.0
+    best_state = {k: v.clone() for k, v in trainer.best["state"].items()}
+    result = trainer.result_flow()
+    for k, v in result.state_dict().items():
+        torch.testing.assert_close(v, best_state[k], rtol=0, atol=0)
+
+
+def test_patience_needs_keep_best():
+    with pytest.raises(ValueError, match="needs keep_best"):
+        TrainConfig(early_stop_patience=2)
