@@ -98,6 +98,7 @@ class TorsionMetadynamics:
                                      self.steps_per_deposition)
         self.bias_group = self.meta._force.getForceGroup()
         self.physical_groups = sum(1 << g for g in range(32) if g != self.bias_group)
+        self._offset = None  # c(t) of the current bias; recomputed only after the bias changed
 
     @property
     def bias_grid(self) -> np.ndarray:
@@ -121,6 +122,7 @@ class TorsionMetadynamics:
                              "the grid settings changed; use the same settings to resume")
         self.meta._selfBias = bias.copy()
         self.meta._totalBias = bias.copy()
+        self._offset = None
         widths, limits = self.meta._widths, self.meta._limits
         if len(widths) == 1:
             self.meta._table.setFunctionParameters(bias.flatten(), *limits)
@@ -128,7 +130,10 @@ class TorsionMetadynamics:
             self.meta._table.setFunctionParameters(*widths, bias.flatten(), *limits)
 
     def step(self, simulation: app.Simulation, steps: int) -> None:
+        start = simulation.currentStep
         self.meta.step(simulation, steps)
+        if simulation.currentStep // self.steps_per_deposition != start // self.steps_per_deposition:
+            self._offset = None  # a Gaussian was deposited
 
     def bias_energy(self, context: openmm.Context) -> float:
         """V(s_t, t) of the current configuration, kJ/mol."""
@@ -137,10 +142,12 @@ class TorsionMetadynamics:
 
     def offset(self) -> float:
         """c(t) of the current bias, kJ/mol (module docstring)."""
-        kT, gamma = self.system.kT, self.settings.bias_factor
-        # Torsion grids are periodic: the last point of each axis repeats the first (count it once).
-        v = self.bias_grid[(slice(0, -1),) * len(self.settings.torsions)].ravel() / kT
-        return kT * float(logsumexp(gamma / (gamma - 1) * v) - logsumexp(v / (gamma - 1)))
+        if self._offset is None:
+            kT, gamma = self.system.kT, self.settings.bias_factor
+            # Torsion grids are periodic: the last point of each axis repeats the first (count it once).
+            v = self.bias_grid[(slice(0, -1),) * len(self.settings.torsions)].ravel() / kT
+            self._offset = kT * float(logsumexp(gamma / (gamma - 1) * v) - logsumexp(v / (gamma - 1)))
+        return self._offset
 
 
 def weights_from_bias(bias_kJ: np.ndarray, offset_kJ: np.ndarray, kT: float) -> np.ndarray:

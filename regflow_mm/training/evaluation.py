@@ -102,6 +102,8 @@ def evaluate_flow(flow, system, md_positions: np.ndarray, md_reduced_energy: np.
     details["nll"] = metrics.heldout_nll(flow, torch.as_tensor(md_positions, dtype=flow.dtype), chunk_size, md_lw)
     out["nll_s"] = time.perf_counter() - t
     out["nll"] = details["nll"]["nll"]
+    out["nll_in_support"] = details["nll"]["nll_in_support"]
+    out["outside_support_fraction"] = details["nll"]["outside_support_fraction"]
 
     gen = torch.Generator(device=flow.device).manual_seed(int(seed) + 1)
     z = flow.prior.sample(min(n_invertibility, n_samples), generator=gen)

@@ -193,7 +193,11 @@ def heldout_nll(flow, x: np.ndarray | torch.Tensor, batch_size: int = 4096,
         raise ValueError(f"log_w must have one entry per configuration ({lp.numel()}), got {tuple(w.shape)}")
     mean = lp.mean() if w is None else (w * lp).sum()
     nll = float(-mean) if n_bad == 0 else math.inf
-    return {"nll": nll, "n": int(lp.numel()), "n_nonfinite": n_bad, "weighted": w is not None}
+    ok = torch.isfinite(lp)
+    inside = (lp[ok].mean() if w is None else (w[ok] * lp[ok]).sum() / w[ok].sum()) if ok.any() else None
+    return {"nll": nll, "n": int(lp.numel()), "n_nonfinite": n_bad, "weighted": w is not None,
+            "nll_in_support": None if inside is None else float(-inside),
+            "outside_support_fraction": float(1 - (w[ok].sum() if w is not None else ok.double().mean()))}
 
 
 @torch.no_grad()
