@@ -28,7 +28,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..systems import MolecularSystem, get_system, list_systems, load_system
+from ..files import require_file
+from ..systems import MolecularSystem, check_spec_hash, get_system, list_systems, load_system
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -168,16 +169,16 @@ def load_dataset(path: str | Path, system: MolecularSystem | None = None) -> Dat
         raise ValueError(f"dataset {path}: stored splits index past the {n} stored frames; the file is inconsistent")
     if system is None:
         system = _system_from_metadata(metadata, pdb_text, path)
-    elif system.spec_hash != metadata["system_hash"]:
-        raise ValueError(f"dataset {path} was made for system {metadata['system']['name']!r} "
-                         f"(hash {metadata['system_hash'][:12]}), not {system.name!r} (hash {system.spec_hash[:12]})")
+    else:
+        check_spec_hash(metadata["system_hash"], system, f"dataset {path}",
+                        verb=f"was made for system {metadata['system']['name']!r}, not {system.name!r}: it has")
     return Dataset(path=path, splits=splits, metadata=metadata, system=system, **arrays)
 
 
 def _open(path, mode):
     path = Path(path)
-    if mode == "r" and not path.is_file():
-        raise FileNotFoundError(f"dataset {path} not found: create it with `regflow-mm simulate SYSTEM --out {path}`")
+    if mode == "r":
+        require_file(path, "dataset", f": create it with `regflow-mm simulate SYSTEM --out {path}`")
     try:
         # Readers take no HDF5 file lock, so inspecting a dataset never blocks a running simulate.
         fh = h5py.File(path, mode, locking=False) if mode == "r" else h5py.File(path, mode)
@@ -206,7 +207,6 @@ def _system_from_metadata(metadata: dict, pdb_text: str, path: Path) -> Molecula
     system = load_system(pdb, spec["forcefield"], spec["temperature"], name=spec["name"],
                          nonbonded_method=spec["nonbonded_method"], nonbonded_cutoff=spec["nonbonded_cutoff"],
                          **options)
-    if system.spec_hash != metadata["system_hash"]:
-        raise ValueError(f"dataset {path}: cannot rebuild its system {spec['name']!r} (hash mismatch: force-field "
-                         "files changed?); pass the system explicitly to load_dataset")
+    check_spec_hash(metadata["system_hash"], system, f"dataset {path}",
+                    verb=f"cannot rebuild its system {spec['name']!r} (force-field files changed?): it has")
     return system

@@ -23,7 +23,7 @@ from openmm import app, unit
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..systems import MolecularSystem
+from ..systems import MolecularSystem, check_spec_hash
 from ..systems.platforms import platform_properties, resolve_platform
 from .checkpointed_hdf5 import (check_resume_settings, commit_rows, committed_checkpoint,
                                 truncate_uncommitted)
@@ -189,9 +189,8 @@ def _read_resume(out, system, settings, seed) -> dict | None:
     """
     with _open(out, "r+") as fh:
         md = json.loads(fh.attrs["metadata"])
-        if md["system_hash"] != system.spec_hash:
-            raise ValueError(f"{out} holds system {md['system']['name']!r} (hash {md['system_hash'][:12]}); refusing to "
-                             f"append {system.name!r} (hash {system.spec_hash[:12]}): choose another --out")
+        check_spec_hash(md["system_hash"], system, f"{out} holds system {md['system']['name']!r}",
+                        verb=f"(refusing to append {system.name!r}; choose another --out): it has")
         stored = {**md["integrator"], "enhanced": md.get("enhanced")}
         check_resume_settings(out, stored, settings, _RESUME_KEYS, md["seed"], seed, verb="simulated")
         weighted = tuple(name for name in _WEIGHT_ARRAYS if name in fh)
