@@ -44,3 +44,21 @@ def test_keep_best_returns_the_lowest_validation_nll_and_stops_early(tmp_path, a
 def test_patience_needs_keep_best():
     with pytest.raises(ValueError, match="needs keep_best"):
         TrainConfig(early_stop_patience=2)
+
+
+class _Planted:
+    """A pickle that would create a file when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_planted_checkpoint_runs_no_code(tmp_path, aldp):
+    marker = tmp_path / "pwned"
+    torch.save({"step": 1, "payload": _Planted(marker)}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="holds more than tensors and plain values"):
+        _trainer(tmp_path, aldp, epochs=1)
+    assert not marker.exists()

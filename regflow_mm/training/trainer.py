@@ -22,6 +22,7 @@ import csv
 import functools
 import json
 import math
+import pickle
 import random
 import signal
 import time
@@ -350,7 +351,7 @@ class Trainer:
         return {"step": self.step, "cpu_time": self.cpu_time, "config": self.config.to_dict(),
                 "flow": self.flow.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state(), "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                 "data_order": {"n": self.n, "batch_size": self.config.batch_size, "seed": self.config.seed,
                                "rule": "epoch permutation seeded by (seed, 1, epoch)"},
@@ -362,7 +363,13 @@ class Trainer:
             atomic_write(self.checkpoint_path, functools.partial(torch.save, self._state()))
 
     def _load_checkpoint(self) -> None:
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        # weights_only: a checkpoint holds tensors and plain Python values only, so a planted file
+        # cannot run code when a run resumes.
+        try:
+            state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ValueError(f"{self.checkpoint_path} holds more than tensors and plain values (refused, nothing "
+                             f"was run: {str(err).splitlines()[0]}); delete it to start this run over") from None
         check_resume_settings(self.checkpoint_path, state["config"], self.config.to_dict(), ignore=RESUMABLE_CHANGES,
                               verb="trained")
         if state["data_order"]["n"] != self.n:
@@ -374,7 +381,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"].cpu())
-        np.random.set_state(rng["numpy"])
+        np.random.set_state(_numpy_rng_from(rng["numpy"]))
         random.setstate(rng["python"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
@@ -592,6 +599,18 @@ class Trainer:
         if self.best is not None and self.config.keep_best:
             self.ema.module.load_state_dict(self.best["state"])
         return self.ema.module
+
+
+def _numpy_rng_state() -> dict:
+    """numpy's global RNG state as tensors and plain values (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _numpy_rng_from(state: dict) -> tuple:
+    return (state["kind"], state["keys"].cpu().numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+            state["cached_gaussian"])
 
 
 class _SeededPrior:
