@@ -64,7 +64,7 @@ def _simulate(args) -> int:
     if args.enhanced == "metadynamics":
         from .metadynamics import MetadynamicsSettings
 
-        enhanced = MetadynamicsSettings(torsions=tuple(t.strip() for t in args.metad_torsions.split(",") if t.strip()),
+        enhanced = MetadynamicsSettings(torsions=args.metad_torsions,
                                         bias_factor=args.metad_bias_factor, height_kJ=args.metad_height,
                                         width_rad=args.metad_width, deposition_ps=args.metad_deposition_ps)
     out = simulate(system, args.out, ns=args.ns, save_interval_ps=args.save_interval_ps,

@@ -29,6 +29,7 @@ import h5py
 import numpy as np
 
 from ..files import require_file
+from ..importance import kish_ess, normalized_weights
 from ..systems import MolecularSystem, check_spec_hash, get_system, list_systems, load_system
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -70,9 +71,13 @@ class Dataset:
         """True when frames carry non-uniform weights (enhanced sampling)."""
         return bool(self.metadata.get("enhanced")) or bool(np.ptp(self.log_weights) > 0)
 
-    def split_log_weights(self, name: str) -> np.ndarray:
-        """(n_frames,) log-weights of one split."""
-        return self.log_weights[self.split_indices(name)]
+    def weight_ess(self) -> float:
+        """Kish effective number of frames of the frame weights (= number of frames for plain MD)."""
+        return kish_ess(self.log_weights)["ess"] * len(self)
+
+    def reweighted_fraction(self, mask: np.ndarray) -> float:
+        """Population of the frames in ``mask`` (T,) bool in the unbiased ensemble (weights applied)."""
+        return float(normalized_weights(self.log_weights)[np.asarray(mask, dtype=bool)].sum())
 
     def __len__(self):
         return len(self.energies)
@@ -102,17 +107,14 @@ class Dataset:
                  f"  energy       mean {self.energies.mean():.2f} kJ/mol, std {self.energies.std():.2f} kJ/mol",
                  "  splits       " + ", ".join(f"{k} {len(v)}" for k, v in self.splits.items())]
         if self.weighted:
-            w = np.exp(self.log_weights - self.log_weights.max())
-            ess = w.sum() ** 2 / (w * w).sum()
             lines.append(f"  enhanced     {md['enhanced']['method'] if md.get('enhanced') else 'weighted'}; "
-                         f"weight ESS {ess:.0f} of {len(self)} frames")
-        w = np.exp(self.log_weights - self.log_weights.max())
+                         f"weight ESS {self.weight_ess():.0f} of {len(self)} frames")
         for name, idx in self.system.torsions.items():
             if name.startswith("phi"):
                 phi = dihedrals(self.positions, [idx])[:, 0]
                 line = f"  {name} > 0     {np.mean(phi > 0):.3%} of frames"
                 if self.weighted:
-                    line += f", {np.sum(w * (phi > 0)) / w.sum():.3%} reweighted"
+                    line += f", {self.reweighted_fraction(phi > 0):.3%} reweighted"
                 lines.append(line)
         return "\n".join(lines)
 

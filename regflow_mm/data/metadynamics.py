@@ -27,7 +27,7 @@ from scipy.special import logsumexp
 class MetadynamicsSettings:
     """Well-tempered metadynamics on named torsions of the system (``MolecularSystem.torsions``).
 
-    torsions: names of 1-3 torsions (default: phi1, psi1). bias_factor: gamma > 1 (CV temperature
+    torsions: names of 1-3 torsions (a tuple or "phi1,psi1"; default: phi1, psi1). bias_factor: gamma > 1 (CV temperature
     T * gamma). height_kJ: initial Gaussian height, kJ/mol. width_rad: Gaussian width (standard
     deviation), rad. deposition_ps: interval between Gaussians, ps. grid_points: bias grid per torsion.
     The defaults fill aldp's phi > 0 basin within 1-2 ns at 300 K.
@@ -41,7 +41,8 @@ class MetadynamicsSettings:
     grid_points: int = 72
 
     def __post_init__(self):
-        object.__setattr__(self, "torsions", tuple(self.torsions))
+        torsions = self.torsions.split(",") if isinstance(self.torsions, str) else self.torsions
+        object.__setattr__(self, "torsions", tuple(t.strip() for t in torsions if t.strip()))
         if not 1 <= len(self.torsions) <= 3:
             raise ValueError(f"metadynamics needs 1-3 torsions (OpenMM's grid bias), got {list(self.torsions)}")
         if not self.bias_factor > 1:
@@ -105,10 +106,6 @@ class TorsionMetadynamics:
         """Current bias V on the grid, kJ/mol (axes: torsions in reverse order, OpenMM's layout)."""
         gamma = self.settings.bias_factor
         return -np.asarray(self.meta.getFreeEnergy().value_in_unit(unit.kilojoule_per_mole)) * (gamma - 1) / gamma
-
-    def free_energy_grid(self) -> np.ndarray:
-        """Well-tempered estimate F(s) = -gamma/(gamma-1) V(s), kJ/mol, on the grid."""
-        return np.asarray(self.meta.getFreeEnergy().value_in_unit(unit.kilojoule_per_mole))
 
     def restore_bias(self, bias: np.ndarray) -> None:
         """Put a saved bias grid (kJ/mol, ``bias_grid`` layout) back, before the Context is created.

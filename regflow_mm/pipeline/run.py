@@ -85,7 +85,7 @@ def _simulate_one(system_name: str, path: str, ns: float, md: dict, seed: int, p
 
     enhanced = None
     if md["enhanced"] == "metadynamics":
-        enhanced = MetadynamicsSettings(torsions=tuple(t.strip() for t in md["metad_torsions"].split(",") if t.strip()),
+        enhanced = MetadynamicsSettings(torsions=md["metad_torsions"],
                                         bias_factor=md["metad_bias_factor"], height_kJ=md["metad_height_kJ"],
                                         width_rad=md["metad_width_rad"], deposition_ps=md["metad_deposition_ps"])
     elif md["enhanced"] != "none":
@@ -120,17 +120,15 @@ def _md(folder: Path, system_name: str, md: dict, seed: int, progress: bool) -> 
     for name, (path, _, _) in runs.items():
         data = load_dataset(path, system)
         phi = _phi(data.system, data.positions)
-        weights = np.exp(data.log_weights - data.log_weights.max())
         result[name] = path
         result[f"{name}_summary"] = {
             "n_frames": len(data), "ns": float(data.time[-1] / 1000.0), "enhanced": md["enhanced"],
             "phi_positive_fraction": float(np.mean(phi[1] > 0)),
-            "phi_positive_reweighted": float(np.sum(weights * (phi[1] > 0)) / weights.sum()),
-            "weight_ess": float(weights.sum() ** 2 / (weights ** 2).sum()),
+            "phi_positive_reweighted": data.reweighted_fraction(phi[1] > 0), "weight_ess": data.weight_ess(),
             "phi_sign_changes": int(np.abs(np.diff((phi[1] > 0).astype(int))).sum()),
             "splits": {k: len(v) for k, v in data.splits.items()}}
     summary = result["dataset_summary"]
-    return {**result, "n_frames": summary["n_frames"], "ns": summary["ns"], "phi_name": _phi(system, system.positions[None])[0],
+    return {**result, "n_frames": summary["n_frames"], "ns": summary["ns"], "phi_name": _phi_name(system),
             "phi_positive_fraction": summary["phi_positive_fraction"], "phi_sign_changes": summary["phi_sign_changes"],
             "splits": summary["splits"]}
 
@@ -229,14 +227,15 @@ def _free_energy(folder: Path, inputs: dict, settings: dict, seed: int, progress
     from ..sampling.reweighting import draw_weighted_samples
     from ..training.plots import free_energy_plot
 
-    data = load_dataset(inputs["md"]["dataset"])
-    system = data.system
-    ref, ref_idx, _ = _reference(inputs)
+    runs = {"md": load_dataset(inputs["md"]["dataset"])}
+    if inputs["md"].get("reference"):
+        runs["md_reference"] = load_dataset(inputs["md"]["reference"])
+    system = runs["md"].system
     flow = load_flow(inputs["evaluate"]["downstream"]["flow"], system=system)
     with EnergyEvaluator(system, n_workers=0) as evaluator:
         samples = draw_weighted_samples(flow, evaluator, settings["n_samples"], seed=seed,
                                         molecular_system=system, progress=progress)
-    name = _phi(system, system.positions[None])[0]
+    name = _phi_name(system)
     phi = samples.torsions[name]
     log_w = np.where(samples.is_l, samples.log_w, -np.inf) if samples.is_l is not None else samples.log_w
     result = {"torsion": name, "n_samples": samples.n, "n_zero_weight": int(np.sum(~np.isfinite(log_w))),
@@ -247,13 +246,11 @@ def _free_energy(folder: Path, inputs: dict, settings: dict, seed: int, progress
         result["flow"] = {"error": str(err)}
     # MD estimates: each run's frames with their own weights (zero for plain MD), 20-block bootstrap.
     estimates = [("flow (reweighted)", result["flow"])]
-    for label, dataset, idx in (("md", data, np.arange(len(data))), ("md_reference", ref, ref_idx)):
-        if label == "md_reference" and dataset is data:
-            continue
-        phi_md = _phi(system, dataset.positions[idx])[1]
+    for label, dataset in runs.items():
+        phi_md = _phi(system, dataset.positions)[1]
         try:
-            result[label] = state_delta_f(dataset.log_weights[idx], phi_md < 0, phi_md > 0,
-                                          block_size=max(len(idx) // 20, 1), seed=seed)
+            result[label] = state_delta_f(dataset.log_weights, phi_md < 0, phi_md > 0,
+                                          block_size=max(len(dataset) // 20, 1), seed=seed)
         except ValueError as err:
             result[label] = {"error": str(err)}
         result[label]["weighted"] = dataset.weighted
@@ -277,9 +274,14 @@ def _export(folder: Path, inputs: dict, settings: dict, seed: int) -> dict:
     return {"backend": settings["backend"], "model": str(folder / "model.pt") if torch_backend else None, **result}
 
 
+def _phi_name(system) -> str:
+    """The system's first phi torsion."""
+    return next(n for n in system.torsions if n.startswith("phi"))
+
+
 def _phi(system, positions) -> tuple[str, np.ndarray]:
     """The first phi torsion of the system and its values (rad) over frames (T, n, 3)."""
     from ..data.dataset import dihedrals
 
-    name = next(n for n in system.torsions if n.startswith("phi"))
+    name = _phi_name(system)
     return name, dihedrals(np.asarray(positions, dtype=np.float64), [system.torsions[name]])[:, 0]
