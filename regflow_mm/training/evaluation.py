@@ -46,7 +46,7 @@ def evaluate_flow(flow, system, md_positions: np.ndarray, md_reduced_energy: np.
     ``md_positions`` (M, n_atoms, 3) nm and their reduced energies ``md_reduced_energy`` (M,) kT;
     ``md_log_weights`` (M,) the frames' log-weights to the target ensemble (None: plain MD, equal
     weights); ``evaluator`` an EnergyEvaluator of ``system``. ``n_torsion`` caps both sides of T-W2
-    (default min(n_samples, M, 10000); exact EMD memory grows as n^2). ``n_bootstrap`` > 0 adds a
+    (at most min(n_samples, M); default 10000; exact EMD memory grows as n^2). ``n_bootstrap`` > 0 adds a
     bootstrap interval of the ESS (ess_p05, ess_p95). Returns flat scalar metrics (ess, e_w1,
     e_w1_raw, t_w2, t_w2_raw, nll, d_fraction, d_fraction_md, above_max_fraction: raw samples with u
     above the reference's highest, invertibility_max_abs, timings in s) plus ``details`` with the
