@@ -8,7 +8,8 @@ from regflow_mm.pipeline.config import validate
 from regflow_mm.pipeline.run import run_pipeline
 
 TINY = {
-    "md": {"ns": 0.05, "save_interval_ps": 0.1, "equilibration_ps": 1.0},
+    "md": {"ns": 0.05, "save_interval_ps": 0.1, "equilibration_ps": 1.0, "reference_ns": 0.03,
+           "reference_save_interval_ps": 0.1},
     "flow": {"layers": 2, "hidden": 32},
     "train": {"time_budget_s": 3.0, "teacher_steps": 30, "n_pairs": 300, "batch_size": 64, "ode_method": "rk4"},
     "evaluate": {"n_samples": 200},
@@ -30,8 +31,13 @@ def test_report_holds_this_runs_numbers(finished_run):
     text = report.read_text()
     metrics = json.loads((out / "metrics.json").read_text())
     stages = metrics["stages"]
-    assert set(stages) == {"md", "train_regflow", "train_baseline", "evaluate", "mc", "free_energy", "export"}
+    assert set(stages) == {"md", "reference", "train_regflow", "train_baseline", "evaluate", "mc", "free_energy",
+                           "export"}
     assert stages["md"]["n_frames"] == 500
+    # the held-out reference ran in the background and is what the flows were evaluated against
+    assert stages["reference"]["reference_summary"]["n_frames"] == 300
+    assert stages["evaluate"]["reference"] == "independent none run" and stages["evaluate"]["n_test_frames"] == 300
+    assert "md_reference" in stages["free_energy"]
     for name in ("regflow", "mle"):
         assert f"| {name} | " in text
         assert {"ess", "e_w1", "t_w2", "nll", "d_fraction"} <= set(stages["evaluate"]["metrics"][name])
@@ -40,7 +46,8 @@ def test_report_holds_this_runs_numbers(finished_run):
     down = stages["evaluate"]["downstream"]
     assert down["method"] == min(e_w1, key=e_w1.get) and down["flow"].endswith("flow.pt")
     assert f"use the **{down['method']}** flow" in text
-    for figure in ("evaluate_regflow_ramachandran.png", "evaluate_mle_energy_histogram.png", "mc_mc_trace.png",
+    for figure in ("md_ramachandran.png", "evaluate_regflow_ramachandran.png", "evaluate_mle_energy_histogram.png",
+                   "mc_mc_trace.png",
                    "free_energy_free_energy.png", "train_regflow_training_curves.png"):
         assert (out / "figures" / figure).stat().st_size > 1000
         assert f"figures/{figure}" in text
@@ -48,7 +55,7 @@ def test_report_holds_this_runs_numbers(finished_run):
 
 def test_second_run_does_no_work(finished_run, monkeypatch):
     out, _ = finished_run
-    for stage in ("_md", "_train", "_evaluate", "_mc", "_free_energy", "_export"):
+    for stage in ("_md", "_reference_md", "_train", "_evaluate", "_mc", "_free_energy", "_export"):
         monkeypatch.setattr(pipeline_run, stage, lambda *a, **k: pytest.fail("a cached stage ran again"))
     run_pipeline(validate(TINY), out, progress=False)
     assert "| md | " in (out / "report.md").read_text() and "| yes |" in (out / "report.md").read_text()
@@ -66,7 +73,7 @@ def test_interrupted_run_continues(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(validate(TINY), tmp_path, progress=False)
     done = {p.parent.name for p in tmp_path.glob("*/stage.json")}
-    assert done == {"md", "train_regflow", "train_baseline", "evaluate"}
+    assert done == {"md", "reference", "train_regflow", "train_baseline", "evaluate"}
 
     monkeypatch.setattr(pipeline_run, "_mc", real)
     for stage in ("_md", "_train", "_evaluate"):

@@ -1,5 +1,7 @@
 """Stage caching and pipeline config validation."""
+import functools
 import json
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +77,33 @@ def test_config_defaults_and_errors(tmp_path):
         load_config(path)
     with pytest.raises(FileNotFoundError, match="examples"):
         load_config(tmp_path / "none.toml")
+
+
+def _background_work(folder, inputs, *, fail_marker=None):
+    """A stage for a spawned process: fails once if ``fail_marker`` does not exist yet."""
+    if fail_marker is not None and not Path(fail_marker).exists():
+        Path(fail_marker).write_text("failed once")
+        raise RuntimeError("first attempt fails")
+    (folder / "work.txt").write_text("done")
+    return {"pid_file": str(folder / "work.txt")}
+
+
+def test_background_stage_runs_in_its_own_process_and_is_cached(tmp_path):
+    run = StagedRun(tmp_path)
+    handle = run.start(Stage("bg", functools.partial(_background_work), {"x": 1}))
+    assert handle.process is not None
+    assert run.wait(handle) == {"pid_file": str(tmp_path / "bg" / "work.txt")}
+    assert run.records["bg"].cached is False
+    again = StagedRun(tmp_path)
+    handle = again.start(Stage("bg", functools.partial(_background_work), {"x": 1}))
+    assert handle.process is None and again.wait(handle)["pid_file"].endswith("work.txt")
+    with pytest.raises(ValueError, match="cannot run in the background"):
+        again.start(Stage("c", functools.partial(_background_work), {}, needs=("bg",)))
+
+
+def test_failed_background_stage_runs_again_in_the_caller(tmp_path):
+    marker = tmp_path / "failed-once"
+    run = StagedRun(tmp_path)
+    handle = run.start(Stage("bg", functools.partial(_background_work, fail_marker=str(marker)), {"x": 1}))
+    assert run.wait(handle)["pid_file"].endswith("work.txt")  # the child failed; the caller ran it
+    assert handle.process.exitcode != 0 and marker.exists()

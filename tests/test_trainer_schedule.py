@@ -62,3 +62,38 @@ def test_a_planted_checkpoint_runs_no_code(tmp_path, aldp):
     with pytest.raises(ValueError, match="holds more than tensors and plain values"):
         _trainer(tmp_path, aldp, epochs=1)
     assert not marker.exists()
+
+
+def _weighted_trainer(tmp_path, aldp, log_w, **settings):
+    flow = build_flow(aldp, "cartesian", "gaussian", seed=0)
+    y = torch.randn(log_w.shape[0], flow.representation.dim)
+    config = TrainConfig(method="mle", representation="cartesian", architecture="gaussian", batch_size=64,
+                         lr=1e-2, ema_decay=0.0, data_weight_power=0.5, **settings)
+    return Trainer(flow, config, tmp_path, (y,), row_log_weights=log_w, progress=False)
+
+
+def test_weighted_batches_draw_rows_with_their_probabilities(tmp_path, aldp):
+    # rows 0..3 carry weights 1:2:3:4, the rest -inf (never drawn)
+    log_w = torch.full((256,), -math.inf, dtype=torch.float64)
+    log_w[:4] = torch.log(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+    trainer = _weighted_trainer(tmp_path, aldp, log_w)
+    rows = torch.cat([trainer.batch_indices(step)[0] for step in range(500)])  # 32,000 draws
+    assert rows.max() < 4
+    freq = torch.bincount(rows, minlength=4).double() / rows.numel()
+    expected = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    sigma = (expected * (1 - expected) / rows.numel()).sqrt()
+    assert ((freq - expected).abs() < 6 * sigma).all()
+    # the batch of a step depends only on (seed, step): a second trainer (a resumed run) draws the same rows
+    again = _weighted_trainer(tmp_path / "again", aldp, log_w)
+    assert torch.equal(again.batch_indices(123)[0], trainer.batch_indices(123)[0])
+
+
+def test_bad_data_weights_are_refused(tmp_path, aldp):
+    with pytest.raises(ValueError, match=r"data_weight_power must be in \[0, 1\]"):
+        TrainConfig(method="mle", data_weight_power=1.5)
+    with pytest.raises(ValueError, match="RegFlow trains on teacher pairs"):
+        TrainConfig(method="regflow", data_weight_power=0.5)
+    with pytest.raises(ValueError, match="row_log_weights must be"):
+        _weighted_trainer(tmp_path, aldp, torch.full((256,), math.nan, dtype=torch.float64))
+    with pytest.raises(ValueError, match="row_log_weights must be"):
+        _weighted_trainer(tmp_path / "b", aldp, torch.full((256,), -math.inf, dtype=torch.float64))

@@ -18,15 +18,20 @@ SCHEMA: dict[str, dict] = {
     "system": {"name": "aldp"},  # built-in name or a system spec .toml path
     # enhanced: "none" (plain MD) or "metadynamics" (well-tempered, on the system's phi1/psi1 by
     # default; frames carry log-weights to the unbiased ensemble). reference_ns > 0 runs a second,
-    # independent simulation (seed + 1) of that length, in parallel, held out as the evaluation reference.
+    # independent simulation (seed + 1) of that length, held out as the evaluation reference: it runs in
+    # the background on the second core from the start until evaluation, so it can be longer than the
+    # training run (saved every reference_save_interval_ps).
     "md": {"ns": 5.0, "save_interval_ps": 0.5, "timestep_fs": 1.0, "equilibration_ps": 10.0, "platform": "auto",
            "enhanced": "none", "metad_torsions": "phi1,psi1", "metad_bias_factor": 6.0, "metad_height_kJ": 1.2,
-           "metad_width_rad": 0.35, "metad_deposition_ps": 1.0, "reference_ns": 0.0},
+           "metad_width_rad": 0.35, "metad_deposition_ps": 1.0, "reference_ns": 0.0,
+           "reference_save_interval_ps": 0.5},
     # Internal coordinates by default: on a CPU budget they train far better than Cartesian flows
     # (see BENCHMARKS.md); the RegFlow paper's Cartesian setup is `representation = "cartesian"`.
     "flow": {"representation": "internal", "architecture": "nsf", "layers": 6, "hidden": 128},
     # Passed to regflow_mm.training.TrainConfig; the baseline trains with the same settings and budget.
-    "train": {"method": "regflow", "target": "reflow", "time_budget_s": 150.0, "epochs": 1000,
+    # data_weight_power: MLE / NLL+FM batches draw enhanced-sampling frames ~ w**power (RegFlow trains on
+    # teacher pairs and does not read it).
+    "train": {"data_weight_power": 0.0, "method": "regflow", "target": "reflow", "time_budget_s": 150.0, "epochs": 1000,
               "batch_size": 256, "lr": 5e-4, "regularizer": "logdet", "lambda_r": 1e-6, "lambda_n": 0.0,
               "n_pairs": 20000, "teacher_steps": 6000, "val_samples": 0, "ode_method": "dopri5",
               "lr_schedule": "constant", "keep_best": False},
@@ -80,8 +85,8 @@ def train_settings(config: dict, method: str | None = None) -> dict:
 
     [train] with [flow] (representation, architecture, hyper), [run] (seed, device) and [system];
     ``method`` (the baseline's): the RegFlow-only settings (``TrainConfig.regflow_only()``) are left
-    out, so tuning the teacher or the pairs does not change the baseline's settings (nor its cache key).
-    The result is checked by ``TrainConfig.from_dict`` here, before any stage runs.
+    out, so tuning the teacher or the pairs does not change the baseline's settings (nor its cache key);
+    a RegFlow run leaves out ``data_weight_power`` (it reads teacher pairs, not frames). The result is checked by ``TrainConfig.from_dict`` here, before any stage runs.
     """
     from ..training.trainer import TrainConfig
 
@@ -89,6 +94,8 @@ def train_settings(config: dict, method: str | None = None) -> dict:
     if method is not None:
         train = {k: v for k, v in train.items() if k not in TrainConfig.regflow_only()}
         train["method"] = method
+    if train.get("method", "regflow") == "regflow":
+        train.pop("data_weight_power", None)
     flow = config["flow"]
     settings = {**train, "representation": flow["representation"], "architecture": flow["architecture"],
                 "hyper": {"layers": flow["layers"], "hidden": flow["hidden"]}, "seed": config["run"]["seed"],

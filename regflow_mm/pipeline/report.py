@@ -56,8 +56,9 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
     lines += [f"| {name} | {seconds[name]:.1f} | {'yes' if rec.cached else 'no'} |" for name, rec in records.items()]
 
     lines += ["", "## MD data", ""]
+    runs = {"dataset": md.get("dataset_summary"), "reference": res.get("reference", {}).get("reference_summary")}
     for name, label in (("dataset", "Training run"), ("reference", "Reference run (held out, independent seed)")):
-        run = md.get(f"{name}_summary")
+        run = runs[name]
         if run is None:
             continue
         weighted = run["enhanced"] != "none"
@@ -67,6 +68,8 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
                      (f", {run['phi_positive_reweighted']:.2%} after reweighting to the unbiased ensemble "
                       f"(weight ESS {run['weight_ess']:.0f} frames)" if weighted else "") +
                      f"; {run['phi_sign_changes']} sign changes of {md['phi_name']}.")
+    if md.get("figure"):
+        lines += ["", f"![training data Ramachandran]({figure('md', md['figure'])})"]
     if "dataset_summary" not in md:  # a run cached before reference runs existed
         lines.append(f"{md['n_frames']} frames over {md['ns']:.2f} ns (splits {md['splits']}); "
                      f"{md['phi_name']} > 0 in {md['phi_positive_fraction']:.2%} of frames.")

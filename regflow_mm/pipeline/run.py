@@ -10,6 +10,7 @@ interrupted run continues where it stopped (MD and training resume from their ow
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -44,8 +45,17 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
     _check_system(system_name)
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
-    run.run(Stage("md", lambda f, i: _md(f, system_name, config["md"], seed, progress),
-                  {"system": system_name, "seed": seed, **config["md"]}))
+    md = config["md"]
+    reference = None
+    if md["reference_ns"] > 0:
+        # The held-out reference run (seed + 1) has no inputs: it runs on the second core while the
+        # training run and the training stages use the first, and evaluation waits for it.
+        reference = run.start(Stage("reference", functools.partial(_reference_md, system_name=system_name, md=md,
+                                                                   seed=seed + 1),
+                                    {"system": system_name, "seed": seed + 1, **md}))
+    run.run(Stage("md", lambda f, i: _md(f, system_name, md, seed, progress),
+                  {"system": system_name, "seed": seed,
+                   **{k: v for k, v in md.items() if not k.startswith("reference_")}}))
     regflow = train_settings(config)
     run.run(Stage("train_regflow", lambda f, i: _train(f, i["md"], regflow, progress),
                   {**regflow, "code_version": TRAIN_CODE_VERSION}, needs=("md",)))
@@ -56,12 +66,16 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
         run.run(Stage("train_baseline", lambda f, i: _train(f, i["md"], baseline, progress),
                       {**baseline, "code_version": TRAIN_CODE_VERSION}, needs=("md",)))
         flows[config["baseline"]["method"]] = "train_baseline"
+    held_out = ()
+    if reference is not None:
+        run.wait(reference)
+        held_out = ("reference",)
     run.run(Stage("evaluate", lambda f, i: _evaluate(f, i, flows, config["evaluate"], seed),
-                  {**config["evaluate"], "seed": seed}, needs=("md", *flows.values())))
+                  {**config["evaluate"], "seed": seed}, needs=("md", *held_out, *flows.values())))
     run.run(Stage("mc", lambda f, i: _mc(f, i, system_name, config["mc"], seed, progress),
                   {**config["mc"], "seed": seed}, needs=("md", "evaluate")))
     run.run(Stage("free_energy", lambda f, i: _free_energy(f, i, config["free_energy"], seed, progress),
-                  {**config["free_energy"], "seed": seed}, needs=("md", "evaluate")))
+                  {**config["free_energy"], "seed": seed}, needs=("md", *held_out, "evaluate")))
     run.run(Stage("export", lambda f, i: _export(f, i, config["export"], seed),
                   {**config["export"], "seed": seed}, needs=("md", "evaluate")))
     from .report import write_report
@@ -77,8 +91,9 @@ def _check_system(name: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- stages
 
-def _simulate_one(system_name: str, path: str, ns: float, md: dict, seed: int, progress: bool) -> str:
-    """One MD or metadynamics run of the [md] settings (module-level: runs in a worker process too)."""
+def _simulate_one(system_name: str, path: str, ns: float, save_interval_ps: float, md: dict, seed: int,
+                  progress: bool) -> str:
+    """One MD or metadynamics run of the [md] settings."""
     from ..data import simulate
     from ..data.metadynamics import MetadynamicsSettings
     from ..systems import get_system
@@ -90,47 +105,51 @@ def _simulate_one(system_name: str, path: str, ns: float, md: dict, seed: int, p
                                         width_rad=md["metad_width_rad"], deposition_ps=md["metad_deposition_ps"])
     elif md["enhanced"] != "none":
         raise ValueError(f"[md].enhanced must be 'none' or 'metadynamics', got {md['enhanced']!r}")
-    simulate(get_system(system_name), path, ns=ns, save_interval_ps=md["save_interval_ps"],
+    simulate(get_system(system_name), path, ns=ns, save_interval_ps=save_interval_ps,
              timestep_fs=md["timestep_fs"], seed=seed, platform=md["platform"],
              equilibration_ps=md["equilibration_ps"], progress=progress, enhanced=enhanced)
     return path
 
 
 def _md(folder: Path, system_name: str, md: dict, seed: int, progress: bool) -> dict:
-    """The training data and, with reference_ns > 0, an independent reference run in a second process."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    """The training data: one MD or metadynamics run."""
+    from ..data import dihedrals, load_dataset
+    from ..systems import get_system
+    from ..training.plots import ramachandran_panels
 
+    path = str(folder / "md.h5")
+    _simulate_one(system_name, path, md["ns"], md["save_interval_ps"], md, seed, progress)
+    summary = _run_summary(path, system_name, md)
+    data = load_dataset(path, get_system(system_name))
+    names = (_phi_name(data.system), next(n for n in data.system.torsions if n.startswith("psi")))
+    angles = dihedrals(np.asarray(data.positions, dtype=np.float64), [data.system.torsions[n] for n in names])
+    panels = [("training frames", angles, None)]
+    if data.weighted:
+        panels.append(("training frames, reweighted", angles, data.log_weights))
+    ramachandran_panels(folder / "ramachandran.png", panels, labels=names)
+    return {"dataset": path, "dataset_summary": summary, "figure": "ramachandran.png", "n_frames": summary["n_frames"], "ns": summary["ns"],
+            "phi_name": summary["phi_name"], "phi_positive_fraction": summary["phi_positive_fraction"],
+            "phi_sign_changes": summary["phi_sign_changes"], "splits": summary["splits"]}
+
+
+def _reference_md(folder: Path, inputs: dict, *, system_name: str, md: dict, seed: int) -> dict:
+    """The independent, held-out reference run (reference_ns, saved every reference_save_interval_ps)."""
+    path = str(folder / "reference.h5")
+    _simulate_one(system_name, path, md["reference_ns"], md["reference_save_interval_ps"], md, seed, False)
+    return {"reference": path, "reference_summary": _run_summary(path, system_name, md)}
+
+
+def _run_summary(path: str, system_name: str, md: dict) -> dict:
     from ..data import load_dataset
     from ..systems import get_system
 
-    system = get_system(system_name)
-    runs = {"dataset": (str(folder / "md.h5"), md["ns"], seed)}
-    if md["reference_ns"] > 0:
-        runs["reference"] = (str(folder / "reference.h5"), md["reference_ns"], seed + 1)
-    if len(runs) == 1:
-        _simulate_one(system_name, *runs["dataset"][:2], md, seed, progress)
-    else:  # the two runs are independent: one core each
-        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_simulate_one, system_name, path, ns, md, s, progress and name == "dataset")
-                       for name, (path, ns, s) in runs.items()]
-            for future in futures:
-                future.result()
-    result = {}
-    for name, (path, _, _) in runs.items():
-        data = load_dataset(path, system)
-        phi = _phi(data.system, data.positions)
-        result[name] = path
-        result[f"{name}_summary"] = {
-            "n_frames": len(data), "ns": float(data.time[-1] / 1000.0), "enhanced": md["enhanced"],
-            "phi_positive_fraction": float(np.mean(phi[1] > 0)),
-            "phi_positive_reweighted": data.reweighted_fraction(phi[1] > 0), "weight_ess": data.weight_ess(),
-            "phi_sign_changes": int(np.abs(np.diff((phi[1] > 0).astype(int))).sum()),
+    data = load_dataset(path, get_system(system_name))
+    name, phi = _phi(data.system, data.positions)
+    return {"n_frames": len(data), "ns": float(data.time[-1] / 1000.0), "enhanced": md["enhanced"], "phi_name": name,
+            "phi_positive_fraction": float(np.mean(phi > 0)),
+            "phi_positive_reweighted": data.reweighted_fraction(phi > 0), "weight_ess": data.weight_ess(),
+            "phi_sign_changes": int(np.abs(np.diff((phi > 0).astype(int))).sum()),
             "splits": {k: len(v) for k, v in data.splits.items()}}
-    summary = result["dataset_summary"]
-    return {**result, "n_frames": summary["n_frames"], "ns": summary["ns"], "phi_name": _phi_name(system),
-            "phi_positive_fraction": summary["phi_positive_fraction"], "phi_sign_changes": summary["phi_sign_changes"],
-            "splits": summary["splits"]}
 
 
 def _reference(inputs: dict):
@@ -139,9 +158,9 @@ def _reference(inputs: dict):
     Returns (dataset, frame indices, description)."""
     from ..data import load_dataset
 
-    if inputs["md"].get("reference"):
-        ref = load_dataset(inputs["md"]["reference"])
-        return ref, np.arange(len(ref)), f"independent {inputs['md']['reference_summary']['enhanced']} run"
+    if "reference" in inputs:
+        ref = load_dataset(inputs["reference"]["reference"])
+        return ref, np.arange(len(ref)), f"independent {inputs['reference']['reference_summary']['enhanced']} run"
     data = load_dataset(inputs["md"]["dataset"])
     return data, data.split_indices("test"), "test split (last block of the training run)"
 
@@ -228,8 +247,8 @@ def _free_energy(folder: Path, inputs: dict, settings: dict, seed: int, progress
     from ..training.plots import free_energy_plot
 
     runs = {"md": load_dataset(inputs["md"]["dataset"])}
-    if inputs["md"].get("reference"):
-        runs["md_reference"] = load_dataset(inputs["md"]["reference"])
+    if "reference" in inputs:
+        runs["md_reference"] = load_dataset(inputs["reference"]["reference"])
     system = runs["md"].system
     flow = load_flow(inputs["evaluate"]["downstream"]["flow"], system=system)
     with EnergyEvaluator(system, n_workers=0) as evaluator:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import time
 from dataclasses import dataclass
@@ -54,6 +55,18 @@ class StageRecord:
     cached: bool
 
 
+@dataclass
+class BackgroundStage:
+    """A stage started by ``StagedRun.start``; ``process`` is None when it was already cached."""
+
+    stage: Stage
+    process: multiprocessing.process.BaseProcess | None
+
+
+def _run_in_child(root: Path, stage: Stage) -> None:
+    StagedRun(root).run(stage)
+
+
 class StagedRun:
     """Runs stages in order into ``root``, reusing finished ones (see module docstring)."""
 
@@ -62,20 +75,61 @@ class StagedRun:
         self.root.mkdir(parents=True, exist_ok=True)
         self.records: dict[str, StageRecord] = {}
 
-    def run(self, stage: Stage) -> dict:
+    def _key(self, stage: Stage) -> str:
         missing = [n for n in stage.needs if n not in self.records]
         if missing:
             raise ValueError(f"stage {stage.name!r} needs {missing} to run first")
-        key = stable_hash({"stage": stage.name, "settings": stage.settings,
-                           "inputs": {n: self.records[n].key for n in stage.needs}})
-        folder = self.root / stage.name
-        manifest = folder / MANIFEST
+        return stable_hash({"stage": stage.name, "settings": stage.settings,
+                            "inputs": {n: self.records[n].key for n in stage.needs}})
+
+    def _cached(self, stage: Stage, key: str, cached: bool = True) -> dict | None:
+        manifest = self.root / stage.name / MANIFEST
         if manifest.is_file():
             done = json.loads(manifest.read_text())
             if done.get("key") == key:
-                log.info("stage %s: cached", stage.name)
-                self.records[stage.name] = StageRecord(stage.name, key, done["results"], done["seconds"], True)
+                self.records[stage.name] = StageRecord(stage.name, key, done["results"], done["seconds"], cached)
                 return done["results"]
+        return None
+
+    def start(self, stage: Stage) -> BackgroundStage:
+        """Start a stage without inputs in a spawned process (it uses a core of its own) unless it is
+        cached; ``wait`` collects its results. ``stage.run`` must be picklable (a module-level
+        function or a functools.partial of one)."""
+        if stage.needs:
+            raise ValueError(f"stage {stage.name!r} reads other stages and cannot run in the background")
+        if self._cached(stage, self._key(stage)) is not None:
+            log.info("stage %s: cached", stage.name)
+            return BackgroundStage(stage, None)
+        log.info("stage %s: running in the background", stage.name)
+        # daemon: the stage stops with the pipeline; a rerun resumes its files in the next process
+        process = multiprocessing.get_context("spawn").Process(target=_run_in_child, args=(self.root, stage),
+                                                               name=f"stage-{stage.name}", daemon=True)
+        process.start()
+        return BackgroundStage(stage, process)
+
+    def wait(self, background: BackgroundStage) -> dict:
+        """Results of a background stage: waits for its process; if the process failed, the stage
+        runs (resumes) here, so its own error is raised in this process."""
+        if background.process is not None:
+            log.info("stage %s: waiting for the background run", background.stage.name)
+            background.process.join()
+            if background.process.exitcode != 0:
+                log.warning("stage %s: the background process ended with code %s; running the stage here",
+                            background.stage.name, background.process.exitcode)
+            results = self._cached(background.stage, self._key(background.stage), cached=False)
+            if results is not None:
+                return results
+        return self.run(background.stage)
+
+    def run(self, stage: Stage) -> dict:
+        key = self._key(stage)
+        folder = self.root / stage.name
+        manifest = folder / MANIFEST
+        if (results := self._cached(stage, key)) is not None:
+            log.info("stage %s: cached", stage.name)
+            return results
+        if manifest.is_file():
+            done = json.loads(manifest.read_text())
             # Settings or inputs changed: set the old results aside, start afresh.
             aside = folder.with_name(f"{stage.name}.superseded-{done.get('key', 'unknown')[:12]}")
             n = 1

@@ -34,20 +34,30 @@ def ramachandran_plot(path: str | Path, angles_md: np.ndarray, angles_flow: np.n
     ``md_log_w`` (M,): log-weights of enhanced-sampling frames; adds an "MD (reweighted)" panel
     beside the frames as sampled.
     """
-    angles_md, angles_flow = np.asarray(angles_md), np.asarray(angles_flow)
-    if angles_md.ndim != 2 or angles_md.shape[1] != 2 or angles_flow.ndim != 2 or angles_flow.shape[1] != 2:
-        raise ValueError("ramachandran_plot takes (n, 2) arrays of (phi, psi) in radians")
     if md_log_w is None:
         panels = [("MD", angles_md, None)]
     else:
-        panels = [("MD (frames)", angles_md, None), ("MD (reweighted)", angles_md, normalized_weights(md_log_w))]
+        panels = [("MD (frames)", angles_md, None), ("MD (reweighted)", angles_md, md_log_w)]
     panels.append(("flow (raw)", angles_flow, None))
     if log_w is not None:
-        panels.append(("flow (reweighted)", angles_flow, normalized_weights(log_w)))
+        panels.append(("flow (reweighted)", angles_flow, log_w))
+    return ramachandran_panels(path, panels, bins=bins, labels=labels)
+
+
+def ramachandran_panels(path: str | Path, panels: Sequence[tuple[str, np.ndarray, np.ndarray | None]], *,
+                        bins: int = 60, labels: tuple[str, str] = ("phi", "psi")) -> Path:
+    """Write a PNG with one 2-D (phi, psi) histogram (rad, log colour scale) per panel.
+
+    ``panels``: (title, angles (n, 2) rad, log-weights (n,) or None for the frames as they are).
+    """
     fig = Figure(figsize=(4.2 * len(panels), 4.0))
     edges = np.linspace(-np.pi, np.pi, bins + 1)
-
-    for i, (title, a, w) in enumerate(panels):
+    for i, (title, a, log_w) in enumerate(panels):
+        a = np.asarray(a)
+        if a.ndim != 2 or a.shape[1] != 2:
+            raise ValueError(f"Ramachandran panel {title!r} needs an (n, 2) array of (phi, psi) in radians, "
+                             f"got shape {a.shape}")
+        w = None if log_w is None else normalized_weights(log_w)
         ax = fig.add_subplot(1, len(panels), i + 1)
         ok = np.isfinite(a).all(axis=1)
         h, _, _ = np.histogram2d(a[ok, 0], a[ok, 1], bins=[edges, edges], weights=None if w is None else w[ok],

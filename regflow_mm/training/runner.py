@@ -171,17 +171,23 @@ def run_training(config: TrainConfig, out_dir: str | Path, *, progress: bool = T
 
         val_idx = dataset.split_indices("val")
         val_x, val_u = dataset.positions[val_idx], dataset.reduced_energies()[val_idx]
+        # Weighted batches (enhanced-sampling data): validation NLL under the same frame weights.
+        power = config.data_weight_power
+        row_log_w = (torch.as_tensor(power * dataset.log_weights[dataset.split_indices("train")])
+                     if power else None)
+        val_log_w = power * dataset.log_weights[val_idx] if power else None
+        info["data_weight_power"] = power
         evaluator = EnergyEvaluator(system, n_workers=config.energy_workers, platform=config.energy_platform)
 
         def validate(ema_flow) -> dict:
             if config.val_samples <= 0:
                 from .metrics import heldout_nll
-                return {"nll": heldout_nll(ema_flow, torch.as_tensor(val_x, dtype=ema_flow.dtype))["nll"]}
+                return {"nll": heldout_nll(ema_flow, torch.as_tensor(val_x, dtype=ema_flow.dtype), log_w=val_log_w)["nll"]}
             res = evaluate_flow(ema_flow, system, val_x, val_u, evaluator=evaluator, n_samples=config.val_samples,
                                 n_torsion=config.val_torsion_samples, seed=config.seed)
             return scalar_metrics(res)
 
-        trainer = Trainer(flow, config, out_dir, data, validate=validate,
+        trainer = Trainer(flow, config, out_dir, data, row_log_weights=row_log_w, validate=validate,
                           reduced_energy_torch=evaluator.reduced_energy_torch if config.lambda_kl > 0 else None,
                           dist=dist, progress=progress)
         summary = trainer.fit()

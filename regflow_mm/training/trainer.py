@@ -157,6 +157,10 @@ class TrainConfig:
     kl_energy_cap_kT: float | None = None
     w_nll: float = 1.0
     w_fm: float = 1.0
+    # Enhanced-sampling data (metadynamics) carry importance weights w to the target ensemble: MLE and
+    # NLL+FM batches draw frames with probability ~ w**data_weight_power (0: frames as sampled, the
+    # widest coverage; 1: fully reweighted, fewest effective frames). Plain MD has w = 1 either way.
+    data_weight_power: float = 0.0
     # groups
     teacher: TeacherSettings = field(default_factory=TeacherSettings)
     couplings: CouplingSettings = field(default_factory=CouplingSettings)
@@ -199,6 +203,12 @@ class TrainConfig:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if self.regularizer not in REGULARIZERS:
             raise ValueError(f"regularizer must be one of {REGULARIZERS}, got {self.regularizer!r}")
+        if not 0.0 <= self.data_weight_power <= 1.0:
+            raise ValueError(f"data_weight_power must be in [0, 1] (0: frames as sampled, 1: fully reweighted), "
+                             f"got {self.data_weight_power}")
+        if self.data_weight_power and self.method == "regflow":
+            raise ValueError("data_weight_power applies to the data frames of 'mle' and 'nll+fm'; RegFlow trains on "
+                             "teacher pairs: set it to 0")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.early_stop_patience is not None and (self.early_stop_patience < 1 or not self.keep_best):
@@ -250,7 +260,7 @@ RESUMABLE_CHANGES = ("epochs", "max_steps", "time_budget_s", "device", "log_ever
                      "val_every_epochs", "val_samples", "val_torsion_samples", "energy_workers", "pair_workers")
 
 
-_STREAM_EPOCH, _STREAM_NOISE, _STREAM_KL = 1, 2, 3
+_STREAM_EPOCH, _STREAM_NOISE, _STREAM_KL, _STREAM_ROWS = 1, 2, 3, 4
 
 
 def ema_update_fn(decay: float, warmup: bool = True):
@@ -277,6 +287,9 @@ class Trainer:
         out_dir: run directory (checkpoint.pt, log.jsonl, log.csv, nan_report.json).
         data: tensors indexed along dim 0, by method: regflow (x0 latent (N, D), x1 flow space (N, D));
             mle (y flow space (N, D),); nll+fm (positions (N, n, 3) nm, forces / kT (N, n, 3) kT/nm).
+        row_log_weights: optional (N,) log sampling weights of the rows: each step then draws its batch
+            with replacement with probabilities softmax(row_log_weights), seeded by (seed, step);
+            None: epoch permutations.
         validate: optional ``validate(ema_flow) -> dict`` run on rank 0 every ``val_every_epochs``.
         reduced_energy_torch: u(x) in kT with autograd, needed when ``lambda_kl > 0``.
         dist: DistInfo of this process (single CPU process by default).
@@ -284,7 +297,7 @@ class Trainer:
     """
 
     def __init__(self, flow, config: TrainConfig, out_dir: str | Path, data: tuple[torch.Tensor, ...], *,
-                 validate: Callable | None = None, reduced_energy_torch: Callable | None = None,
+                 row_log_weights: torch.Tensor | None = None, validate: Callable | None = None, reduced_energy_torch: Callable | None = None,
                  dist: DistInfo | None = None, on_step_end: Callable[[int], None] | None = None,
                  progress: bool = True):
         self.flow = flow
@@ -311,6 +324,14 @@ class Trainer:
             raise ValueError(f"only {n} training rows for batch_size {config.batch_size}; lower the batch size "
                              f"or use more data")
         self.n = n
+        self.row_probs = None
+        if row_log_weights is not None:
+            row_log_weights = torch.as_tensor(row_log_weights, dtype=torch.float64).cpu()
+            if row_log_weights.shape != (n,) or torch.isnan(row_log_weights).any() or \
+                    not (row_log_weights < math.inf).all() or not (row_log_weights > -math.inf).any():
+                raise ValueError(f"row_log_weights must be ({n},) finite or -inf log-weights with at least one "
+                                 f"finite entry, got shape {tuple(row_log_weights.shape)}")
+            self.row_probs = torch.softmax(row_log_weights, 0)
         self.steps_per_epoch = n // config.batch_size
         self.total_steps = config.epochs * self.steps_per_epoch
         if config.max_steps is not None:
@@ -354,7 +375,8 @@ class Trainer:
                 "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state(), "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                 "data_order": {"n": self.n, "batch_size": self.config.batch_size, "seed": self.config.seed,
-                               "rule": "epoch permutation seeded by (seed, 1, epoch)"},
+                               "rule": "epoch permutation seeded by (seed, 1, epoch)" if self.row_probs is None
+                               else "weighted draw with replacement seeded by (seed, 4, step)"},
                 "records": self.records, "running": self._running,
                 "best": self.best, "since_best": self._since_best}
 
@@ -419,10 +441,14 @@ class Trainer:
     # ----------------------------------------------------------------- batches
     def batch_indices(self, step: int) -> tuple[torch.Tensor, slice]:
         """Global-batch rows of ``step`` and this rank's slice of the global batch."""
-        epoch, b = divmod(step, self.steps_per_epoch)
-        gen = torch.Generator().manual_seed(derived_seed(self.config.seed, _STREAM_EPOCH, epoch))
-        perm = torch.randperm(self.n, generator=gen)
-        rows = perm[b * self.config.batch_size:(b + 1) * self.config.batch_size]
+        if self.row_probs is not None:
+            gen = torch.Generator().manual_seed(derived_seed(self.config.seed, _STREAM_ROWS, step))
+            rows = torch.multinomial(self.row_probs, self.config.batch_size, replacement=True, generator=gen)
+        else:
+            epoch, b = divmod(step, self.steps_per_epoch)
+            gen = torch.Generator().manual_seed(derived_seed(self.config.seed, _STREAM_EPOCH, epoch))
+            perm = torch.randperm(self.n, generator=gen)
+            rows = perm[b * self.config.batch_size:(b + 1) * self.config.batch_size]
         local = self.config.batch_size // self.dist.world_size
         return rows, slice(self.dist.rank * local, (self.dist.rank + 1) * local)
 
