@@ -199,7 +199,17 @@ def test_cli_train_and_evaluate_on_tiny_aldp(tmp_path, tiny_aldp):
     assert args.func(args) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert 0.0 <= metrics["ess"] <= 1.0 and metrics["n_samples"] == 128
+    assert 0.0 < metrics["ess_p05"] <= metrics["ess_p95"] <= 1.0  # the bootstrap interval (200 resamples)
     assert (tmp_path / "eval" / "plots" / "energy_histogram.png").exists()
+    # an independent reference run: every frame
+    args = parser.parse_args(["evaluate", str(out / "flow.pt"), "--data", str(tiny_aldp), "--split", "all",
+                              "--n-samples", "128", "--n-bootstrap", "0", "--energy-workers", "0", "--device", "cpu",
+                              "--out", str(tmp_path / "eval_all")])
+    assert args.func(args) == 0
+    assert json.loads((tmp_path / "eval_all" / "metrics.json").read_text())["n_reference_frames"] == 300
+    args = parser.parse_args(["evaluate", str(out / "flow.pt"), "--data", str(tiny_aldp), "--split", "holdout"])
+    with pytest.raises(ValueError, match="--split 'holdout'.*or use all"):
+        args.func(args)
 
 
 def test_dataset_of_another_system_is_refused(tmp_path, tiny_aldp):

@@ -56,9 +56,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("evaluate", help="metrics (ESS, E-W1, T-W2, NLL, chirality) and plots of a flow")
     p.add_argument("flow", help="flow file (flow.pt)")
-    p.add_argument("--data", required=True, help="MD dataset (.h5) of the same system")
-    p.add_argument("--split", default="test", help="held-out split to compare with (default test)")
-    p.add_argument("--n-samples", type=int, default=10_000, help="flow samples (default 10000)")
+    p.add_argument("--data", required=True, help="reference MD dataset (.h5) of the same system; the frames of an "
+                                                 "enhanced-sampling run count with their weights")
+    p.add_argument("--split", default="test", help="frames to compare with: train, val, test (default) or all "
+                                                   "(an independent reference run)")
+    p.add_argument("--n-samples", type=int, default=50_000,
+                   help="flow samples (default 50000: ESS from fewer is mostly noise with heavy-tailed weights)")
+    p.add_argument("--n-bootstrap", type=int, default=200, help="bootstrap resamples of the ESS interval (default 200)")
     p.add_argument("--n-torsion", type=int, default=None, help="samples per side of T-W2 (default min(n, 10000))")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--energy-clip-kt", type=float, default=None, help="clip energies to +-this (kT) in E-W1")
@@ -143,6 +147,7 @@ def _table(metrics: dict) -> str:
 def _evaluate(args) -> int:
     from pathlib import Path
 
+    import numpy as np
     import torch
 
     from ..data import load_dataset
@@ -155,16 +160,24 @@ def _evaluate(args) -> int:
     dataset = load_dataset(args.data)
     system = dataset.system
     flow = load_flow(args.flow, system=system, map_location=device)
-    x = dataset.split(args.split)
-    u = dataset.reduced_energies()[dataset.split_indices(args.split)]
+    if args.split == "all":
+        frames = np.arange(len(dataset))
+    elif args.split in dataset.splits:
+        frames = dataset.split_indices(args.split)
+    else:
+        raise ValueError(f"--split {args.split!r}: {args.data} has splits {sorted(dataset.splits)}; or use all")
+    x, u = dataset.positions[frames], dataset.reduced_energies()[frames]
+    md_log_w = dataset.log_weights[frames] if dataset.weighted else None
     out = Path(args.out) if args.out else Path(args.flow).parent
     with EnergyEvaluator(system, n_workers=args.energy_workers, platform=args.platform) as evaluator:
         with torch.no_grad():
             res = evaluate_flow(flow, system, x, u, evaluator=evaluator, n_samples=args.n_samples,
                                 n_torsion=args.n_torsion, seed=args.seed, energy_clip_kT=args.energy_clip_kt,
-                                drop_top_fraction=args.drop_top_fraction, plots_dir=out / "plots")
+                                drop_top_fraction=args.drop_top_fraction, plots_dir=out / "plots",
+                                md_log_weights=md_log_w, n_bootstrap=args.n_bootstrap)
     out.mkdir(parents=True, exist_ok=True)
-    res["flow"], res["data"], res["split"] = str(args.flow), str(args.data), args.split
+    res["flow"], res["data"], res["split"], res["n_reference_frames"] = (str(args.flow), str(args.data), args.split,
+                                                                         int(len(frames)))
     (out / "metrics.json").write_text(json.dumps(res, indent=2, default=float))
     print(_table(scalar_metrics(res)))
     print(f"wrote {out / 'metrics.json'} and {out / 'plots'}")
