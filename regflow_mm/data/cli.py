@@ -24,13 +24,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--test-fraction", type=float, default=0.1)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("enhanced sampling (frames store log-weights to the unbiased ensemble)")
-    g.add_argument("--enhanced", choices=["metadynamics"], default=None,
-                   help="well-tempered metadynamics on backbone torsions (OpenMM's Metadynamics)")
+    g.add_argument("--enhanced", choices=["none", "metadynamics", "tempering"], default="none",
+                   help="metadynamics: well-tempered, on backbone torsions (OpenMM's Metadynamics; --metad-*); "
+                        "tempering: parallel tempering, frames of the system-temperature replica (openmmtools; --pt-*)")
     g.add_argument("--metad-torsions", default="phi1,psi1", help="comma-separated torsion names (default phi1,psi1)")
     g.add_argument("--metad-bias-factor", type=float, default=6.0, help="bias factor gamma > 1 (default 6)")
     g.add_argument("--metad-height", type=float, default=1.2, help="initial Gaussian height, kJ/mol (default 1.2)")
     g.add_argument("--metad-width", type=float, default=0.35, help="Gaussian width, rad (default 0.35)")
     g.add_argument("--metad-deposition-ps", type=float, default=1.0, help="ps between Gaussians (default 1)")
+    g.add_argument("--pt-replicas", type=int, default=4, help="temperatures on the geometric ladder (default 4)")
+    g.add_argument("--pt-max-temperature", type=float, default=600.0,
+                   help="top of the ladder, K (default 600; the bottom is the system's temperature)")
     p.set_defaults(func=_simulate)
 
     p = subparsers.add_parser("dataset-info", help="print a dataset's summary")
@@ -67,6 +71,10 @@ def _simulate(args) -> int:
         enhanced = MetadynamicsSettings(torsions=args.metad_torsions,
                                         bias_factor=args.metad_bias_factor, height_kJ=args.metad_height,
                                         width_rad=args.metad_width, deposition_ps=args.metad_deposition_ps)
+    elif args.enhanced == "tempering":
+        from .tempering import TemperingSettings
+
+        enhanced = TemperingSettings(n_replicas=args.pt_replicas, t_max_K=args.pt_max_temperature)
     out = simulate(system, args.out, ns=args.ns, save_interval_ps=args.save_interval_ps,
                    timestep_fs=args.timestep_fs, friction_per_ps=args.friction, seed=args.seed,
                    platform=args.platform, threads=args.threads, equilibration_ps=args.equilibration_ps,

@@ -11,6 +11,11 @@ File layout (one HDF5 file, readable with h5py or any HDF5 tool)::
                                            metadynamics a group: openmm (uint8), bias (grid, kJ/mol)
     /log_weights, /bias_energy, /bias_offset   (T,) float64   metadynamics only: log-weight to the
                                            unbiased ensemble, bias V(s_t, t) and c(t) in kJ/mol
+    /log_weights (zeros), /tempering_iteration (T,) int64, /tempering_replica (T,) int32
+                                           parallel tempering only: frame k is the system-temperature
+                                           replica after exchange iteration k + 1 (``data.tempering``);
+                                           /checkpoint is then a group with that iteration (the
+                                           replicas are in <file>.tempering.nc)
     attrs: metadata (JSON: system spec and hash, temperature, seed, integrator, enhanced sampling
            settings or null, versions),
            topology_pdb (the system's PDB text), n_frames (frames committed)
@@ -68,8 +73,9 @@ class Dataset:
 
     @property
     def weighted(self) -> bool:
-        """True when frames carry non-uniform weights (enhanced sampling)."""
-        return bool(self.metadata.get("enhanced")) or bool(np.ptp(self.log_weights) > 0)
+        """True when frames carry non-uniform weights (metadynamics; parallel tempering's frames are unweighted)."""
+        method = (self.metadata.get("enhanced") or {}).get("method")
+        return method not in (None, "tempering") or bool(np.ptp(self.log_weights) > 0)
 
     def weight_ess(self) -> float:
         """Kish effective number of frames of the frame weights (= number of frames for plain MD)."""
@@ -106,6 +112,9 @@ class Dataset:
                  f"friction {md['integrator']['friction_per_ps']}/ps, seed {md['seed']}",
                  f"  energy       mean {self.energies.mean():.2f} kJ/mol, std {self.energies.std():.2f} kJ/mol",
                  "  splits       " + ", ".join(f"{k} {len(v)}" for k, v in self.splits.items())]
+        if (md.get("enhanced") or {}).get("method") == "tempering":
+            lines.append(f"  enhanced     tempering, {md['enhanced']['n_replicas']} replicas {md['temperature']}-"
+                         f"{md['enhanced']['t_max_K']} K; frames at {md['temperature']} K (unweighted)")
         if self.weighted:
             lines.append(f"  enhanced     {md['enhanced']['method'] if md.get('enhanced') else 'weighted'}; "
                          f"weight ESS {self.weight_ess():.0f} of {len(self)} frames")

@@ -1,4 +1,5 @@
-"""MD with OpenMM (plain or well-tempered metadynamics), written incrementally to an HDF5 dataset, resumable.
+"""MD with OpenMM (plain, well-tempered metadynamics or parallel tempering), written incrementally to an
+HDF5 dataset, resumable.
 
 Every ``chunk_frames`` frames the new frames, an OpenMM checkpoint and the frame count
 are appended to the file and the file is closed again, so a killed run loses at most
@@ -6,7 +7,11 @@ the chunk in progress; running the same command again resumes from the checkpoin
 appends (the RNG state travels in the checkpoint, so the continued trajectory is the
 one an uninterrupted run produces on a deterministic platform). With ``enhanced`` metadynamics
 settings the bias grid travels in the checkpoint too, and every frame stores its log-weight to
-the unbiased ensemble (``regflow_mm.data.metadynamics``); plain MD frames have log-weight 0.
+the unbiased ensemble (``regflow_mm.data.metadynamics``); plain MD frames have log-weight 0. With
+``enhanced`` parallel-tempering settings (``regflow_mm.data.tempering``) the frames are those of the
+replica at the system temperature, one per exchange iteration, log-weight 0; the replicas' state lives in
+openmmtools storage next to the dataset (``<out>.tempering.nc``), and a resumed run keeps exactly the
+frames up to the iteration that storage restores, so each iteration's frame is stored once.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from .checkpointed_hdf5 import (check_resume_settings, commit_rows, committed_ch
                                 truncate_uncommitted)
 from .dataset import _open, contiguous_splits
 from .metadynamics import MetadynamicsSettings, TorsionMetadynamics, weights_from_bias
+from .tempering import ParallelTempering, TemperingSettings
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,7 @@ log = logging.getLogger(__name__)
 _RESUME_KEYS = ("timestep_fs", "friction_per_ps", "save_interval_ps", "name", "enhanced")
 _FRAME_ARRAYS = ("positions", "forces", "energies", "time")
 _WEIGHT_ARRAYS = ("log_weights", "bias_energy", "bias_offset")
+_TEMPERING_ARRAYS = {"log_weights": np.float64, "tempering_iteration": np.int64, "tempering_replica": np.int32}
 
 
 def _versions() -> dict:
@@ -58,11 +65,14 @@ def simulate(system: MolecularSystem, out: str | Path, ns: float, save_interval_
              timestep_fs: float = 1.0, friction_per_ps: float | None = None, seed: int = 0,
              platform: str = "auto", threads: int | None = 1, equilibration_ps: float = 10.0,
              chunk_frames: int = 100, val_fraction: float = 0.1, test_fraction: float = 0.1,
-             progress: bool = True, enhanced: MetadynamicsSettings | None = None) -> Path:
+             progress: bool = True, enhanced: MetadynamicsSettings | TemperingSettings | None = None) -> Path:
     """Run Langevin MD (LangevinMiddle) of ``system`` until ``out`` holds ``ns`` nanoseconds of frames.
 
     ``enhanced``: well-tempered metadynamics settings (``MetadynamicsSettings``); frames then carry
-    the log-weights to the unbiased ensemble and stored energies/forces exclude the bias.
+    the log-weights to the unbiased ensemble and stored energies/forces exclude the bias. Or parallel
+    tempering (``TemperingSettings``): one exchange iteration per frame, frames of the replica at the
+    system temperature (log-weight 0), replicas in ``<out>.tempering.nc``; its commit chunk is the
+    storage's checkpoint interval (``chunk_frames`` of the run that created it).
 
     Frames every ``save_interval_ps`` ps; ``friction_per_ps`` defaults to the system spec's friction;
     ``equilibration_ps`` of unsaved MD precede production. Re-running with the same ``out`` resumes.
@@ -81,57 +91,66 @@ def simulate(system: MolecularSystem, out: str | Path, ns: float, save_interval_
         raise ValueError(f"save interval {save_interval_ps} ps is not a whole number of {timestep_fs} fs steps")
     steps_per_frame = int(round(steps_per_frame))
     target = int(round(ns * 1000.0 / save_interval_ps))
+    if enhanced is not None and not isinstance(enhanced, (MetadynamicsSettings, TemperingSettings)):
+        raise ValueError(f"enhanced must be MetadynamicsSettings, TemperingSettings or None, "
+                         f"got {type(enhanced).__name__}")
     settings = {"name": "LangevinMiddleIntegrator", "timestep_fs": timestep_fs,
                 "friction_per_ps": system.spec.friction if friction_per_ps is None else friction_per_ps,
                 "save_interval_ps": save_interval_ps, "equilibration_ps": equilibration_ps,
                 "enhanced": enhanced.to_dict() if enhanced is not None else None}
-    meta = TorsionMetadynamics(system, enhanced, timestep_fs) if enhanced is not None else None
+    meta = TorsionMetadynamics(system, enhanced, timestep_fs) if isinstance(enhanced, MetadynamicsSettings) else None
+    platform = resolve_platform(platform, system.n_atoms, system.system)
+    tempering = ParallelTempering(system, enhanced, out, timestep_fs, settings["friction_per_ps"], steps_per_frame,
+                                  platform, platform_properties(platform, threads), seed, int(chunk_frames)
+                                  ) if isinstance(enhanced, TemperingSettings) else None
     n_equil = int(round(equilibration_ps * 1000.0 / timestep_fs))
     resume = _read_resume(out, system, settings, seed) if out.exists() else None
     if resume is not None and meta is not None:
         meta.restore_bias(resume["bias"])
-    platform = resolve_platform(platform, system.n_atoms, system.system)
-    simulation = app.Simulation(system.topology, meta.openmm_system if meta else system.system,
-                                _integrator(system, settings, seed), openmm.Platform.getPlatformByName(platform),
-                                platform_properties(platform, threads))
-    context = simulation.context
-    log.info("simulating %s on the %s platform%s", system.name, platform, " with metadynamics" if meta else "")
 
-    if resume is not None:
-        n_done = resume["n_frames"]
-        try:
-            context.loadCheckpoint(resume["checkpoint"])
-        except Exception as err:  # OpenMM raises OpenMMException for a checkpoint of another platform/system
-            raise ValueError(f"cannot resume {out}: its checkpoint does not load on this platform ({err}); "
-                             "resume with the same --platform") from None
-        log.info("resuming %s at frame %d", out, n_done)
-    else:
+    def create_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         _create(out, system, settings, seed, platform, val_fraction, test_fraction)
-        context.setPositions(system.positions * unit.nanometer)
-        context.setVelocitiesToTemperature(system.temperature * unit.kelvin, seed)
-        if n_equil:
-            simulation.step(n_equil)  # unbiased equilibration
-        n_done = 0
-    # Metadynamics deposits a Gaussian whenever the step counter is a multiple of its interval.
-    simulation.currentStep = n_equil + n_done * steps_per_frame
+
+    if tempering is not None:
+        if resume is not None and resume["n_frames"] >= target:
+            return out  # nothing to add (reopening the replicas could only drop frames)
+        # The frames come from the replicas; this Context evaluates their (unbiased) energies and forces.
+        context, groups = system.make_context(platform, properties=platform_properties(platform, threads)), -1
+        try:
+            n_done = _start_tempering(tempering, out, resume, n_equil, target, create_file)
+        except BaseException:
+            tempering.close()
+            raise
+        chunk = tempering.checkpoint_interval
+    else:
+        simulation, n_done = _start_md(system, out, settings, seed, platform, threads, meta, resume, n_equil,
+                                       steps_per_frame, create_file)
+        context, groups, chunk = simulation.context, meta.physical_groups if meta else -1, int(chunk_frames)
 
     bar = tqdm(total=target, initial=min(n_done, target), unit="frame", disable=not progress,
-               desc=f"{'metaD' if meta else 'MD'} {system.name}", dynamic_ncols=True, mininterval=1.0)
+               desc=f"{'metaD' if meta else 'PT' if tempering else 'MD'} {system.name}", dynamic_ncols=True,
+               mininterval=1.0)
     started, frames_this_run = wallclock.perf_counter(), 0
-    groups = meta.physical_groups if meta else -1
     try:
         while n_done < target:
-            n_chunk = min(int(chunk_frames), target - n_done)
+            # Tempering chunks end on the storage's checkpoint iterations (multiples of its interval).
+            n_chunk = min(chunk - n_done % chunk if tempering else chunk, target - n_done)
             arrays = {"positions": np.empty((n_chunk, system.n_atoms, 3), np.float32),
                       "forces": np.empty((n_chunk, system.n_atoms, 3), np.float32),
                       "energies": np.empty(n_chunk),
                       "time": (np.arange(n_done, n_done + n_chunk) + 1) * save_interval_ps}
             if meta:
                 arrays.update({name: np.empty(n_chunk) for name in _WEIGHT_ARRAYS})
+            if tempering:
+                arrays.update({name: np.zeros(n_chunk, dtype) for name, dtype in _TEMPERING_ARRAYS.items()})
             for k in range(n_chunk):
                 if meta:
                     meta.step(simulation, steps_per_frame)
+                elif tempering:
+                    positions, arrays["tempering_replica"][k] = tempering.step()
+                    arrays["tempering_iteration"][k] = tempering.iteration
+                    context.setPositions(positions)
                 else:
                     simulation.step(steps_per_frame)
                 state = context.getState(getPositions=True, getEnergy=True, getForces=True, groups=groups)
@@ -149,15 +168,73 @@ def simulate(system: MolecularSystem, out: str | Path, ns: float, save_interval_
                 bar.update(1)
                 frames_this_run += 1
                 elapsed = wallclock.perf_counter() - started
-                bar.set_postfix(ns_per_day=f"{frames_this_run * save_interval_ps * 1e-3 * 86400 / max(elapsed, 1e-9):.0f}",
-                                refresh=False)
+                ns_per_day = frames_this_run * save_interval_ps * 1e-3 * 86400 / max(elapsed, 1e-9)
+                postfix = {"ns_per_day": f"{ns_per_day:.0f}"}
+                if tempering:
+                    postfix["swaps"] = f"{tempering.swap_acceptance:.2f}"
+                bar.set_postfix(postfix, refresh=False)
             if meta:
                 arrays["log_weights"] = weights_from_bias(arrays["bias_energy"], arrays["bias_offset"], system.kT)
-            _append(out, arrays, n_done, context.createCheckpoint(), meta)
+            _append(out, arrays, n_done, None if tempering else context.createCheckpoint(), meta)
             n_done += n_chunk
     finally:
         bar.close()
+        if tempering:
+            tempering.close()
     return out
+
+
+def _start_md(system, out, settings, seed, platform, threads, meta, resume, n_equil, steps_per_frame, create_file):
+    """(Simulation, frames done) of plain MD / metadynamics, at the end of ``out``'s frames."""
+    simulation = app.Simulation(system.topology, meta.openmm_system if meta else system.system,
+                                _integrator(system, settings, seed), openmm.Platform.getPlatformByName(platform),
+                                platform_properties(platform, threads))
+    context = simulation.context
+    log.info("simulating %s on the %s platform%s", system.name, platform, " with metadynamics" if meta else "")
+
+    if resume is not None:
+        n_done = resume["n_frames"]
+        try:
+            context.loadCheckpoint(resume["checkpoint"])
+        except Exception as err:  # OpenMM raises OpenMMException for a checkpoint of another platform/system
+            raise ValueError(f"cannot resume {out}: its checkpoint does not load on this platform ({err}); "
+                             "resume with the same --platform") from None
+        log.info("resuming %s at frame %d", out, n_done)
+    else:
+        create_file()
+        context.setPositions(system.positions * unit.nanometer)
+        context.setVelocitiesToTemperature(system.temperature * unit.kelvin, seed)
+        if n_equil:
+            simulation.step(n_equil)  # unbiased equilibration
+        n_done = 0
+    # Metadynamics deposits a Gaussian whenever the step counter is a multiple of its interval.
+    simulation.currentStep = n_equil + n_done * steps_per_frame
+    return simulation, n_done
+
+
+def _start_tempering(tempering: ParallelTempering, out: Path, resume: dict | None, n_equil: int, target: int,
+                     create_file) -> int:
+    """Create or reopen the replicas of ``out``; returns the frames kept (= the sampler's iteration).
+
+    On resume the storage reopens at its newest checkpoint not past the dataset's last frame, and the
+    dataset drops its frames after that iteration (usually none; at most one chunk).
+    """
+    if resume is None:
+        create_file()
+        tempering.create(n_equil, target)
+        return 0
+    n_frames = resume["n_frames"]
+    if resume["iteration"] != n_frames:
+        raise ValueError(f"cannot resume {out}: its frames end at tempering iteration {resume['iteration']}, "
+                         f"not {n_frames}; the file is inconsistent: choose another --out")
+    restored = tempering.restore(max_iteration=n_frames)
+    if restored < n_frames:
+        log.info("%s: the replicas restart from iteration %d; dropping frames %d-%d to redo them",
+                 out, restored, restored + 1, n_frames)
+        _cut_frames(out, restored)
+    tempering.extend_to(target)
+    log.info("resuming %s at frame %d", out, restored)
+    return restored
 
 
 def _create(out, system, settings, seed, platform, val_fraction, test_fraction):
@@ -177,13 +254,17 @@ def _create(out, system, settings, seed, platform, val_fraction, test_fraction):
                                    ("energies", (), np.float64), ("time", (), np.float64)):
             fh.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
                               chunks=(256, *shape), compression="gzip" if shape else None)
+        per_frame = {}
         if settings["enhanced"] is not None:
-            for name in _WEIGHT_ARRAYS:
-                fh.create_dataset(name, shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(256,))
+            per_frame = (_TEMPERING_ARRAYS if settings["enhanced"]["method"] == "tempering"
+                         else dict.fromkeys(_WEIGHT_ARRAYS, np.float64))
+        for name, dtype in per_frame.items():
+            fh.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
 
 
 def _read_resume(out, system, settings, seed) -> dict | None:
-    """Committed frame count, OpenMM checkpoint and bias grid of ``out``; None if nothing was committed.
+    """Committed frame count, OpenMM checkpoint and bias grid of ``out`` (tempering: the iteration of
+    its last frame instead); None if nothing was committed.
 
     A file that committed no chunk yet (killed early) is removed, so the run starts over by itself.
     """
@@ -193,11 +274,12 @@ def _read_resume(out, system, settings, seed) -> dict | None:
                         verb=f"(refusing to append {system.name!r}; choose another --out): it has")
         stored = {**md["integrator"], "enhanced": md.get("enhanced")}
         check_resume_settings(out, stored, settings, _RESUME_KEYS, md["seed"], seed, verb="simulated")
-        weighted = tuple(name for name in _WEIGHT_ARRAYS if name in fh)
-        n_done = truncate_uncommitted(fh, "n_frames", _FRAME_ARRAYS + weighted)
+        n_done = truncate_uncommitted(fh, "n_frames", _per_frame_arrays(fh))
         checkpoint = committed_checkpoint(fh, "n_frames")
         if n_done > 0 and checkpoint is not None:
             _write_splits(fh, n_done)
+            if "tempering_iteration" in fh:  # the replicas' state is in the openmmtools storage
+                return {"n_frames": n_done, "iteration": int(fh["tempering_iteration"][n_done - 1])}
             if isinstance(checkpoint, h5py.Group):
                 return {"n_frames": n_done, "checkpoint": checkpoint["openmm"][()].tobytes(),
                         "bias": checkpoint["bias"][()]}
@@ -207,10 +289,34 @@ def _read_resume(out, system, settings, seed) -> dict | None:
     return None
 
 
-def _append(out, arrays: dict, n_done: int, checkpoint: bytes, meta: TorsionMetadynamics | None):
+def _per_frame_arrays(fh) -> tuple[str, ...]:
+    return _FRAME_ARRAYS + tuple(name for name in dict.fromkeys((*_WEIGHT_ARRAYS, *_TEMPERING_ARRAYS)) if name in fh)
+
+
+def _tempering_checkpoint(fh, name: str, iteration: int):
+    """A tempering commit's checkpoint: only the last iteration (the replicas are in the openmmtools storage)."""
+    group = fh.create_group(name)
+    group.attrs["tempering_iteration"] = iteration
+    return group
+
+
+def _cut_frames(out: Path, n_keep: int) -> None:
+    """Keep only the first ``n_keep`` committed frames of ``out`` (crash-safe: the counter goes down first)."""
+    with h5py.File(out, "r+") as fh:
+        if "splits" in fh:
+            del fh["splits"]  # before the commit: stored splits never index uncommitted frames
+        commit_rows(fh, "n_frames", n_keep, lambda name: _tempering_checkpoint(fh, name, n_keep))
+        truncate_uncommitted(fh, "n_frames", _per_frame_arrays(fh))
+        _write_splits(fh, n_keep)
+
+
+def _append(out, arrays: dict, n_done: int, checkpoint: bytes | None, meta: TorsionMetadynamics | None):
+    """Append and commit a chunk of frames; ``checkpoint``: OpenMM's (None for tempering)."""
     n_new = n_done + len(arrays["energies"])
 
     def write_checkpoint(name):
+        if checkpoint is None:
+            return _tempering_checkpoint(fh, name, int(arrays["tempering_iteration"][-1]))
         if meta is None:
             return fh.create_dataset(name, data=np.frombuffer(checkpoint, dtype=np.uint8))
         group = fh.create_group(name)
