@@ -10,8 +10,8 @@ from openmm import unit
 
 from regflow_mm.data import load_dataset, simulate
 from regflow_mm.data.metadynamics import MetadynamicsSettings
-from regflow_mm.data.tempering import (MultiStateReporter, ParallelTempering, TemperingSettings, storage_path,
-                                       temperature_ladder)
+from regflow_mm.data.parallel_tempering import MultiStateReporter, ParallelTempering
+from regflow_mm.data.tempering import TemperingSettings, storage_path, temperature_ladder
 
 # Three replicas 300-500 K, an exchange attempt every 20 fs: 200 iterations take a few seconds.
 PT = TemperingSettings(n_replicas=3, t_max_K=500.0)

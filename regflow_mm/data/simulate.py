@@ -20,6 +20,7 @@ import logging
 import time as wallclock
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -34,7 +35,10 @@ from .checkpointed_hdf5 import (check_resume_settings, commit_rows, committed_ch
                                 truncate_uncommitted)
 from .dataset import _open, contiguous_splits
 from .metadynamics import MetadynamicsSettings, TorsionMetadynamics, weights_from_bias
-from .tempering import ParallelTempering, TemperingSettings
+from .tempering import TemperingSettings
+
+if TYPE_CHECKING:
+    from .parallel_tempering import ParallelTempering
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +104,11 @@ def simulate(system: MolecularSystem, out: str | Path, ns: float, save_interval_
                 "enhanced": enhanced.to_dict() if enhanced is not None else None}
     meta = TorsionMetadynamics(system, enhanced, timestep_fs) if isinstance(enhanced, MetadynamicsSettings) else None
     platform = resolve_platform(platform, system.n_atoms, system.system)
-    tempering = ParallelTempering(system, enhanced, out, timestep_fs, settings["friction_per_ps"], steps_per_frame,
-                                  platform, platform_properties(platform, threads), seed, int(chunk_frames)
-                                  ) if isinstance(enhanced, TemperingSettings) else None
+    tempering = None
+    if isinstance(enhanced, TemperingSettings):
+        from .parallel_tempering import ParallelTempering  # openmmtools' multistate: imported only when used
+        tempering = ParallelTempering(system, enhanced, out, timestep_fs, settings["friction_per_ps"], steps_per_frame,
+                                      platform, platform_properties(platform, threads), seed, int(chunk_frames))
     n_equil = int(round(equilibration_ps * 1000.0 / timestep_fs))
     resume = _read_resume(out, system, settings, seed) if out.exists() else None
     if resume is not None and meta is not None:

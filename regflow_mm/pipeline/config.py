@@ -16,14 +16,16 @@ SCHEMA: dict[str, dict] = {
     # threads: torch CPU threads; 1 is fastest for these small networks on a shared CPU.
     "run": {"seed": 0, "device": "cpu", "threads": 1},
     "system": {"name": "aldp"},  # built-in name or a system spec .toml path
-    # enhanced: "none" (plain MD) or "metadynamics" (well-tempered, on the system's phi1/psi1 by
-    # default; frames carry log-weights to the unbiased ensemble). reference_ns > 0 runs a second,
+    # enhanced: "none" (plain MD), "metadynamics" (well-tempered, on the system's phi1/psi1 by
+    # default; frames carry log-weights to the unbiased ensemble) or "tempering" (parallel tempering,
+    # pt_replicas on a geometric ladder up to pt_max_temperature_K; the system-temperature replica is kept). reference_ns > 0 runs a second,
     # independent simulation (seed + 1) of that length, held out as the evaluation reference: it runs in
     # the background on the second core from the start until evaluation, so it can be longer than the
     # training run (saved every reference_save_interval_ps).
     "md": {"ns": 5.0, "save_interval_ps": 0.5, "timestep_fs": 1.0, "equilibration_ps": 10.0, "platform": "auto",
            "enhanced": "none", "metad_torsions": "phi1,psi1", "metad_bias_factor": 6.0, "metad_height_kJ": 1.2,
-           "metad_width_rad": 0.35, "metad_deposition_ps": 1.0, "reference_ns": 0.0,
+           "metad_width_rad": 0.35, "metad_deposition_ps": 1.0, "pt_replicas": 4,
+           "pt_max_temperature_K": 600.0, "reference_ns": 0.0,
            "reference_save_interval_ps": 0.5},
     # Internal coordinates by default: on a CPU budget they train far better than Cartesian flows
     # (see BENCHMARKS.md); the RegFlow paper's Cartesian setup is `representation = "cartesian"`.

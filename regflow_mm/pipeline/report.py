@@ -61,9 +61,11 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
         run = runs[name]
         if run is None:
             continue
-        weighted = run["enhanced"] != "none"
+        weighted = run["enhanced"] == "metadynamics"
+        kind = {"metadynamics": "well-tempered metadynamics",
+                "tempering": "parallel tempering (the system-temperature replica)"}.get(run["enhanced"], "plain MD")
         lines.append(f"- {label}: {run['n_frames']} frames over {run['ns']:.2f} ns of "
-                     f"{'well-tempered metadynamics' if weighted else 'plain MD'}; {md['phi_name']} > 0 in "
+                     f"{kind}; {md['phi_name']} > 0 in "
                      f"{run['phi_positive_fraction']:.2%} of frames" +
                      (f", {run['phi_positive_reweighted']:.2%} after reweighting to the unbiased ensemble "
                       f"(weight ESS {run['weight_ess']:.0f} frames)" if weighted else "") +

@@ -96,6 +96,7 @@ def _simulate_one(system_name: str, path: str, ns: float, save_interval_ps: floa
     """One MD or metadynamics run of the [md] settings."""
     from ..data import simulate
     from ..data.metadynamics import MetadynamicsSettings
+    from ..data.tempering import TemperingSettings
     from ..systems import get_system
 
     enhanced = None
@@ -103,8 +104,10 @@ def _simulate_one(system_name: str, path: str, ns: float, save_interval_ps: floa
         enhanced = MetadynamicsSettings(torsions=md["metad_torsions"],
                                         bias_factor=md["metad_bias_factor"], height_kJ=md["metad_height_kJ"],
                                         width_rad=md["metad_width_rad"], deposition_ps=md["metad_deposition_ps"])
+    elif md["enhanced"] == "tempering":
+        enhanced = TemperingSettings(n_replicas=md["pt_replicas"], t_max_K=md["pt_max_temperature_K"])
     elif md["enhanced"] != "none":
-        raise ValueError(f"[md].enhanced must be 'none' or 'metadynamics', got {md['enhanced']!r}")
+        raise ValueError(f"[md].enhanced must be 'none', 'metadynamics' or 'tempering', got {md['enhanced']!r}")
     simulate(get_system(system_name), path, ns=ns, save_interval_ps=save_interval_ps,
              timestep_fs=md["timestep_fs"], seed=seed, platform=md["platform"],
              equilibration_ps=md["equilibration_ps"], progress=progress, enhanced=enhanced)
@@ -178,7 +181,6 @@ def _train(folder: Path, md: dict, settings: dict, progress: bool) -> dict:
 
 
 def _evaluate(folder: Path, inputs: dict, flows: dict, settings: dict, seed: int) -> dict:
-    from ..data import load_dataset
     from ..energy import EnergyEvaluator
     from ..flows import load_flow
     from ..training.evaluation import evaluate_flow, scalar_metrics
