@@ -88,6 +88,10 @@ def _background_work(folder, inputs, *, fail_marker=None):
     return {"pid_file": str(folder / "work.txt")}
 
 
+def _background_reader(folder, inputs):
+    return {"read": Path(inputs["bg"]["pid_file"]).read_text()}
+
+
 def test_background_stage_runs_in_its_own_process_and_is_cached(tmp_path):
     run = StagedRun(tmp_path)
     handle = run.start(Stage("bg", functools.partial(_background_work), {"x": 1}))
@@ -97,8 +101,11 @@ def test_background_stage_runs_in_its_own_process_and_is_cached(tmp_path):
     again = StagedRun(tmp_path)
     handle = again.start(Stage("bg", functools.partial(_background_work), {"x": 1}))
     assert handle.process is None and again.wait(handle)["pid_file"].endswith("work.txt")
-    with pytest.raises(ValueError, match="cannot run in the background"):
-        again.start(Stage("c", functools.partial(_background_work), {}, needs=("bg",)))
+    # a background stage reads finished stages like any other
+    with pytest.raises(ValueError, match="needs \\['later'\\] to run first"):
+        again.start(Stage("c", functools.partial(_background_reader), {}, needs=("later",)))
+    handle = again.start(Stage("c", functools.partial(_background_reader), {}, needs=("bg",)))
+    assert again.wait(handle) == {"read": "done"}
 
 
 def test_failed_background_stage_runs_again_in_the_caller(tmp_path):

@@ -43,6 +43,13 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
     seed = config["run"]["seed"]
     system_name = config["system"]["name"]
     _check_system(system_name)
+    if config["baseline"]["enabled"] and config["baseline"]["method"] == config["train"]["method"]:
+        raise ValueError(f"[baseline].method {config['baseline']['method']!r} is [train].method too: set "
+                         f"[baseline] enabled = false or another baseline method")
+    # every training setting is checked here, before any stage runs
+    regflow = train_settings(config)
+    # The baseline shares architecture, optimiser and budget (not the RegFlow-only settings).
+    baseline = train_settings(config, method=config["baseline"]["method"]) if config["baseline"]["enabled"] else None
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
     md = config["md"]
@@ -56,15 +63,20 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
     run.run(Stage("md", lambda f, i: _md(f, system_name, md, seed, progress),
                   {"system": system_name, "seed": seed,
                    **{k: v for k, v in md.items() if not k.startswith("reference_")}}))
-    regflow = train_settings(config)
-    run.run(Stage("train_regflow", lambda f, i: _train(f, i["md"], regflow, progress),
+    # The two trainings are independent: the baseline trains in a process of its own beside the main
+    # run (their budgets are CPU seconds, so sharing the cores with the reference run costs wall time,
+    # not training).
+    threads = config["run"]["threads"]
+    background = None
+    if baseline is not None:
+        background = run.start(Stage("train_baseline", functools.partial(_train, settings=baseline, progress=False,
+                                                                          threads=threads),
+                                     {**baseline, "code_version": TRAIN_CODE_VERSION}, needs=("md",)))
+    run.run(Stage("train_regflow", functools.partial(_train, settings=regflow, progress=progress, threads=threads),
                   {**regflow, "code_version": TRAIN_CODE_VERSION}, needs=("md",)))
-    flows = {"regflow": "train_regflow"}
-    if config["baseline"]["enabled"]:
-        # The baseline shares architecture, optimiser and budget (not the RegFlow-only settings).
-        baseline = train_settings(config, method=config["baseline"]["method"])
-        run.run(Stage("train_baseline", lambda f, i: _train(f, i["md"], baseline, progress),
-                      {**baseline, "code_version": TRAIN_CODE_VERSION}, needs=("md",)))
+    flows = {config["train"]["method"]: "train_regflow"}  # the stage keeps its name for any method
+    if background is not None:
+        run.wait(background)
         flows[config["baseline"]["method"]] = "train_baseline"
     held_out = ()
     if reference is not None:
@@ -168,11 +180,14 @@ def _reference(inputs: dict):
     return data, data.split_indices("test"), "test split (last block of the training run)"
 
 
-def _train(folder: Path, md: dict, settings: dict, progress: bool) -> dict:
+def _train(folder: Path, inputs: dict, *, settings: dict, progress: bool, threads: int) -> dict:
+    import torch
+
     from ..training.runner import run_training
     from ..training.trainer import TrainConfig
 
-    config = TrainConfig.from_dict({**settings, "data": md["dataset"]})
+    torch.set_num_threads(threads)  # a spawned stage process starts with torch's default (all cores)
+    config = TrainConfig.from_dict({**settings, "data": inputs["md"]["dataset"]})
     started = time.process_time()
     info = run_training(config, folder, progress=progress)
     return {"flow": str(folder / "flow.pt"), "method": config.method, "target": config.target,

@@ -63,8 +63,10 @@ class BackgroundStage:
     process: multiprocessing.process.BaseProcess | None
 
 
-def _run_in_child(root: Path, stage: Stage) -> None:
-    StagedRun(root).run(stage)
+def _run_in_child(root: Path, stage: Stage, inputs: dict[str, StageRecord]) -> None:
+    run = StagedRun(root)
+    run.records.update(inputs)
+    run.run(stage)
 
 
 class StagedRun:
@@ -92,17 +94,16 @@ class StagedRun:
         return None
 
     def start(self, stage: Stage) -> BackgroundStage:
-        """Start a stage without inputs in a spawned process (it uses a core of its own) unless it is
-        cached; ``wait`` collects its results. ``stage.run`` must be picklable (a module-level
-        function or a functools.partial of one)."""
-        if stage.needs:
-            raise ValueError(f"stage {stage.name!r} reads other stages and cannot run in the background")
+        """Start a stage in a spawned process (it uses a core of its own) unless it is cached; the
+        stages it needs must be finished. ``wait`` collects its results. ``stage.run`` must be
+        picklable (a module-level function or a functools.partial of one)."""
         if self._cached(stage, self._key(stage)) is not None:
             log.info("stage %s: cached", stage.name)
             return BackgroundStage(stage, None)
         log.info("stage %s: running in the background", stage.name)
+        inputs = {n: self.records[n] for n in stage.needs}
         # daemon: the stage stops with the pipeline; a rerun resumes its files in the next process
-        process = multiprocessing.get_context("spawn").Process(target=_run_in_child, args=(self.root, stage),
+        process = multiprocessing.get_context("spawn").Process(target=_run_in_child, args=(self.root, stage, inputs),
                                                                name=f"stage-{stage.name}", daemon=True)
         process.start()
         return BackgroundStage(stage, process)

@@ -176,6 +176,7 @@ def run_training(config: TrainConfig, out_dir: str | Path, *, progress: bool = T
         row_log_w = (torch.as_tensor(power * dataset.log_weights[dataset.split_indices("train")])
                      if power else None)
         val_log_w = power * dataset.log_weights[val_idx] if power else None
+        val_md_log_w = dataset.log_weights[val_idx] if dataset.weighted else None  # frames -> target ensemble
         info["data_weight_power"] = power
         evaluator = EnergyEvaluator(system, n_workers=config.energy_workers, platform=config.energy_platform)
 
@@ -184,7 +185,7 @@ def run_training(config: TrainConfig, out_dir: str | Path, *, progress: bool = T
                 from .metrics import heldout_nll
                 return {"nll": heldout_nll(ema_flow, torch.as_tensor(val_x, dtype=ema_flow.dtype), log_w=val_log_w)["nll"]}
             res = evaluate_flow(ema_flow, system, val_x, val_u, evaluator=evaluator, n_samples=config.val_samples,
-                                n_torsion=config.val_torsion_samples, seed=config.seed)
+                                n_torsion=config.val_torsion_samples, seed=config.seed, md_log_weights=val_md_log_w)
             return scalar_metrics(res)
 
         trainer = Trainer(flow, config, out_dir, data, row_log_weights=row_log_w, validate=validate,
@@ -198,7 +199,7 @@ def run_training(config: TrainConfig, out_dir: str | Path, *, progress: bool = T
             flow.save(out_dir / "flow_raw.pt")
             final = evaluate_flow(ema_flow, system, val_x, val_u, evaluator=evaluator,
                                   n_samples=max(config.val_samples, 1000), n_torsion=config.val_torsion_samples,
-                                  seed=config.seed, plots_dir=out_dir / "plots")
+                                  seed=config.seed, plots_dir=out_dir / "plots", md_log_weights=val_md_log_w)
             (out_dir / "metrics.json").write_text(json.dumps(final, indent=2, default=float))
             info["final_metrics"] = scalar_metrics(final)
             train_rows = [r for r in trainer.records if r.get("kind") == "train"]
