@@ -137,3 +137,23 @@ def test_plots_write_pngs(tmp_path):
     assert plots.training_curves(tmp_path / "c.png", rows).stat().st_size > 1000
     with pytest.raises(ValueError, match=r"\(n, 2\)"):
         plots.ramachandran_plot(tmp_path / "x.png", md[:, :1], fl)
+
+
+def test_basin_coverage_counts_populations_and_missing_basins():
+    from regflow_mm.training.metrics import basin_coverage, basin_labels
+
+    # one (phi, psi) point per basin: beta (-1.4, 2.5), alpha_R (-1.4, -0.7), alpha_L (1.0, 0.5)
+    points = np.array([[-1.4, 2.5], [-1.4, -0.7], [1.0, 0.5]])
+    assert basin_labels(points[:, 0], points[:, 1]).tolist() == [0, 1, 2]
+    assert basin_labels(np.array([np.nan]), np.array([0.0])).tolist() == [-1]
+    ref = np.repeat(points, [60, 30, 10], axis=0)          # populations 0.6 / 0.3 / 0.1 unweighted
+    ref_log_w = np.log(np.repeat([1.0, 1.0, 2.0], [60, 30, 10]))  # alpha_L doubled: 0.6/0.3/0.2 over 1.1
+    flow = np.repeat(points[:2], [500, 500], axis=0)       # never samples alpha_L
+    flow_log_w = np.log(np.repeat([3.0, 1.0], [500, 500]))
+    res = basin_coverage(ref, ref_log_w, flow, flow_log_w, ["phi1", "psi1"])
+    basins = res["residues"]["1"]
+    assert basins["alpha_L"]["ref"] == pytest.approx(0.2 / 1.1)
+    assert basins["beta"]["flow_reweighted"] == pytest.approx(0.75) and basins["alpha_L"]["flow_raw_count"] == 0
+    assert res["n_missing"] == 1
+    # a basin below min_population in the reference is not required
+    assert basin_coverage(ref, ref_log_w, flow, flow_log_w, ["phi1", "psi1"], min_population=0.5)["n_missing"] == 0

@@ -40,7 +40,8 @@ def test_report_holds_this_runs_numbers(finished_run):
     assert "md_reference" in stages["free_energy"]
     for name in ("regflow", "mle"):
         assert f"| {name} | " in text
-        assert {"ess", "e_w1", "t_w2", "nll", "d_fraction"} <= set(stages["evaluate"]["metrics"][name])
+        assert {"ess", "e_w1", "t_w2", "nll", "d_fraction", "basins_missing"} <= set(stages["evaluate"]["metrics"][name])
+    assert "Ramachandran basins" in text and "| 1 | beta |" in text
     assert stages["export"]["max_rel_energy_error"] < 1e-4  # exported TorchForce == BoltzmannFlow.energy
     e_w1 = {name: m["e_w1"] for name, m in stages["evaluate"]["metrics"].items()}
     down = stages["evaluate"]["downstream"]

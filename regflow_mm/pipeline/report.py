@@ -32,6 +32,26 @@ def _fmt(value, digits=3) -> str:
     return str(value)
 
 
+def _basin_lines(metrics: dict) -> list[str]:
+    """Ramachandran basin populations per residue: reference (weighted) and each flow (reweighted)."""
+    flows = {name: m["basins"] for name, m in metrics.items() if "basins" in m}
+    if not flows:
+        return []
+    first = next(iter(flows.values()))
+    lines = ["", f"Ramachandran basins (populations; a flow misses a basin holding >= {first['min_population']:.1%} "
+             f"of the reference when fewer than {first['min_flow_samples']} of its raw samples fall in it):", "",
+             "| residue | basin | reference | " + " | ".join(f"{n} reweighted (raw samples)" for n in flows) + " |",
+             "|---|---|---|" + "---|" * len(flows)]
+    for residue, basins in first["residues"].items():
+        for basin, pops in basins.items():
+            cells = [f"{_fmt(f['residues'][residue][basin]['flow_reweighted'])} "
+                     f"({f['residues'][residue][basin]['flow_raw_count']})" for f in flows.values()]
+            lines.append(f"| {residue} | {basin} | {_fmt(pops['ref'])} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Basins missed: " + ", ".join(f"{n} {f['n_missing']}" for n, f in flows.items()) + ".")
+    return lines
+
+
 def write_report(out: Path, config: dict, records: dict) -> Path:
     """Write ``out/report.md`` and ``out/metrics.json`` from the stage records; copy figures to ``out/figures``."""
     figures = out / "figures"
@@ -89,6 +109,7 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
         lines.append(f"| {name} | {_fmt(m.get('ess'))}{interval} | {m.get('n_samples')} | {_fmt(m.get('e_w1'))} | "
                      f"{_fmt(m.get('t_w2'))} | {_fmt(m.get('above_max_fraction'))} | {_fmt(m.get('nll'))} | "
                      f"{_fmt(m.get('d_fraction'))} | {published} |")
+    lines += _basin_lines(ev["metrics"])
     lines += ["", "Published values: RegFlow paper, NSF in Cartesian coordinates, GPU training with up to 10.4M "
               "reflow pairs. Ours: the budget of this config on this machine. **Different budgets: compare the "
               "methods within a row set, not our numbers with the paper's.** E-W1 and T-W2 use weight-resampled "

@@ -210,7 +210,7 @@ def _evaluate(folder: Path, inputs: dict, flows: dict, settings: dict, seed: int
                                 evaluator=evaluator, n_samples=settings["n_samples"], seed=seed,
                                 n_torsion=settings["n_torsion"], n_bootstrap=settings["n_bootstrap"],
                                 md_log_weights=log_w, plots_dir=folder, plot_prefix=f"{name}_")
-            results[name] = scalar_metrics(res)
+            results[name] = {**scalar_metrics(res), "basins": res["details"]["basins"]}
     (folder / "metrics.json").write_text(json.dumps(results, indent=2))
     choice = settings["downstream_flow"]
     if choice == "best":

@@ -49,8 +49,9 @@ def evaluate_flow(flow, system, md_positions: np.ndarray, md_reduced_energy: np.
     (at most min(n_samples, M); default 10000; exact EMD memory grows as n^2). ``n_bootstrap`` > 0 adds a
     bootstrap interval of the ESS (ess_p05, ess_p95). Returns flat scalar metrics (ess, e_w1,
     e_w1_raw, t_w2, t_w2_raw, nll, d_fraction, d_fraction_md, above_max_fraction: raw samples with u
-    above the reference's highest, invertibility_max_abs, timings in s) plus ``details`` with the
-    options and counts of each metric.
+    above the reference's highest, basins_missing: Ramachandran basins of the reference the flow does
+    not sample (``metrics.basin_coverage``), invertibility_max_abs, timings in s) plus ``details``
+    with the options and counts of each metric (``details["basins"]``: populations per residue).
     """
     check_spec_hash(flow.spec_hash, system, "the flow")
     md_positions = np.asarray(md_positions)
@@ -95,6 +96,8 @@ def evaluate_flow(flow, system, md_positions: np.ndarray, md_reduced_energy: np.
     out["t_w2_s"] = time.perf_counter() - t
     out["t_w2"], out["t_w2_raw"] = details["t_w2"]["t_w2"], details["t_w2_raw"]["t_w2"]
     details["torsions"] = names
+    details["basins"] = metrics.basin_coverage(ang_md, md_lw, ang_flow, log_w, names)
+    out["basins_missing"] = details["basins"]["n_missing"]
 
     details["chirality"] = metrics.d_chirality_fraction(system.d_residues(x))
     out["d_fraction"] = details["chirality"]["d_fraction"]

@@ -214,3 +214,51 @@ def invertibility_error(transform, z: torch.Tensor, batch_size: int = 4096) -> d
     e, le = torch.cat(errs), torch.cat(ld_errs)
     return {"max_abs": float(e.max()), "mean_abs": float(e.mean()), "logdet_max_abs": float(le.max()),
             "n": int(e.numel())}
+
+
+# Ramachandran basins of one residue's (phi, psi), rad: alpha_L / C7ax for phi > 0; for phi < 0,
+# alpha_R for -2.1 < psi < 0.87 (-120 to 50 degrees) and beta / C7eq / PII otherwise.
+BASINS = ("beta", "alpha_R", "alpha_L")
+
+
+def basin_labels(phi: np.ndarray, psi: np.ndarray) -> np.ndarray:
+    """(B,) index into ``BASINS`` of each (phi, psi) pair in rad (NaN angles: -1)."""
+    phi, psi = np.asarray(phi, dtype=np.float64), np.asarray(psi, dtype=np.float64)
+    labels = np.where(phi > 0, 2, np.where((psi > -2.1) & (psi < 0.87), 1, 0))
+    return np.where(np.isfinite(phi) & np.isfinite(psi), labels, -1)
+
+
+def basin_coverage(ref_angles: np.ndarray, ref_log_w: np.ndarray | None, flow_angles: np.ndarray,
+                   flow_log_w: np.ndarray, names: list[str], *, min_population: float = 1e-3,
+                   min_flow_samples: int = 20) -> dict[str, Any]:
+    """Ramachandran basin populations of every residue, reference (weighted) vs flow (reweighted).
+
+    ``ref_angles`` (M, k), ``flow_angles`` (N, k) rad in the torsion order ``names``; ``ref_log_w`` (M,)
+    or None, ``flow_log_w`` (N,) importance log-weights. A basin is present in the reference when its
+    weighted population is at least ``min_population``; the flow covers it when at least
+    ``min_flow_samples`` raw samples fall in it (so the reweighted population rests on samples).
+    Returns per residue {basin: {ref, flow_reweighted, flow_raw_count}} and ``n_missing`` (basins of
+    the reference the flow does not cover).
+    """
+    w_ref = (np.full(len(ref_angles), 1.0 / len(ref_angles)) if ref_log_w is None
+             else normalized_weights(ref_log_w))
+    w_flow = normalized_weights(flow_log_w)
+    out: dict[str, Any] = {"residues": {}, "n_missing": 0, "min_population": min_population,
+                           "min_flow_samples": min_flow_samples}
+    for i, name in enumerate(names):
+        if not name.startswith("phi") or f"psi{name[3:]}" not in names:
+            continue
+        j = names.index(f"psi{name[3:]}")
+        ref_lab = basin_labels(ref_angles[:, i], ref_angles[:, j])
+        flow_lab = basin_labels(flow_angles[:, i], flow_angles[:, j])
+        residue = {}
+        for b, basin in enumerate(BASINS):
+            ref_pop = float(w_ref[ref_lab == b].sum())
+            count = int((flow_lab == b).sum())
+            residue[basin] = {"ref": ref_pop, "flow_reweighted": float(w_flow[flow_lab == b].sum()),
+                              "flow_raw_count": count}
+            if ref_pop >= min_population and count < min_flow_samples:
+                out["n_missing"] += 1
+        out["residues"][name[3:]] = residue
+    return out
+
