@@ -42,6 +42,7 @@ def test_report_holds_this_runs_numbers(finished_run):
         assert f"| {name} | " in text
         assert {"ess", "e_w1", "t_w2", "nll", "d_fraction", "basins_missing"} <= set(stages["evaluate"]["metrics"][name])
     assert "Ramachandran basins" in text and "| 1 | beta |" in text
+    assert stages["evaluate"]["training_data_t_w2"] > 0 and "T-W2 of the training data" in text
     assert stages["export"]["max_rel_energy_error"] < 1e-4  # exported TorchForce == BoltzmannFlow.energy
     e_w1 = {name: m["e_w1"] for name, m in stages["evaluate"]["metrics"].items()}
     down = stages["evaluate"]["downstream"]

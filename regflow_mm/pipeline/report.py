@@ -109,6 +109,10 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
         lines.append(f"| {name} | {_fmt(m.get('ess'))}{interval} | {m.get('n_samples')} | {_fmt(m.get('e_w1'))} | "
                      f"{_fmt(m.get('t_w2'))} | {_fmt(m.get('above_max_fraction'))} | {_fmt(m.get('nll'))} | "
                      f"{_fmt(m.get('d_fraction'))} | {published} |")
+    if ev.get("training_data_t_w2") is not None:
+        lines += ["", f"T-W2 of the training data (with its weights) against the same reference: "
+                      f"{_fmt(ev['training_data_t_w2'])} rad: how far two MD estimates of this ensemble differ at "
+                      f"these run lengths (basin populations that differ by a few percent move mass by ~2.5 rad)."]
     lines += _basin_lines(ev["metrics"])
     lines += ["", "Published values: RegFlow paper, NSF in Cartesian coordinates, GPU training with up to 10.4M "
               "reflow pairs. Ours: the budget of this config on this machine. **Different budgets: compare the "

@@ -212,6 +212,7 @@ def _evaluate(folder: Path, inputs: dict, flows: dict, settings: dict, seed: int
                                 md_log_weights=log_w, plots_dir=folder, plot_prefix=f"{name}_")
             results[name] = {**scalar_metrics(res), "basins": res["details"]["basins"]}
     (folder / "metrics.json").write_text(json.dumps(results, indent=2))
+    data_t_w2 = _training_data_t_w2(inputs, data, test, log_w, settings, seed) if "reference" in inputs else None
     choice = settings["downstream_flow"]
     if choice == "best":
         choice = min(results, key=lambda name: _finite_or_inf(results[name].get("e_w1")))
@@ -221,11 +222,26 @@ def _evaluate(folder: Path, inputs: dict, flows: dict, settings: dict, seed: int
         raise ValueError(f"[evaluate].downstream_flow {settings['downstream_flow']!r}: no such flow in this run "
                          f"({', '.join(flows)}); use best, regflow or baseline")
     return {"metrics": results, "n_test_frames": int(len(test)), "reference": reference,
-            "reference_weighted": log_w is not None,
+            "reference_weighted": log_w is not None, "training_data_t_w2": data_t_w2,
             "downstream": {"method": choice, "flow": inputs[flows[choice]]["flow"],
                            "rule": settings["downstream_flow"]},
             "figures": {name: {"ramachandran": f"{name}_ramachandran.png", "energy": f"{name}_energy_histogram.png"}
                         for name in flows}}
+
+
+def _training_data_t_w2(inputs: dict, reference, frames, ref_log_w, settings: dict, seed: int) -> float:
+    """T-W2 (rad) between the training run's frames (with their weights) and the reference: how far two
+    MD estimates of the same ensemble disagree at these run lengths, the floor for a flow's T-W2."""
+    from ..data import load_dataset
+    from ..training.evaluation import backbone_torsions
+    from ..training.metrics import torsion_w2
+
+    data = load_dataset(inputs["md"]["dataset"])
+    ang_data, _ = backbone_torsions(data.system, data.positions)
+    ang_ref, _ = backbone_torsions(reference.system, reference.positions[frames])
+    n = int(min(settings["n_torsion"], len(data), len(frames)))
+    return torsion_w2(ang_ref, ang_data, data.log_weights, n_resample=n, max_md=n, seed=seed,
+                      md_log_w=ref_log_w)["t_w2"]
 
 
 def _finite_or_inf(value) -> float:
