@@ -79,7 +79,8 @@ def build_student(config: TrainConfig, system, train_positions: np.ndarray):
     from ..flows import build_flow
 
     return build_flow(system, config.representation, config.architecture, fit_to=train_positions,
-                      seed=config.seed, dtype=config.torch_dtype, **config.hyper)
+                      representation_options=config.representation_options, seed=config.seed,
+                      dtype=config.torch_dtype, **config.hyper)
 
 
 def prepare_pairs(config: TrainConfig, flow, y_train: torch.Tensor, out_dir: Path, info: dict,

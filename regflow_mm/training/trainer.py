@@ -145,6 +145,7 @@ class TrainConfig:
     system: str = "aldp"
     data: str = ""
     representation: str = "cartesian"
+    representation_options: dict = field(default_factory=dict)  # e.g. {"marginal": "logistic"} (internal)
     architecture: str = "nsf"
     hyper: dict = field(default_factory=dict)
     method: str = "regflow"
