@@ -93,11 +93,10 @@ def test_zmatrix_errors():
     assert sorted(z.order) == list(range(5))
 
 
-@pytest.mark.parametrize("marginal", InternalCoordinates.MARGINALS)
 @pytest.mark.parametrize("name", PEPTIDES)
-def test_internal_round_trip_md_frames(name, marginal, md_frames):
+def test_internal_round_trip_md_frames(name, md_frames):
     system, frames = md_frames[name]
-    rep = InternalCoordinates.from_topology(system.topology, marginal=marginal).to(torch.float64).fit(frames)
+    rep = InternalCoordinates.from_topology(system.topology).to(torch.float64).fit(frames)
     u, logdet_to = rep.to_flow_space(frames)
     assert u.shape == (8, 3 * system.n_atoms - 6)
     assert bool(((u >= 0) & (u <= 1)).all())
@@ -125,15 +124,14 @@ def test_internal_torsions_match_mdtraj(md_frames):
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("marginal", InternalCoordinates.MARGINALS)
-def test_internal_logdet_matches_autograd(marginal, md_frames):
+def test_internal_logdet_matches_autograd(md_frames):
     """from_flow_space log-det = log|det d(frame coords)/du| (autograd) + log(r01^2 * y2) (rigid-motion measure).
 
     The square map is u (3N-6) -> the 3N-6 free Cartesian coordinates in the seed frame:
     x of s1, (x, y) of s2, and all coordinates of the other atoms; y2 = distance of s2 from the s0-s1 axis.
     """
     system, frames = md_frames["aldp"]
-    rep = InternalCoordinates.from_topology(system.topology, marginal=marginal).to(torch.float64).fit(frames)
+    rep = InternalCoordinates.from_topology(system.topology).to(torch.float64).fit(frames)
     s0, s1, s2 = rep.zmatrix.seeds
     others = [a for a in range(system.n_atoms) if a not in (s0, s1, s2)]
     u, _ = rep.to_flow_space(frames[:3])
@@ -173,13 +171,11 @@ def test_internal_fit_and_config_round_trip(md_frames):
     assert int(all_circles.circular.sum()) == system.n_atoms - 3
 
 
-@pytest.mark.parametrize("marginal", InternalCoordinates.MARGINALS)
-def test_internal_narrow_torsions_exact_logdet(marginal, md_frames):
+def test_internal_narrow_torsions_exact_logdet(md_frames):
     """With interval torsions, from_flow_space inverts to_flow_space and the log-dets cancel."""
     system, frames = md_frames["aldp"]
     mask = [k % 2 == 0 for k in range(system.n_atoms - 3)]
-    rep = InternalCoordinates.from_topology(system.topology, circular_torsions=mask,
-                                            marginal=marginal).to(torch.float64).fit(frames)
+    rep = InternalCoordinates.from_topology(system.topology, circular_torsions=mask).to(torch.float64).fit(frames)
     assert rep.circular_torsions.tolist() == mask
     u, logdet_to = rep.to_flow_space(frames)
     assert bool(((u >= 0) & (u <= 1)).all())
@@ -274,19 +270,3 @@ def test_torsions_are_centred_mid_box_and_old_files_load():
     assert torch.count_nonzero(plain.torsion_offset) == 0  # files saved before offsets keep offset 0
     fitted.torsion_offset.zero_()
     torch.testing.assert_close(fitted.to_flow_space(x)[1], logdet)  # a rotation of the circle: same log-det
-
-
-def test_logistic_marginals_flatten_the_data_and_refuse_unknown_names(md_frames):
-    system, frames = md_frames["al4"]
-    # 4000 thermal-like configurations: Gaussian jitter of 0.003 nm around one MD frame
-    frames = frames[0] + 0.003 * np.random.default_rng(0).standard_normal((4000, *frames.shape[1:]))
-    plain = InternalCoordinates.from_topology(system.topology).to(torch.float64).fit(frames)
-    flat = InternalCoordinates.from_topology(system.topology, marginal="logistic").to(torch.float64).fit(frames)
-    u_plain, u_flat = plain.to_flow_space(frames)[0], flat.to_flow_space(frames)[0]
-    narrow = ~flat.circular
-    # a uniform variable has std 1/sqrt(12) = 0.289; the affine box leaves the data peaked mid-box
-    assert float(u_plain[:, narrow].std(0).median()) < 0.15 < 0.2 < float(u_flat[:, narrow].std(0).median())
-    torch.testing.assert_close(u_flat[:, ~narrow], u_plain[:, ~narrow], rtol=0, atol=0)  # circles untouched
-    assert representation_from_config(flat.get_config()).marginal == "logistic"
-    with pytest.raises(ValueError, match="marginal must be one of"):
-        InternalCoordinates.from_topology(system.topology, marginal="gaussian")

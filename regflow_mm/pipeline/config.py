@@ -29,9 +29,7 @@ SCHEMA: dict[str, dict] = {
            "reference_save_interval_ps": 0.5},
     # Internal coordinates by default: on a CPU budget they train far better than Cartesian flows
     # (see BENCHMARKS.md); the RegFlow paper's Cartesian setup is `representation = "cartesian"`.
-    # marginal (internal only): "logistic" flattens each bond / angle / narrow torsion with a fitted
-    # logistic CDF before the flow (representations/internal.py); "uniform" is the affine box alone.
-    "flow": {"representation": "internal", "architecture": "nsf", "layers": 6, "hidden": 128, "marginal": "uniform"},
+    "flow": {"representation": "internal", "architecture": "nsf", "layers": 6, "hidden": 128},
     # Passed to regflow_mm.training.TrainConfig; the baseline trains with the same settings and budget.
     # data_weight_power: MLE / NLL+FM batches draw enhanced-sampling frames ~ w**power (RegFlow trains on
     # teacher pairs and does not read it).
@@ -101,9 +99,7 @@ def train_settings(config: dict, method: str | None = None) -> dict:
     if train.get("method", "regflow") == "regflow":
         train.pop("data_weight_power", None)
     flow = config["flow"]
-    options = {"marginal": flow["marginal"]} if flow["representation"] == "internal" else {}
-    settings = {**train, "representation": flow["representation"], "representation_options": options,
-                "architecture": flow["architecture"],
+    settings = {**train, "representation": flow["representation"], "architecture": flow["architecture"],
                 "hyper": {"layers": flow["layers"], "hidden": flow["hidden"]}, "seed": config["run"]["seed"],
                 "device": config["run"]["device"], "system": config["system"]["name"]}
     TrainConfig.from_dict(settings)

@@ -11,14 +11,6 @@ circles is decided by ``fit`` (unless given) and is part of the config, so the f
 built to match.
 The seed bonds r(s0,s1), r(s1,s2) and angle theta(s0,s1,s2) lead each block.
 
-``marginal = "logistic"`` adds, on every non-circular coordinate, the CDF of a logistic distribution
-truncated to the box, fitted to that coordinate's data (location = mean, scale = std sqrt(3) / pi):
-u -> (S((u - m) / s) - S(a)) / (S(b) - S(a)), S the logistic sigmoid, a = -m / s, b = (1 - m) / s.
-Bonds, angles and narrow torsions are nearly Gaussian, so their data become nearly uniform on [0, 1]
-and the flow's splines spend their resolution on correlations instead of on each peak; logistic
-tails keep the map well conditioned in float32 far from the mean (a Gaussian CDF rounds to 1 at ~5.4
-sigma). ``"uniform"`` (the affine map alone) is what flows saved before this option used.
-
 Density: log q(x) = log q_U(u) + logdet_to is the density of the configuration modulo rigid motions,
 with respect to the measure dx / (dt dR) that Lebesgue measure on R^{3N} induces on R^{3N}/SE(3)
 (translations t with Lebesgue measure, rotations R with the Haar measure of total volume 8 pi^2).
@@ -26,7 +18,7 @@ So for a rigid-motion-invariant energy u(x), exp(-u(x)) / Z is the target densit
 measure and log w = -u(x) - log q(x) are correct importance weights. With
 J(x) = r01^2 r12^2 sin(theta012) prod_rows r_i^2 sin(theta_i)  (the Jacobian of the Z-matrix,
 seeds included), logdet_to = -log J - sum log(hi - lo) over bonds, angles and torsions (hi - lo = 2 pi
-for a circle), plus the log-derivative of the logistic CDF of each non-circular coordinate.
+for a circle).
 ``from_flow_space`` puts the seeds in the reference frame s0 = 0, s1 on +x, s2 in the xy plane (y > 0).
 """
 from __future__ import annotations
@@ -85,17 +77,13 @@ class InternalCoordinates(Representation):
             (circle unless the data's spread around its circular mean is below ``narrow_span_rad``).
         narrow_span_rad: spread (max - min of the centred torsion, rad) below which ``fit`` makes a
             torsion an interval; 0 keeps every torsion a circle.
-        marginal: "uniform" (affine map to the box) or "logistic" (plus a fitted, truncated logistic CDF
-            on every non-circular coordinate; module docstring).
     """
-
-    MARGINALS = ("uniform", "logistic")
 
     name = "internal"
     domain = "box"
 
     def __init__(self, zmatrix: ZMatrix, margin: float = 0.25, circular_torsions=None,
-                 narrow_span_rad: float = math.pi / 2, marginal: str = "uniform"):
+                 narrow_span_rad: float = math.pi / 2):
         n = zmatrix.n_atoms
         if n < 3:
             raise ValueError(f"internal coordinates need >= 3 atoms, got {n}")
@@ -135,12 +123,6 @@ class InternalCoordinates(Representation):
         if circ.shape != (n - 3,):
             raise ValueError(f"circular_torsions must have {n - 3} entries (one per torsion), got {tuple(circ.shape)}")
         self.circular[self.n_bonds + self.n_angles:] = circ
-        if marginal not in self.MARGINALS:
-            raise ValueError(f"marginal must be one of {self.MARGINALS}, got {marginal!r}")
-        self.marginal = marginal
-        # Logistic CDF location and scale per flow dimension in box units (fit; unused on circles).
-        self.register_buffer("marginal_loc", torch.full((self.dim,), 0.5, dtype=dtype))
-        self.register_buffer("marginal_scale", torch.full((self.dim,), 0.25, dtype=dtype))
 
     @classmethod
     def from_topology(cls, topology, **options) -> "InternalCoordinates":
@@ -153,7 +135,7 @@ class InternalCoordinates(Representation):
 
     def get_config(self):
         config = {"type": self.name, "n_atoms": self.n_atoms, "zmatrix": self.zmatrix.to_config(),
-                  "margin": self.margin, "narrow_span_rad": self.narrow_span_rad, "marginal": self.marginal}
+                  "margin": self.margin, "narrow_span_rad": self.narrow_span_rad}
         if not self._choose_circular:
             config["circular_torsions"] = [bool(c) for c in self.circular_torsions.tolist()]
         return config
@@ -163,7 +145,7 @@ class InternalCoordinates(Representation):
         # Files written before narrow torsions existed have no circular_torsions: all circles.
         return cls(ZMatrix.from_config(config["zmatrix"]), margin=config.get("margin", 0.25),
                    circular_torsions=config.get("circular_torsions"),
-                   narrow_span_rad=config.get("narrow_span_rad", 0.0), marginal=config.get("marginal", "uniform"))
+                   narrow_span_rad=config.get("narrow_span_rad", 0.0))
 
     @property
     def torsion_atoms(self) -> torch.Tensor:
@@ -204,19 +186,11 @@ class InternalCoordinates(Representation):
             span = (vmax - vmin).clamp_min(min_range)
             lo.copy_((vmin - self.margin * span).clamp_min(floor))
             hi.copy_((vmax + self.margin * span).clamp_max(ceil))
-        u = self._affine_to_box(bonds, angles, torsions)
-        loc = u.mean(0).clamp(0.05, 0.95)
-        # the box edges stay within 15 scales of the location: sigmoid(15) = 1 - 3e-7, resolved in float32
-        floor = torch.maximum(loc, 1 - loc) / 15.0
-        self.marginal_loc.copy_(loc)
-        self.marginal_scale.copy_(torch.maximum(u.std(0) * math.sqrt(3.0) / math.pi, floor))
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Flow files saved before torsion offsets existed keep their meaning: offset 0.
         state_dict.setdefault(prefix + "torsion_offset", torch.zeros_like(self.torsion_offset))
-        state_dict.setdefault(prefix + "marginal_loc", torch.full_like(self.marginal_loc, 0.5))
-        state_dict.setdefault(prefix + "marginal_scale", torch.full_like(self.marginal_scale, 0.25))
         state_dict.setdefault(prefix + "torsion_lo", torch.full_like(self.torsion_lo, -math.pi))
         state_dict.setdefault(prefix + "torsion_hi", torch.full_like(self.torsion_hi, math.pi))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -229,45 +203,17 @@ class InternalCoordinates(Representation):
         return ((self.bond_hi - self.bond_lo).log().sum() + (self.angle_hi - self.angle_lo).log().sum()
                 + (self.torsion_hi - self.torsion_lo).log().sum())
 
-    def _affine_to_box(self, bonds, angles, torsions):
-        return torch.cat([(bonds - self.bond_lo) / (self.bond_hi - self.bond_lo),
-                          (angles - self.angle_lo) / (self.angle_hi - self.angle_lo),
-                          (_wrap(torsions - self.torsion_offset) - self.torsion_lo)
-                          / (self.torsion_hi - self.torsion_lo)], dim=-1)
-
-    def _logistic_cdf(self, u, inverse: bool = False):
-        """The fitted, box-truncated logistic CDF on non-circular dims (identity on circles):
-        (B, D) -> (B, D) and log|d out / d in| (B,)."""
-        dtype, u = u.dtype, u.double()  # float64: the tails of a peaked CDF round off in float32
-        m, s = self.marginal_loc.double(), self.marginal_scale.double()
-        lo, hi = torch.sigmoid(-m / s), torch.sigmoid((1 - m) / s)
-        log_mass = torch.log(hi - lo)
-        if inverse:
-            t = torch.logit(lo + u * (hi - lo))
-            out = (m + s * t).clamp(0.0, 1.0)
-        else:
-            t = (u - m) / s
-            out = ((torch.sigmoid(t) - lo) / (hi - lo)).clamp(0.0, 1.0)
-        log_d = torch.nn.functional.logsigmoid(t) + torch.nn.functional.logsigmoid(-t) - torch.log(s) - log_mass
-        log_d = torch.where(self.circular, torch.zeros_like(log_d), log_d)
-        out = torch.where(self.circular, u, out)
-        return out.to(dtype), (-log_d if inverse else log_d).sum(-1).to(dtype)
-
     def to_flow_space(self, x):
         x = self.positions(x)
         bonds, angles, torsions = self.internal(x)
-        u = self._affine_to_box(bonds, angles, torsions)
-        logdet = -self._jacobian_log(bonds, angles) - self._scale_log()
-        if self.marginal == "logistic":
-            u, log_d = self._logistic_cdf(u)
-            logdet = logdet + log_d
-        return u, logdet
+        u = torch.cat([(bonds - self.bond_lo) / (self.bond_hi - self.bond_lo),
+                       (angles - self.angle_lo) / (self.angle_hi - self.angle_lo),
+                       (_wrap(torsions - self.torsion_offset) - self.torsion_lo)
+                       / (self.torsion_hi - self.torsion_lo)], dim=-1)
+        return u, -self._jacobian_log(bonds, angles) - self._scale_log()
 
     def from_flow_space(self, y):
         u = self._check_flow(y)
-        log_d = 0.0
-        if self.marginal == "logistic":
-            u, log_d = self._logistic_cdf(u, inverse=True)
         nb, na = self.n_bonds, self.n_angles
         bonds = self.bond_lo + (self.bond_hi - self.bond_lo) * u[:, :nb]
         angles = self.angle_lo + (self.angle_hi - self.angle_lo) * u[:, nb:nb + na]
@@ -282,4 +228,4 @@ class InternalCoordinates(Representation):
         for row, (i, j, k, l) in enumerate(self.zmatrix.rows):
             pos[i] = place_atom(pos[j], pos[k], pos[l], bonds[:, row + 2], angles[:, row + 1], torsions[:, row])
         x = torch.stack([pos[a] for a in range(self.n_atoms)], dim=1)
-        return x, self._jacobian_log(bonds, angles) + self._scale_log() + log_d
+        return x, self._jacobian_log(bonds, angles) + self._scale_log()

@@ -145,7 +145,7 @@ class TrainConfig:
     system: str = "aldp"
     data: str = ""
     representation: str = "cartesian"
-    representation_options: dict = field(default_factory=dict)  # e.g. {"marginal": "logistic"} (internal)
+    representation_options: dict = field(default_factory=dict)  # e.g. {"narrow_span_rad": 1.0} (internal)
     architecture: str = "nsf"
     hyper: dict = field(default_factory=dict)
     method: str = "regflow"
@@ -243,6 +243,12 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training settings {unknown}; known: {sorted(known - set(_GROUPS))}")
         return cls(**values)
+
+    @classmethod
+    def with_defaults(cls, stored: dict) -> dict:
+        """A saved flat config with the settings added since it was written at their defaults (which
+        reproduce the older code's behaviour), so that such a run can still resume."""
+        return {**cls().to_dict(), **stored}
 
     def to_dict(self) -> dict:
         """Flat dict of every setting."""
@@ -393,7 +399,8 @@ class Trainer:
         except pickle.UnpicklingError as err:
             raise ValueError(f"{self.checkpoint_path} holds more than tensors and plain values (refused, nothing "
                              f"was run: {str(err).splitlines()[0]}); delete it to start this run over") from None
-        check_resume_settings(self.checkpoint_path, state["config"], self.config.to_dict(), ignore=RESUMABLE_CHANGES,
+        check_resume_settings(self.checkpoint_path, TrainConfig.with_defaults(state["config"]), self.config.to_dict(),
+                              ignore=RESUMABLE_CHANGES,
                               verb="trained")
         if state["data_order"]["n"] != self.n:
             raise ValueError(f"{self.checkpoint_path} was trained on {state['data_order']['n']} rows, now {self.n}: "
