@@ -156,3 +156,13 @@ def test_cli_simulate_and_info(tmp_path):
                  "--equilibration-ps", "0", "--quiet"]) == 0
     assert main(["dataset-info", str(out)]) == 0
     assert main(["simulate", "nosuch", "--ns", "1", "--out", str(tmp_path / "x.h5")]) == 1
+
+
+def test_seed_zero_reproduces_a_run(tmp_path):
+    # OpenMM reads a seed of 0 as "random": seeds reach it mapped to 1..2^31-1
+    from regflow_mm.data.simulate import openmm_seed
+
+    runs = [simulate(get_system("aldp"), tmp_path / f"r{k}.h5", ns=0.002, seed=0, **FAST) for k in range(2)]
+    a, b = (load_dataset(r).positions for r in runs)
+    np.testing.assert_array_equal(a, b)
+    assert all(1 <= openmm_seed(k) < 2**31 for k in (0, 1, -5, 2**40)) and openmm_seed(0) != openmm_seed(1)

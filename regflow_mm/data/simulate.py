@@ -57,11 +57,17 @@ def _versions() -> dict:
             "h5py": _h5.__version__, "torch": torch.__version__}
 
 
+def openmm_seed(seed: int) -> int:
+    """A seed in 1 .. 2^31 - 1 for OpenMM's random streams (OpenMM treats 0 as "pick one at random",
+    which would make seed 0 runs irreproducible)."""
+    return int(np.random.SeedSequence([abs(int(seed)), int(seed) < 0, 20261202]).generate_state(1)[0] % (2**31 - 2)) + 1
+
+
 def _integrator(system: MolecularSystem, settings: dict, seed: int) -> openmm.Integrator:
     integrator = openmm.LangevinMiddleIntegrator(system.temperature * unit.kelvin,
                                                  settings["friction_per_ps"] / unit.picosecond,
                                                  settings["timestep_fs"] * unit.femtosecond)
-    integrator.setRandomNumberSeed(seed)
+    integrator.setRandomNumberSeed(openmm_seed(seed))
     return integrator
 
 
@@ -209,7 +215,7 @@ def _start_md(system, out, settings, seed, platform, threads, meta, resume, n_eq
     else:
         create_file()
         context.setPositions(system.positions * unit.nanometer)
-        context.setVelocitiesToTemperature(system.temperature * unit.kelvin, seed)
+        context.setVelocitiesToTemperature(system.temperature * unit.kelvin, openmm_seed(seed))
         if n_equil:
             simulation.step(n_equil)  # unbiased equilibration
         n_done = 0
