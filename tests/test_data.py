@@ -160,7 +160,7 @@ def test_cli_simulate_and_info(tmp_path):
 
 def test_seed_zero_reproduces_a_run(tmp_path):
     # OpenMM reads a seed of 0 as "random": seeds reach it mapped to 1..2^31-1
-    from regflow_mm.data.simulate import openmm_seed
+    from regflow_mm.systems.platforms import openmm_seed
 
     runs = [simulate(get_system("aldp"), tmp_path / f"r{k}.h5", ns=0.002, seed=0, **FAST) for k in range(2)]
     a, b = (load_dataset(r).positions for r in runs)

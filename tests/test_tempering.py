@@ -82,7 +82,7 @@ def test_frames_are_the_target_replica_with_plain_energies(pt_data):
     np.testing.assert_allclose(reduced[1:][np.arange(200), replicas, 0] * system.kT, data.energies, atol=1e-6)
     assert len(set(replicas)) > 1  # configurations came down the ladder
     hot = reduced[1:, :, 0][states[1:] == 2] * system.kT
-    assert hot.mean() > data.energies.mean() + 20.0  # the top replica samples 500 K (kJ/mol)
+    assert hot.mean() > data.energies.mean() + 10.0  # the top replica samples 500 K (kJ/mol; ~50 at equilibrium)
 
 
 def test_kill_after_the_replicas_checkpointed_redoes_the_uncommitted_chunk(tmp_path, monkeypatch, caplog, pt_data):

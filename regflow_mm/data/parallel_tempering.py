@@ -16,6 +16,7 @@ import openmm
 from openmm import unit
 
 from ..systems.molecular_system import MOLAR_GAS_CONSTANT
+from ..systems.platforms import openmm_seed
 from .tempering import TemperingSettings, storage_path, temperature_ladder
 
 # openmmtools' multistate import pulls in pymbar, which logs a timeseries notice and a "JAX NOT FOUND"
@@ -44,11 +45,6 @@ for _name in ("openmmtools.multistate.multistatesampler", "openmmtools.multistat
 def _storage_files(out: str | Path) -> tuple[Path, Path]:
     nc = storage_path(out)
     return nc, nc.with_name(nc.stem + "_checkpoint.nc")
-
-
-def _seed(seed: int, iteration: int, stream: int) -> int:
-    """An OpenMM/NumPy seed in 1..2^31-2 from (seed, iteration, stream)."""
-    return int(np.random.SeedSequence([seed, iteration, stream]).generate_state(1)[0] % (2**31 - 2)) + 1
 
 
 class LangevinMiddleMove(mcmc.LangevinDynamicsMove):
@@ -145,7 +141,7 @@ class ParallelTempering:
         return int(self.sampler.iteration)
 
     def _move(self, n_steps: int, iteration: int, stream: int = 0) -> LangevinMiddleMove:
-        return LangevinMiddleMove(random_seed=_seed(self.seed, iteration, stream), n_steps=int(n_steps),
+        return LangevinMiddleMove(random_seed=openmm_seed(self.seed, iteration, stream), n_steps=int(n_steps),
                                   timestep=self.timestep_fs * unit.femtosecond,
                                   collision_rate=self.friction_per_ps / unit.picosecond)
 
@@ -156,8 +152,8 @@ class ParallelTempering:
         self.sampler.sampler_context_cache = cache.ContextCache(platform=self.platform,
                                                                 platform_properties=self.properties)
         for move in self.sampler._mcmc_moves:
-            move.random_seed = _seed(self.seed, iteration, 0)
-        self._mixing_rng = np.random.RandomState(_seed(self.seed, iteration, 1))
+            move.random_seed = openmm_seed(self.seed, iteration, 0)
+        self._mixing_rng = np.random.RandomState(openmm_seed(self.seed, iteration, 1))
 
     def create(self, equilibration_steps: int, n_iterations: int) -> None:
         """New storage (stale files of an earlier, uncommitted run are replaced); replicas start at the

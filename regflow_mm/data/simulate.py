@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..systems import MolecularSystem, check_spec_hash
-from ..systems.platforms import platform_properties, resolve_platform
+from ..systems.platforms import openmm_seed, platform_properties, resolve_platform
 from .checkpointed_hdf5 import (check_resume_settings, commit_rows, committed_checkpoint,
                                 truncate_uncommitted)
 from .dataset import _open, contiguous_splits
@@ -55,12 +55,6 @@ def _versions() -> dict:
 
     return {"regflow_mm": __version__, "openmm": openmm.__version__, "numpy": np.__version__,
             "h5py": _h5.__version__, "torch": torch.__version__}
-
-
-def openmm_seed(seed: int) -> int:
-    """A seed in 1 .. 2^31 - 1 for OpenMM's random streams (OpenMM treats 0 as "pick one at random",
-    which would make seed 0 runs irreproducible)."""
-    return int(np.random.SeedSequence([abs(int(seed)), int(seed) < 0, 20261202]).generate_state(1)[0] % (2**31 - 2)) + 1
 
 
 def _integrator(system: MolecularSystem, settings: dict, seed: int) -> openmm.Integrator:

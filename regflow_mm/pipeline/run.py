@@ -136,7 +136,9 @@ def _md(folder: Path, system_name: str, md: dict, seed: int, progress: bool) -> 
     _simulate_one(system_name, path, md["ns"], md["save_interval_ps"], md, seed, progress)
     summary = _run_summary(path, system_name, md)
     data = load_dataset(path, get_system(system_name))
-    names = (_phi_name(data.system), next(n for n in data.system.torsions if n.startswith("psi")))
+    phi_name = _phi_name(data.system, md)
+    names = (phi_name, "psi" + phi_name[3:] if "psi" + phi_name[3:] in data.system.torsions
+             else next(n for n in data.system.torsions if n.startswith("psi")))
     angles = dihedrals(np.asarray(data.positions, dtype=np.float64), [data.system.torsions[n] for n in names])
     panels = [("training frames", angles, None)]
     if data.weighted:
@@ -159,7 +161,7 @@ def _run_summary(path: str, system_name: str, md: dict) -> dict:
     from ..systems import get_system
 
     data = load_dataset(path, get_system(system_name))
-    name, phi = _phi(data.system, data.positions)
+    name, phi = _phi(data.system, data.positions, _phi_name(data.system, md))
     return {"n_frames": len(data), "ns": float(data.time[-1] / 1000.0), "enhanced": md["enhanced"], "phi_name": name,
             "phi_positive_fraction": float(np.mean(phi > 0)),
             "phi_positive_reweighted": data.reweighted_fraction(phi > 0), "weight_ess": data.weight_ess(),
@@ -264,8 +266,8 @@ def _mc(folder: Path, inputs: dict, system_name: str, mc: dict, seed: int, progr
     summary = hybrid_summary(folder / "mc.h5")
     with h5py.File(folder / "mc.h5", "r") as fh:
         positions = fh["positions"][: int(fh.attrs["n_iterations"])]
-    name, _ = _phi(system, positions[:, 0])
-    angles = np.stack([_phi(system, positions[:, w])[1] for w in range(positions.shape[1])], axis=1)
+    name = inputs["md"]["phi_name"]
+    angles = np.stack([_phi(system, positions[:, w], name)[1] for w in range(positions.shape[1])], axis=1)
     mc_trace_plot(folder / "mc_trace.png", name, angles, summary["counters"], summary["acceptance"])
     summary.pop("settings", None)
     return {**summary, "cpu_s": time.process_time() - started, "figure": "mc_trace.png"}
@@ -287,7 +289,7 @@ def _free_energy(folder: Path, inputs: dict, settings: dict, seed: int, progress
     with EnergyEvaluator(system, n_workers=0) as evaluator:
         samples = draw_weighted_samples(flow, evaluator, settings["n_samples"], seed=seed,
                                         molecular_system=system, progress=progress)
-    name = _phi_name(system)
+    name = inputs["md"]["phi_name"]
     phi = samples.torsions[name]
     log_w = np.where(samples.is_l, samples.log_w, -np.inf) if samples.is_l is not None else samples.log_w
     result = {"torsion": name, "n_samples": samples.n, "n_zero_weight": int(np.sum(~np.isfinite(log_w))),
@@ -299,7 +301,7 @@ def _free_energy(folder: Path, inputs: dict, settings: dict, seed: int, progress
     # MD estimates: each run's frames with their own weights (zero for plain MD), 20-block bootstrap.
     estimates = [("flow (reweighted)", result["flow"])]
     for label, dataset in runs.items():
-        phi_md = _phi(system, dataset.positions)[1]
+        phi_md = _phi(system, dataset.positions, name)[1]
         try:
             result[label] = state_delta_f(dataset.log_weights, phi_md < 0, phi_md > 0,
                                           block_size=max(len(dataset) // 20, 1), seed=seed)
@@ -326,14 +328,19 @@ def _export(folder: Path, inputs: dict, settings: dict, seed: int) -> dict:
     return {"backend": settings["backend"], "model": str(folder / "model.pt") if torch_backend else None, **result}
 
 
-def _phi_name(system) -> str:
-    """The system's first phi torsion."""
+def _phi_name(system, md: dict | None = None) -> str:
+    """The phi torsion whose sign defines the two states: the first biased phi of a metadynamics run
+    (al3/al4 bias the middle residue), else the system's first phi."""
+    if md is not None and md["enhanced"] == "metadynamics":
+        biased = [n.strip() for n in md["metad_torsions"].split(",") if n.strip().startswith("phi")]
+        if biased and biased[0] in system.torsions:
+            return biased[0]
     return next(n for n in system.torsions if n.startswith("phi"))
 
 
-def _phi(system, positions) -> tuple[str, np.ndarray]:
-    """The first phi torsion of the system and its values (rad) over frames (T, n, 3)."""
+def _phi(system, positions, name: str | None = None) -> tuple[str, np.ndarray]:
+    """A phi torsion (default: the system's first) and its values (rad) over frames (T, n, 3)."""
     from ..data.dataset import dihedrals
 
-    name = _phi_name(system)
+    name = name or _phi_name(system)
     return name, dihedrals(np.asarray(positions, dtype=np.float64), [system.torsions[name]])[:, 0]

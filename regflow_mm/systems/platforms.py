@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import openmm
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,14 @@ def resolve_platform(name: str | None, n_atoms: int, system: openmm.System | Non
     if name not in available:
         raise ValueError(f"OpenMM platform {name!r} is not available here; available: {', '.join(available)}")
     return name
+
+
+def openmm_seed(*keys: int) -> int:
+    """A seed in 1 .. 2^31 - 1 for OpenMM's random streams, derived from integer ``keys`` (e.g. the
+    run's seed, an iteration, a stream number). OpenMM reads 0 as "pick one at random", which would
+    make a seed-0 run irreproducible."""
+    entropy = [abs(int(k)) for k in keys] + [sum(1 << i for i, k in enumerate(keys) if int(k) < 0), 20261202]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0] % (2**31 - 2)) + 1
 
 
 def platform_properties(name: str, threads: int | None) -> dict:
