@@ -85,11 +85,11 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
         kind = {"metadynamics": "well-tempered metadynamics",
                 "tempering": "parallel tempering (the system-temperature replica)"}.get(run["enhanced"], "plain MD")
         lines.append(f"- {label}: {run['n_frames']} frames over {run['ns']:.2f} ns of "
-                     f"{kind}; {md['phi_name']} > 0 in "
+                     f"{kind}; {run.get('phi_name', md['phi_name'])} > 0 in "
                      f"{run['phi_positive_fraction']:.2%} of frames" +
                      (f", {run['phi_positive_reweighted']:.2%} after reweighting to the unbiased ensemble "
                       f"(weight ESS {run['weight_ess']:.0f} frames)" if weighted else "") +
-                     f"; {run['phi_sign_changes']} sign changes of {md['phi_name']}.")
+                     f"; {run['phi_sign_changes']} sign changes of {run.get('phi_name', md['phi_name'])}.")
     if md.get("figure"):
         lines += ["", f"![training data Ramachandran]({figure('md', md['figure'])})"]
     if "dataset_summary" not in md:  # a run cached before reference runs existed
