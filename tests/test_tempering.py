@@ -54,21 +54,14 @@ def test_ladder_is_geometric_from_the_system_temperature(aldp, tmp_path):
     assert storage_path(tmp_path / "x.h5").name == "x.h5.tempering.nc"
 
 
-def test_frames_are_the_target_replica_with_plain_energies(pt_data):
+def test_frames_are_the_target_replica_with_plain_energies(pt_data, frames_match_force_field):
     data, system = pt_data, pt_data.system
     assert len(data) == 200 and not data.weighted and data.metadata["enhanced"] == PT.to_dict()
     np.testing.assert_array_equal(data.log_weights, 0.0)  # Boltzmann at the system temperature
     iterations, replicas = _iterations(data.path)
     np.testing.assert_array_equal(iterations, np.arange(1, 201))
     np.testing.assert_allclose(data.time, iterations * 0.02)
-    context = system.make_context()
-    for k in (0, 99, 199):  # energies and forces are those of the force field at the stored positions
-        context.setPositions(data.positions[k].astype(np.float64))
-        state = context.getState(getEnergy=True, getForces=True)
-        assert state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) == pytest.approx(
-            data.energies[k], abs=0.05)
-        np.testing.assert_allclose(state.getForces(asNumpy=True).value_in_unit(
-            unit.kilojoule_per_mole / unit.nanometer), data.forces[k], atol=2.0, rtol=1e-3)
+    frames_match_force_field(data)  # energies and forces of the force field at the stored positions
     # The sampler's own record: each frame is the replica at the lowest temperature of its iteration.
     reporter = MultiStateReporter(str(storage_path(data.path)), open_mode="r")
     try:
