@@ -157,3 +157,17 @@ def test_basin_coverage_counts_populations_and_missing_basins():
     assert res["n_missing"] == 1
     # a basin below min_population in the reference is not required
     assert basin_coverage(ref, ref_log_w, flow, flow_log_w, ["phi1", "psi1"], min_population=0.5)["n_missing"] == 0
+
+
+def test_progress_bars_redraw_rarely_into_a_redirected_log():
+    import io
+
+    from regflow_mm.progress import LOG_INTERVAL_S, progress_bar
+
+    log = io.StringIO()  # not a terminal
+    bar = progress_bar(total=10_000, file=log)
+    for _ in range(10_000):
+        bar.update(1)
+    bar.close()
+    assert bar.mininterval >= LOG_INTERVAL_S and bar.maxinterval >= LOG_INTERVAL_S
+    assert log.getvalue().count("\r") <= 3  # the first frame and the final one, not one per update

@@ -26,9 +26,9 @@ import h5py
 import numpy as np
 import openmm
 from openmm import app, unit
-from tqdm.auto import tqdm
 
 from .. import __version__
+from ..progress import progress_bar
 from ..systems import MolecularSystem, check_spec_hash
 from ..systems.platforms import openmm_seed, platform_properties, resolve_platform
 from .checkpointed_hdf5 import (check_resume_settings, commit_rows, committed_checkpoint,
@@ -134,9 +134,9 @@ def simulate(system: MolecularSystem, out: str | Path, ns: float, save_interval_
                                        steps_per_frame, create_file)
         context, groups, chunk = simulation.context, meta.physical_groups if meta else -1, int(chunk_frames)
 
-    bar = tqdm(total=target, initial=min(n_done, target), unit="frame", disable=not progress,
-               desc=f"{'metaD' if meta else 'PT' if tempering else 'MD'} {system.name}", dynamic_ncols=True,
-               mininterval=1.0)
+    bar = progress_bar(total=target, initial=min(n_done, target), unit="frame", disable=not progress,
+                       desc=f"{'metaD' if meta else 'PT' if tempering else 'MD'} {system.name}", dynamic_ncols=True,
+                       mininterval=1.0)
     started, frames_this_run = wallclock.perf_counter(), 0
     try:
         while n_done < target:

@@ -32,10 +32,10 @@ from openmm import unit
 from openmmtools import cache as mm_cache
 from openmmtools.mcmc import LangevinDynamicsMove
 from openmmtools.states import SamplerState, ThermodynamicState
-from tqdm.auto import tqdm
 
 from regflow_mm.data.checkpointed_hdf5 import commit_rows, committed_checkpoint, truncate_uncommitted
 from regflow_mm.files import check_resume_settings
+from regflow_mm.progress import progress_bar
 from regflow_mm.sampling.moves import FlowIndependenceMove, maxwell_boltzmann_velocities
 from regflow_mm.systems import check_spec_hash, system_from_spec_dict
 
@@ -132,8 +132,8 @@ def run_hybrid_mc(system, flow_path: str | Path, out: str | Path, n_iterations: 
 
     md_cpu = flow_cpu = 0.0
     proposed_before = sum(wk[1].n_proposed for wk in walkers)
-    bar = tqdm(total=n_iterations, initial=min(n_done, n_iterations), unit="it", desc=f"hybrid MC {system.name}",
-               disable=not progress, dynamic_ncols=True, mininterval=1.0)
+    bar = progress_bar(total=n_iterations, initial=min(n_done, n_iterations), unit="it",
+                       desc=f"hybrid MC {system.name}", disable=not progress, dynamic_ncols=True, mininterval=1.0)
     try:
         while n_done < n_iterations:
             n_block = min(checkpoint_every, n_iterations - n_done)

@@ -17,11 +17,11 @@ from typing import Callable
 
 import numpy as np
 from scipy.special import logsumexp
-from tqdm.auto import tqdm
 
 from regflow_mm.data.dataset import dihedrals
 from regflow_mm.flows.sampling import sample_flow
 from regflow_mm.importance import kish_ess, log_weights, normalized_weights
+from regflow_mm.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def draw_weighted_samples(flow, evaluator, n: int, chunk_size: int = 4096, seed:
     parts: dict[str, list] = {"log_q": [], "u": [], "is_l": []}
     parts.update({f"t:{k}": [] for k in torsion_idx})
     parts.update({f"o:{k}": [] for k in observables})
-    bar = tqdm(total=n, unit="sample", desc="flow samples", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=n, unit="sample", desc="flow samples", disable=not progress, dynamic_ncols=True)
     done, chunk = 0, 0
     try:
         while done < n:

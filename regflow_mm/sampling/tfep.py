@@ -21,8 +21,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from regflow_mm.progress import progress_bar
 from regflow_mm.sampling.free_energy import _pymbar
 from regflow_mm.training.couplings import ot_pairing
 from regflow_mm.importance import kish_ess
@@ -50,7 +50,7 @@ def train_tfep_map(transform, x_a, x_b, *, n_steps: int = 500, batch_size: int =
     optimiser = torch.optim.Adam(transform.parameters(), lr=lr)
     parts: dict = {}
     transform.train()
-    for _ in tqdm(range(n_steps), desc="TFEP map", disable=not progress, dynamic_ncols=True):
+    for _ in progress_bar(range(n_steps), desc="TFEP map", disable=not progress, dynamic_ncols=True):
         idx = torch.randint(0, x0.shape[0], (min(batch_size, x0.shape[0]),), generator=generator)
         loss, parts = regflow_loss(transform, x0[idx], x1[idx], regularizer=regularizer, lambda_r=lambda_r,
                                    lambda_n=lambda_n, generator=generator)

@@ -28,7 +28,8 @@ import ot
 import torch
 from torch import nn
 from torchdiffeq import odeint
-from tqdm.auto import tqdm
+
+from ..progress import progress_bar
 
 FIXED_STEP_METHODS = ("euler", "midpoint", "rk4", "heun3")
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun")
@@ -237,7 +238,7 @@ def train_flow_matching(velocity: nn.Module, data: torch.Tensor, prior, config: 
     running = 0.0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        for step in tqdm(range(config.n_steps), desc="flow matching", disable=not progress):
+        for step in progress_bar(range(config.n_steps), desc="flow matching", disable=not progress):
             idx = torch.randint(0, data.shape[0], (config.batch_size,), generator=gen)
             x1 = data[idx]
             x0 = prior_sample(prior, config.batch_size).to(x1)

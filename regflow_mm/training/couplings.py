@@ -31,9 +31,9 @@ import h5py
 import numpy as np
 import ot
 import torch
-from tqdm.auto import tqdm
 
 from ..files import check_resume_settings
+from ..progress import progress_bar
 from .cnf import SolverOptions, TeacherCNF, prior_sample
 
 
@@ -152,7 +152,7 @@ def generate_reflow_pairs(cnf: TeacherCNF, prior, n_pairs: int, path: str | Path
                          f"it was made for a smaller n_pairs; extend it with a multiple of chunk_size")
     chunks = [(k, min(chunk_size, n_pairs - k * chunk_size))
               for k in range(store.n_done // chunk_size, -(-n_pairs // chunk_size))]
-    bar = tqdm(total=n_pairs, initial=store.n_done, desc="reflow pairs", disable=not progress)
+    bar = progress_bar(total=n_pairs, initial=store.n_done, desc="reflow pairs", disable=not progress)
     if executor is None:
         for k, m in chunks:
             store.append(*_reflow_chunk(cnf, _chunk_prior(prior, m, derived_seed(seed, k), dtype), solver))
@@ -254,6 +254,6 @@ def generate_ot_pairs(data: torch.Tensor, prior, path: str | Path, *, method: st
     with h5py.File(store.path, "a") as f:
         f.attrs["pairing_info"] = json.dumps(info)
     x0p, x1 = x0.cpu().numpy()[src], data.cpu().numpy()
-    for i in tqdm(range(store.n_done, n, chunk_size), desc="OT pairs", disable=not progress):
+    for i in progress_bar(range(store.n_done, n, chunk_size), desc="OT pairs", disable=not progress):
         store.append(x0p[i:i + chunk_size], x1[i:i + chunk_size])
     return store.path

@@ -33,9 +33,9 @@ from typing import Callable
 import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel
-from tqdm.auto import tqdm
 
 from ..files import atomic_write, check_resume_settings
+from ..progress import progress_bar
 from .couplings import derived_seed
 from .distributed import DistInfo, all_reduce_max, all_reduce_mean, average_gradients
 from .objectives import REGULARIZERS, force_matching_loss, nll_loss, regflow_loss, reverse_kl_loss
@@ -513,10 +513,12 @@ class Trainer:
         self._last_checkpoint_step = self.step if self.checkpoint_path.exists() else None
         budget = cfg.time_budget_s
         if budget is not None:  # the run ends on CPU time: show that, not a step count it will not reach
-            bar = tqdm(total=float(budget), initial=min(self.cpu_time, budget), desc=f"train {cfg.method}",
-                       disable=not self.progress, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} CPU s{postfix}")
+            bar = progress_bar(total=float(budget), initial=min(self.cpu_time, budget), desc=f"train {cfg.method}",
+                               disable=not self.progress,
+                               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} CPU s{postfix}")
         else:
-            bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {cfg.method}", disable=not self.progress)
+            bar = progress_bar(total=self.total_steps, initial=self.step, desc=f"train {cfg.method}",
+                               disable=not self.progress)
         stopped_by = "steps"
         try:
             while self.step < self.total_steps:
