@@ -134,9 +134,9 @@ def _md(folder: Path, system_name: str, md: dict, seed: int, progress: bool) -> 
 
     path = str(folder / "md.h5")
     _simulate_one(system_name, path, md["ns"], md["save_interval_ps"], md, seed, progress)
-    summary = _run_summary(path, system_name, md)
     data = load_dataset(path, get_system(system_name))
-    phi_name = _phi_name(data.system, md)
+    summary = _run_summary(data, md)
+    phi_name = summary["phi_name"]
     names = (phi_name, "psi" + phi_name[3:] if "psi" + phi_name[3:] in data.system.torsions
              else next(n for n in data.system.torsions if n.startswith("psi")))
     angles = dihedrals(np.asarray(data.positions, dtype=np.float64), [data.system.torsions[n] for n in names])
@@ -144,23 +144,23 @@ def _md(folder: Path, system_name: str, md: dict, seed: int, progress: bool) -> 
     if data.weighted:
         panels.append(("training frames, reweighted", angles, data.log_weights))
     ramachandran_panels(folder / "ramachandran.png", panels, labels=names)
-    return {"dataset": path, "dataset_summary": summary, "figure": "ramachandran.png", "n_frames": summary["n_frames"], "ns": summary["ns"],
-            "phi_name": summary["phi_name"], "phi_positive_fraction": summary["phi_positive_fraction"],
+    return {"dataset": path, "dataset_summary": summary, "figure": "ramachandran.png",
+            "n_frames": summary["n_frames"], "ns": summary["ns"], "phi_name": summary["phi_name"], "phi_positive_fraction": summary["phi_positive_fraction"],
             "phi_sign_changes": summary["phi_sign_changes"], "splits": summary["splits"]}
 
 
 def _reference_md(folder: Path, inputs: dict, *, system_name: str, md: dict, seed: int) -> dict:
     """The independent, held-out reference run (reference_ns, saved every reference_save_interval_ps)."""
-    path = str(folder / "reference.h5")
-    _simulate_one(system_name, path, md["reference_ns"], md["reference_save_interval_ps"], md, seed, False)
-    return {"reference": path, "reference_summary": _run_summary(path, system_name, md)}
-
-
-def _run_summary(path: str, system_name: str, md: dict) -> dict:
     from ..data import load_dataset
     from ..systems import get_system
 
-    data = load_dataset(path, get_system(system_name))
+    path = str(folder / "reference.h5")
+    _simulate_one(system_name, path, md["reference_ns"], md["reference_save_interval_ps"], md, seed, False)
+    return {"reference": path, "reference_summary": _run_summary(load_dataset(path, get_system(system_name)), md)}
+
+
+def _run_summary(data, md: dict) -> dict:
+    """Frames, length, state-torsion populations (as sampled and reweighted) and splits of a Dataset."""
     name, phi = _phi(data.system, data.positions, _phi_name(data.system, md))
     return {"n_frames": len(data), "ns": float(data.time[-1] / 1000.0), "enhanced": md["enhanced"], "phi_name": name,
             "phi_positive_fraction": float(np.mean(phi > 0)),
