@@ -49,8 +49,7 @@ def _check_run_config(config: TrainConfig, out_dir: Path) -> None:
     path = out_dir / "config.json"
     if path.exists():
         check_resume_settings(out_dir, TrainConfig.with_defaults(json.loads(path.read_text())), config.to_dict(),
-                              ignore=RESUMABLE_CHANGES,
-                              verb="trained")
+                              ignore=RESUMABLE_CHANGES, verb="trained")
     path.write_text(json.dumps(config.to_dict(), indent=2))
 
 
