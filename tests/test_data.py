@@ -12,7 +12,7 @@ import openmm
 import pytest
 from openmm import unit
 
-from regflow_mm.data import contiguous_splits, export_trajectory, load_dataset, read_metadata, simulate
+from regflow_mm.data import time_block_splits, export_trajectory, load_dataset, read_metadata, simulate
 from regflow_mm.systems import get_system
 
 FAST = dict(save_interval_ps=0.05, platform="Reference", equilibration_ps=0.5, progress=False)
@@ -44,13 +44,29 @@ def test_dataset_contents_reevaluate(aldp_data):
     assert {"openmm", "torch", "regflow_mm"} <= set(md["versions"])
 
 
-def test_splits_are_contiguous_time_blocks(aldp_data):
+def test_splits_partition_the_run_with_validation_spread_over_it(aldp_data):
     s = aldp_data.splits
-    np.testing.assert_array_equal(np.concatenate([s["train"], s["val"], s["test"]]), np.arange(60))
+    np.testing.assert_array_equal(np.sort(np.concatenate([s["train"], s["val"], s["test"]])), np.arange(60))
     assert len(s["train"]) == 48 and len(s["val"]) == 6 and len(s["test"]) == 6
+    np.testing.assert_array_equal(s["test"], np.arange(54, 60))  # the held-out block stays last
+    # default 10 validation blocks, at most one per validation frame: 6 frames spread over 54
+    np.testing.assert_array_equal(s["val"], [8, 17, 26, 35, 44, 53])
     assert aldp_data.split("val").shape == (6, 22, 3)
     with pytest.raises(ValueError, match="too few for train/val/test"):
-        contiguous_splits(5)
+        time_block_splits(5)
+    with pytest.raises(ValueError, match="val_blocks must be >= 1"):
+        time_block_splits(100, val_blocks=0)
+
+
+def test_time_block_splits_blocks():
+    one = time_block_splits(100, 0.1, 0.2, val_blocks=1)  # consecutive train, val, test
+    np.testing.assert_array_equal(np.concatenate([one["train"], one["val"], one["test"]]), np.arange(100))
+    assert (len(one["train"]), len(one["val"]), len(one["test"])) == (70, 10, 20)
+    five = time_block_splits(1000, 0.1, 0.1, val_blocks=5)  # 5 blocks of 20 frames, each ending a segment
+    val = five["val"].reshape(5, 20)
+    np.testing.assert_array_equal(val[:, -1] + 1, [180, 360, 540, 720, 900])
+    np.testing.assert_array_equal(np.diff(val, axis=1), 1)
+    assert np.intersect1d(five["train"], five["val"]).size == 0 and five["test"][0] == 900
 
 
 def test_killed_simulation_resumes_into_one_continuous_trajectory(tmp_path):

@@ -242,3 +242,36 @@ def test_stop_signal_checkpoints_and_is_not_a_finished_run(tmp_path):
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 5
     resumed = Trainer(_flow(), _config(), tmp_path, _pairs(), progress=False)
     assert resumed.fit(handle_signals=False)["step"] == resumed.total_steps
+
+
+def test_compiled_training_matches_eager(tmp_path):
+    """compile = true runs the same optimisation (inductor kernels agree with eager to float32 rounding)."""
+    y = _pairs()[1]
+    runs = {}
+    for compiled in (False, True):
+        trainer = Trainer(_flow(), _config(method="mle", epochs=1, compile=compiled), tmp_path / str(compiled), (y,),
+                          progress=False)
+        trainer.fit()
+        runs[compiled] = trainer
+    eager, comp = _train_losses(runs[False]), _train_losses(runs[True])
+    assert len(eager) == len(comp) == 2
+    np.testing.assert_allclose(comp, eager, rtol=1e-4)
+    for a, b in zip(runs[False].flow.parameters(), runs[True].flow.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def call(*args, **kw):
+            raise RuntimeError("no C++ compiler found")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    y = _pairs()[1]
+    eager = Trainer(_flow(), _config(method="mle", epochs=1), tmp_path / "eager", (y,), progress=False)
+    eager.fit()
+    with pytest.warns(RuntimeWarning, match="torch.compile of nll_loss failed .*no C\\+\\+ compiler"):
+        fallback = Trainer(_flow(), _config(method="mle", epochs=1, compile=True), tmp_path / "fb", (y,),
+                           progress=False)
+        fallback.fit()
+    assert _train_losses(fallback) == _train_losses(eager)

@@ -20,8 +20,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="CPU platform threads (default 1)")
     p.add_argument("--equilibration-ps", type=float, default=10.0, help="unsaved MD before production, ps")
     p.add_argument("--chunk-frames", type=int, default=100, help="frames written per chunk (at most this many are lost on a kill)")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--test-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="fraction of frames for validation (default 0.1), drawn as --val-blocks blocks across the run")
+    p.add_argument("--val-blocks", type=int, default=10,
+                   help="validation blocks spread over the run before the test block (default 10; 1: one block)")
+    p.add_argument("--test-fraction", type=float, default=0.1,
+                   help="fraction of frames in the final, held-out test block (default 0.1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("enhanced sampling (frames store log-weights to the unbiased ensemble)")
     g.add_argument("--enhanced", choices=["none", "metadynamics", "tempering"], default="none",
@@ -78,7 +82,7 @@ def _simulate(args) -> int:
     out = simulate(system, args.out, ns=args.ns, save_interval_ps=args.save_interval_ps,
                    timestep_fs=args.timestep_fs, friction_per_ps=args.friction, seed=args.seed,
                    platform=args.platform, threads=args.threads, equilibration_ps=args.equilibration_ps,
-                   chunk_frames=args.chunk_frames, val_fraction=args.val_fraction,
+                   chunk_frames=args.chunk_frames, val_fraction=args.val_fraction, val_blocks=args.val_blocks,
                    test_fraction=args.test_fraction, progress=not args.quiet, enhanced=enhanced)
     print(load_dataset(out, system).summary())
     return 0

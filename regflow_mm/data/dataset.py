@@ -6,7 +6,8 @@ File layout (one HDF5 file, readable with h5py or any HDF5 tool)::
     /energies    (T,)            float64   kJ/mol (potential energy)
     /forces      (T, n_atoms, 3) float32   kJ/mol/nm
     /time        (T,)            float64   ps since the start of production
-    /splits/{train,val,test}     int64     frame indices, contiguous time blocks
+    /splits/{train,val,test}     int64     frame indices: test the last time block, val the end of
+                                           each of ``val_blocks`` segments before it (``time_block_splits``)
     /checkpoint                  uint8     OpenMM checkpoint after the last stored frame (resume); with
                                            metadynamics a group: openmm (uint8), bias (grid, kJ/mol)
     /log_weights, /bias_energy, /bias_offset   (T,) float64   metadynamics only: log-weight to the
@@ -139,19 +140,36 @@ def dihedrals(x: np.ndarray, quads) -> np.ndarray:
     return np.arctan2(np.sum(np.cross(b1n, v) * w, axis=-1), np.sum(v * w, axis=-1))
 
 
-def contiguous_splits(n_frames: int, val_fraction: float = 0.1, test_fraction: float = 0.1) -> dict[str, np.ndarray]:
-    """Train / val / test as consecutive time blocks (in that order) of an n_frames trajectory."""
+def time_block_splits(n_frames: int, val_fraction: float = 0.1, test_fraction: float = 0.1,
+                      val_blocks: int = 1) -> dict[str, np.ndarray]:
+    """Train / val / test frame indices of an n_frames trajectory, as blocks of consecutive frames.
+
+    test is the last block (held out from everything). The frames before it are cut into
+    ``val_blocks`` equal segments, and the last frames of each segment form the validation set, so
+    validation spans the whole run: an enhanced-sampling run's sampled distribution drifts along the
+    run (the metadynamics bias keeps growing), and a single final block would judge the flow on the
+    end of the run only. ``val_blocks = 1`` gives consecutive train, val, test blocks.
+    """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"split fractions must be in [0, 1) and sum below 1; got val {val_fraction}, "
                          f"test {test_fraction}")
+    if int(val_blocks) < 1:
+        raise ValueError(f"val_blocks must be >= 1, got {val_blocks}")
     n_val, n_test = int(round(n_frames * val_fraction)), int(round(n_frames * test_fraction))
     n_train = n_frames - n_val - n_test
     if n_train < 1 or (val_fraction > 0 and n_val < 1) or (test_fraction > 0 and n_test < 1):
         raise ValueError(f"{n_frames} frames are too few for train/val/test fractions "
                          f"{1 - val_fraction - test_fraction:.2f}/{val_fraction}/{test_fraction}: "
                          "simulate longer (--ns) or save more often (--save-interval-ps)")
-    edges = np.cumsum([0, n_train, n_val, n_test])
-    return {name: np.arange(edges[i], edges[i + 1]) for i, name in enumerate(SPLIT_NAMES)}
+    n_head = n_train + n_val
+    blocks = max(1, min(int(val_blocks), n_val))
+    seg_edges = np.linspace(0, n_head, blocks + 1).round().astype(int)
+    val_edges = np.linspace(0, n_val, blocks + 1).round().astype(int)
+    is_val = np.zeros(n_head, dtype=bool)
+    for b in range(blocks):
+        is_val[seg_edges[b + 1] - (val_edges[b + 1] - val_edges[b]):seg_edges[b + 1]] = True
+    head = np.arange(n_head)
+    return {"train": head[~is_val], "val": head[is_val], "test": np.arange(n_head, n_frames)}
 
 
 def read_metadata(path: str | Path) -> dict:

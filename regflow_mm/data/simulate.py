@@ -33,7 +33,7 @@ from ..systems import MolecularSystem, check_spec_hash
 from ..systems.platforms import openmm_seed, platform_properties, resolve_platform
 from .checkpointed_hdf5 import (check_resume_settings, commit_rows, committed_checkpoint,
                                 truncate_uncommitted)
-from .dataset import _open, contiguous_splits
+from .dataset import _open, time_block_splits
 from .metadynamics import MetadynamicsSettings, TorsionMetadynamics, weights_from_bias
 from .tempering import TemperingSettings
 
@@ -69,7 +69,7 @@ def simulate(system: MolecularSystem, out: str | Path, ns: float, save_interval_
              timestep_fs: float = 1.0, friction_per_ps: float | None = None, seed: int = 0,
              platform: str = "auto", threads: int | None = 1, equilibration_ps: float = 10.0,
              chunk_frames: int = 100, val_fraction: float = 0.1, test_fraction: float = 0.1,
-             progress: bool = True, enhanced: MetadynamicsSettings | TemperingSettings | None = None) -> Path:
+             val_blocks: int = 10, progress: bool = True, enhanced: MetadynamicsSettings | TemperingSettings | None = None) -> Path:
     """Run Langevin MD (LangevinMiddle) of ``system`` until ``out`` holds ``ns`` nanoseconds of frames.
 
     ``enhanced``: well-tempered metadynamics settings (``MetadynamicsSettings``); frames then carry
@@ -78,6 +78,8 @@ def simulate(system: MolecularSystem, out: str | Path, ns: float, save_interval_
     system temperature (log-weight 0), replicas in ``<out>.tempering.nc``; its commit chunk is the
     storage's checkpoint interval (``chunk_frames`` of the run that created it).
 
+    Splits (``dataset.time_block_splits``): the last ``test_fraction`` of the frames is the test block,
+    and validation takes the end of each of ``val_blocks`` segments before it (``val_fraction`` in all).
     Frames every ``save_interval_ps`` ps; ``friction_per_ps`` defaults to the system spec's friction;
     ``equilibration_ps`` of unsaved MD precede production. Re-running with the same ``out`` resumes.
     ``platform``: OpenMM platform name or "auto" (see ``regflow_mm.systems.platforms``);
@@ -88,6 +90,8 @@ def simulate(system: MolecularSystem, out: str | Path, ns: float, save_interval_
     out = Path(out)
     if ns <= 0 or save_interval_ps <= 0 or timestep_fs <= 0:
         raise ValueError(f"ns, save_interval_ps and timestep_fs must be positive; got {ns}, {save_interval_ps}, {timestep_fs}")
+    if int(val_blocks) < 1:
+        raise ValueError(f"val_blocks must be >= 1, got {val_blocks}")
     if int(chunk_frames) < 1:
         raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
     steps_per_frame = save_interval_ps * 1000.0 / timestep_fs
@@ -116,7 +120,7 @@ def simulate(system: MolecularSystem, out: str | Path, ns: float, save_interval_
 
     def create_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        _create(out, system, settings, seed, platform, val_fraction, test_fraction)
+        _create(out, system, settings, seed, platform, val_fraction, test_fraction, val_blocks)
 
     if tempering is not None:
         if resume is not None and resume["n_frames"] >= target:
@@ -243,14 +247,14 @@ def _start_tempering(tempering: ParallelTempering, out: Path, resume: dict | Non
     return restored
 
 
-def _create(out, system, settings, seed, platform, val_fraction, test_fraction):
+def _create(out, system, settings, seed, platform, val_fraction, test_fraction, val_blocks):
     n = system.n_atoms
     pdb = _pdb_text(system)
     metadata = {"format": "regflow-mm dataset 1", "system": asdict(system.spec), "system_hash": system.spec_hash,
                 "enhanced": settings["enhanced"],
                 "temperature": system.temperature, "kT": system.kT, "seed": seed, "integrator": settings,
                 "platform": platform, "versions": _versions(),
-                "split_fractions": {"val": val_fraction, "test": test_fraction},
+                "split_fractions": {"val": val_fraction, "test": test_fraction, "val_blocks": int(val_blocks)},
                 "units": {"positions": "nm", "energies": "kJ/mol", "forces": "kJ/mol/nm", "time": "ps"}}
     with h5py.File(out, "w") as fh:
         fh.attrs["metadata"] = json.dumps(metadata)
@@ -339,12 +343,13 @@ def _append(out, arrays: dict, n_done: int, checkpoint: bytes | None, meta: Tors
 
 
 def _write_splits(fh, n_frames: int) -> None:
-    """(Re)write the contiguous train/val/test splits of the first ``n_frames`` frames."""
+    """(Re)write the train/val/test splits of the first ``n_frames`` frames (``time_block_splits``)."""
     fractions = json.loads(fh.attrs["metadata"])["split_fractions"]
     if "splits" in fh:
         del fh["splits"]
     try:
-        splits = contiguous_splits(n_frames, fractions["val"], fractions["test"])
+        splits = time_block_splits(n_frames, fractions["val"], fractions["test"],
+                                   fractions.get("val_blocks", 1))  # files made before val_blocks: one block
     except ValueError:
         splits = {}  # too few frames yet; written once there are enough
     group = fh.create_group("splits")

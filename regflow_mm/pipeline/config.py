@@ -21,22 +21,25 @@ SCHEMA: dict[str, dict] = {
     # pt_replicas on a geometric ladder up to pt_max_temperature_K; the system-temperature replica is kept). reference_ns > 0 runs a second,
     # independent simulation (seed + 1) of that length, held out as the evaluation reference: it runs in
     # the background on the second core from the start until evaluation, so it can be longer than the
-    # training run (saved every reference_save_interval_ps).
+    # training run (saved every reference_save_interval_ps). val_blocks: the validation frames are the ends
+    # of that many segments of the training run (``data.time_block_splits``), so that keeping the flow of
+    # the best validation NLL judges it on the whole run, not on its last block.
     "md": {"ns": 5.0, "save_interval_ps": 0.5, "timestep_fs": 1.0, "equilibration_ps": 10.0, "platform": "auto",
            "enhanced": "none", "metad_torsions": "phi1,psi1", "metad_bias_factor": 6.0, "metad_height_kJ": 1.2,
            "metad_width_rad": 0.35, "metad_deposition_ps": 1.0, "pt_replicas": 4,
-           "pt_max_temperature_K": 600.0, "reference_ns": 0.0,
+           "pt_max_temperature_K": 600.0, "val_blocks": 10, "reference_ns": 0.0,
            "reference_save_interval_ps": 0.5},
     # Internal coordinates by default: on a CPU budget they train far better than Cartesian flows
     # (see BENCHMARKS.md); the RegFlow paper's Cartesian setup is `representation = "cartesian"`.
     "flow": {"representation": "internal", "architecture": "nsf", "layers": 6, "hidden": 128},
     # Passed to regflow_mm.training.TrainConfig; the baseline trains with the same settings and budget.
     # data_weight_power: MLE / NLL+FM batches draw enhanced-sampling frames ~ w**power (RegFlow trains on
-    # teacher pairs and does not read it).
+    # teacher pairs and does not read it). compile: torch.compile the training loss (about 2x the steps per
+    # CPU-second; needs a C++ compiler, else training runs eagerly with a warning).
     "train": {"data_weight_power": 0.0, "method": "regflow", "target": "reflow", "time_budget_s": 150.0, "epochs": 1000,
               "batch_size": 256, "lr": 5e-4, "regularizer": "logdet", "lambda_r": 1e-6, "lambda_n": 0.0,
               "n_pairs": 20000, "teacher_steps": 6000, "val_samples": 0, "ode_method": "dopri5",
-              "lr_schedule": "constant", "keep_best": False},
+              "lr_schedule": "constant", "keep_best": False, "compile": False},
     "baseline": {"enabled": True, "method": "mle"},
     # downstream_flow: the flow used by mc / free_energy / export: "best" (lowest E-W1 on held-out
     # data), "regflow" or "baseline".

@@ -122,7 +122,8 @@ def _simulate_one(system_name: str, path: str, ns: float, save_interval_ps: floa
         raise ValueError(f"[md].enhanced must be 'none', 'metadynamics' or 'tempering', got {md['enhanced']!r}")
     simulate(get_system(system_name), path, ns=ns, save_interval_ps=save_interval_ps,
              timestep_fs=md["timestep_fs"], seed=seed, platform=md["platform"],
-             equilibration_ps=md["equilibration_ps"], progress=progress, enhanced=enhanced)
+             equilibration_ps=md["equilibration_ps"], val_blocks=md["val_blocks"], progress=progress,
+             enhanced=enhanced)
     return path
 
 

@@ -26,6 +26,7 @@ import pickle
 import random
 import signal
 import time
+import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
@@ -99,6 +100,10 @@ class OptimSettings:
     device: str = "auto"
     log_every: int = 50
     checkpoint_every: int = 500
+    # torch.compile (inductor) the MLE / RegFlow loss: about 2x the steps per CPU-second for the aldp
+    # NSF on a CPU (BENCHMARKS.md), after ~20 CPU s of compilation, which is done in this process and so
+    # counted in time_budget_s. Needs a C++ compiler; without one training goes on eagerly, with a warning.
+    compile: bool = False
 
 
 @dataclass
@@ -263,11 +268,36 @@ class TrainConfig:
 
 
 # Settings that may change when a run is resumed (they do not alter the steps already taken).
-RESUMABLE_CHANGES = ("epochs", "max_steps", "time_budget_s", "device", "log_every", "checkpoint_every",
+RESUMABLE_CHANGES = ("epochs", "max_steps", "time_budget_s", "device", "log_every", "checkpoint_every", "compile",
                      "val_every_epochs", "val_samples", "val_torsion_samples", "energy_workers", "pair_workers")
 
 
 _STREAM_EPOCH, _STREAM_NOISE, _STREAM_KL, _STREAM_ROWS = 1, 2, 3, 4
+
+
+def compiled_or_eager(fn: Callable) -> Callable:
+    """``fn`` under ``torch.compile`` (inductor, static shapes); where compiling fails (no C++ compiler,
+    an unsupported operation) the call warns once and runs ``fn`` eagerly from then on."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.compile_threads = 1  # compile in this process, so its CPU time counts in the budget
+    compiled = torch.compile(fn, dynamic=False)
+    current = [compiled]
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if current[0] is fn:
+            return fn(*args, **kwargs)
+        try:
+            return compiled(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - a genuine error in fn is raised again by the eager call
+            warnings.warn(f"torch.compile of {fn.__name__} failed ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}); training continues without compiling",
+                          RuntimeWarning, stacklevel=2)
+            current[0] = fn
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def ema_update_fn(decay: float, warmup: bool = True):
@@ -368,6 +398,9 @@ class Trainer:
         self.records: list[dict] = []
         self._running: dict[str, list[float]] = {}  # per-step values since the last log row
         self._stop_requested = False
+        self._nll_loss, self._regflow_loss = nll_loss, regflow_loss
+        if config.compile:
+            self._nll_loss, self._regflow_loss = compiled_or_eager(nll_loss), compiled_or_eager(regflow_loss)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path = self.out_dir / "checkpoint.pt"
         self.resumed_from: int | None = None
@@ -470,10 +503,10 @@ class Trainer:
                 gen = torch.Generator().manual_seed(derived_seed(cfg.seed, _STREAM_NOISE, step))
                 noise = torch.randn(cfg.batch_size, batch[1].shape[1], generator=gen, dtype=batch[1].dtype)
                 noise = noise[mine].to(self.device)
-            loss, parts = regflow_loss(self.flow.transform, batch[0], batch[1], regularizer=cfg.regularizer,
+            loss, parts = self._regflow_loss(self.flow.transform, batch[0], batch[1], regularizer=cfg.regularizer,
                                        lambda_r=cfg.lambda_r, lambda_n=cfg.lambda_n, noise=noise)
         elif cfg.method == "mle":
-            loss, parts = nll_loss(self.flow.transform, self.flow.prior, batch[0])
+            loss, parts = self._nll_loss(self.flow.transform, self.flow.prior, batch[0])
         else:
             x, forces = batch
             nll = -self.flow.log_prob(x).mean()
