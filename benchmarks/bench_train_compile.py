@@ -18,7 +18,7 @@ import torch
 
 from regflow_mm.flows import build_flow
 from regflow_mm.systems import get_system
-from regflow_mm.training.objectives import nll_loss
+from regflow_mm.training.objectives import nll_terms
 from regflow_mm.training.trainer import compiled_or_eager
 
 
@@ -41,13 +41,13 @@ def main() -> None:
     for name in ("eager", "compiled"):
         flow = build_flow(system, representation="internal", architecture="nsf", layers=6, hidden=128, fit_to=x, seed=0)
         y = flow.to_flow_space(torch.as_tensor(x, dtype=torch.float32))[0].detach()
-        loss = compiled_or_eager(nll_loss) if name == "compiled" else nll_loss
+        loss = compiled_or_eager(nll_terms) if name == "compiled" else nll_terms
         variants[name] = (flow, y, loss, torch.optim.AdamW(flow.parameters(), lr=1e-3))
     gen = torch.Generator().manual_seed(0)
 
     def step(name):
         flow, y, loss, opt = variants[name]
-        value = loss(flow.transform, flow.prior, y[torch.randint(0, y.shape[0], (args.batch,), generator=gen)])[0]
+        value = loss(flow.transform, flow.prior, y[torch.randint(0, y.shape[0], (args.batch,), generator=gen)])["loss"]
         opt.zero_grad()
         value.backward()
         opt.step()

@@ -1,6 +1,9 @@
 """Training objectives for flows in a representation's flow space.
 
 Each returns ``(loss, parts)``: a scalar tensor to minimise and a dict of floats for logging.
+``regflow_terms`` / ``nll_terms`` are the same computations returning only tensors (``{"loss": ...,
+part: ...}``), with no host synchronisation, so that ``torch.compile`` captures them in one graph
+(the trainer's ``compile`` setting); ``as_parts(terms)`` gives the float dict.
 
 - ``regflow_loss``: RegFlow regression E||f(x0) - x1||^2 + lambda_r R on fixed pairs, targets
   noised x1 + lambda_n eps; R = "none" | "logdet" ((log|det J_f(x0)|)^2, reuses the forward
@@ -18,10 +21,21 @@ import torch
 REGULARIZERS = ("none", "logdet", "fwd_bwd")
 
 
-def regflow_loss(transform, x0: torch.Tensor, x1: torch.Tensor, *, regularizer: str = "none",
-                 lambda_r: float = 0.0, lambda_n: float = 0.0, noise: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-    """RegFlow loss on pairs x0 (B, D) latent, x1 (B, D) flow-space targets.
+def as_parts(terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The logged floats of a ``*_terms`` dict of scalar tensors."""
+    return {k: v.item() for k, v in terms.items()}
+
+
+def regflow_loss(transform, x0: torch.Tensor, x1: torch.Tensor, **options) -> tuple[torch.Tensor, dict]:
+    """RegFlow loss on pairs x0 (B, D) latent, x1 (B, D) flow-space targets (options: ``regflow_terms``)."""
+    terms = regflow_terms(transform, x0, x1, **options)
+    return terms["loss"], as_parts(terms)
+
+
+def regflow_terms(transform, x0: torch.Tensor, x1: torch.Tensor, *, regularizer: str = "none",
+                  lambda_r: float = 0.0, lambda_n: float = 0.0, noise: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """RegFlow loss and its parts as scalar tensors, on pairs x0 (B, D) latent, x1 (B, D) targets.
 
     ``transform`` is a Flow (latent -> flow space). ``noise`` (B, D) is eps for the target noise;
     drawn from ``generator`` when omitted and ``lambda_n > 0``.
@@ -36,7 +50,7 @@ def regflow_loss(transform, x0: torch.Tensor, x1: torch.Tensor, *, regularizer: 
         x1 = x1 + lambda_n * noise
     y, logdet = transform(x0)
     regression = (y - x1).pow(2).sum(1).mean()
-    parts = {"regression": regression.item()}
+    terms = {"regression": regression}
     loss = regression
     if regularizer == "logdet":
         reg = logdet.pow(2).mean()
@@ -47,16 +61,23 @@ def regflow_loss(transform, x0: torch.Tensor, x1: torch.Tensor, *, regularizer: 
         reg = None
     if reg is not None:
         loss = loss + lambda_r * reg
-        parts[regularizer] = reg.item()
-    parts["loss"] = loss.item()
-    return loss, parts
+        terms[regularizer] = reg.detach()
+    terms["regression"] = regression.detach()
+    terms["loss"] = loss
+    return terms
 
 
 def nll_loss(transform, prior, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Negative log-likelihood (nats) of flow-space data y (B, D); ``prior.log_prob`` on latents (B,)."""
+    terms = nll_terms(transform, prior, y)
+    return terms["loss"], as_parts(terms)
+
+
+def nll_terms(transform, prior, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``nll_loss`` as scalar tensors: {"nll", "loss"} (equal)."""
     z, logdet_inv = transform(y, inverse=True)
     nll = -(prior.log_prob(z) + logdet_inv).mean()
-    return nll, {"nll": nll.item(), "loss": nll.item()}
+    return {"nll": nll.detach(), "loss": nll}
 
 
 def force_matching_loss(flow, x: torch.Tensor, forces_kT_per_nm: torch.Tensor) -> tuple[torch.Tensor, dict]:

@@ -39,7 +39,7 @@ from ..files import atomic_write, check_resume_settings
 from ..progress import progress_bar
 from .couplings import derived_seed
 from .distributed import DistInfo, all_reduce_max, all_reduce_mean, average_gradients
-from .objectives import REGULARIZERS, force_matching_loss, nll_loss, regflow_loss, reverse_kl_loss
+from .objectives import REGULARIZERS, as_parts, force_matching_loss, nll_terms, regflow_terms, reverse_kl_loss
 
 METHODS = ("regflow", "mle", "nll+fm")
 TARGETS = ("reflow", "ot")
@@ -398,9 +398,9 @@ class Trainer:
         self.records: list[dict] = []
         self._running: dict[str, list[float]] = {}  # per-step values since the last log row
         self._stop_requested = False
-        self._nll_loss, self._regflow_loss = nll_loss, regflow_loss
+        self._nll_terms, self._regflow_terms = nll_terms, regflow_terms
         if config.compile:
-            self._nll_loss, self._regflow_loss = compiled_or_eager(nll_loss), compiled_or_eager(regflow_loss)
+            self._nll_terms, self._regflow_terms = compiled_or_eager(nll_terms), compiled_or_eager(regflow_terms)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path = self.out_dir / "checkpoint.pt"
         self.resumed_from: int | None = None
@@ -503,10 +503,12 @@ class Trainer:
                 gen = torch.Generator().manual_seed(derived_seed(cfg.seed, _STREAM_NOISE, step))
                 noise = torch.randn(cfg.batch_size, batch[1].shape[1], generator=gen, dtype=batch[1].dtype)
                 noise = noise[mine].to(self.device)
-            loss, parts = self._regflow_loss(self.flow.transform, batch[0], batch[1], regularizer=cfg.regularizer,
-                                       lambda_r=cfg.lambda_r, lambda_n=cfg.lambda_n, noise=noise)
+            terms = self._regflow_terms(self.flow.transform, batch[0], batch[1], regularizer=cfg.regularizer,
+                                        lambda_r=cfg.lambda_r, lambda_n=cfg.lambda_n, noise=noise)
+            loss, parts = terms["loss"], as_parts(terms)
         elif cfg.method == "mle":
-            loss, parts = self._nll_loss(self.flow.transform, self.flow.prior, batch[0])
+            terms = self._nll_terms(self.flow.transform, self.flow.prior, batch[0])
+            loss, parts = terms["loss"], as_parts(terms)
         else:
             x, forces = batch
             nll = -self.flow.log_prob(x).mean()
