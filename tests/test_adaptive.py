@@ -158,3 +158,22 @@ def test_cli_adaptive_mc_on_aldp(aldp, tmp_path, capsys):
     assert main(args + ["--out", str(tmp_path / "c.h5"), "--adapt", "--segment-iterations", "4",
                         "--adapt-every", "6"]) == 1
     assert "inside segment 1" in capsys.readouterr().err
+
+
+def test_training_data_joins_the_fine_tuning(aldp, tmp_path):
+    from regflow_mm.data import load_dataset
+    from regflow_mm.data.simulate import simulate
+
+    data = simulate(aldp, tmp_path / "md.h5", 0.001, save_interval_ps=0.05, platform="Reference",
+                    equilibration_ps=0.2, progress=False)
+    n_train = load_dataset(data).split_indices("train").size
+    flow_path = tmp_path / "aldp.pt"
+    build_flow(aldp, "cartesian", "gaussian", seed=0, dtype=torch.float64, fit_to=aldp.positions[None]).save(flow_path)
+    summary = run_adaptive_mc(aldp, flow_path, tmp_path / "mc.h5", 6, schedule=AdaptSchedule(3), train_data=data,
+                              n_walkers=2, md_steps=5, flow_moves=1, batch_size=4, finetune_steps=3,
+                              finetune_batch_size=8, progress=False)
+    assert [v["n_train_frames"] for v in summary["flow_versions"]] == [0, 3 * 2 + n_train]
+    assert summary["settings"]["train_data"] == str(data.resolve())
+    with pytest.raises(ValueError, match="other settings"):
+        run_adaptive_mc(aldp, flow_path, tmp_path / "mc.h5", 8, schedule=AdaptSchedule(3), n_walkers=2, md_steps=5,
+                        flow_moves=1, batch_size=4, finetune_steps=3, finetune_batch_size=8, progress=False)

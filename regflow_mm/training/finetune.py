@@ -1,6 +1,7 @@
 """Fine-tuning a flow by maximum likelihood on a fixed set of configurations (adaptive flow MC).
 
-A fixed number of Adam steps on ``objectives.nll_loss`` over minibatches drawn (with replacement,
+A fixed number of Adam steps (learning rate decayed to 0 on a cosine, so the result does not
+jitter by one Adam step) on ``objectives.nll_loss`` over minibatches drawn (with replacement,
 with probabilities proportional to the frames' weights) under a ``torch.Generator`` seeded with
 ``seed``: the same flow, frames and settings give the same fine-tuned flow. Only the transform's
 parameters move; the representation's normalisation (fitted once) and the prior stay fixed, so the
@@ -20,7 +21,8 @@ from .objectives import nll_loss
 
 def fine_tune_nll(flow, positions, *, steps: int, batch_size: int = 256, lr: float = 1e-3, seed: int = 0,
                   log_weights=None, grad_clip: float = 10.0) -> dict:
-    """Fine-tune ``flow`` (in place) on positions (N, n_atoms, 3) nm by ``steps`` Adam steps on -log q.
+    """Fine-tune ``flow`` (in place) on positions (N, n_atoms, 3) nm by ``steps`` Adam steps on -log q
+    (learning rate ``lr`` at the start, cosine-decayed).
 
     log_weights: (N,) log-weights of the frames (None: equal weights); frames with weight 0, non-finite
     coordinates or outside the flow's support are left out. Returns n_frames (used), steps,
@@ -60,7 +62,9 @@ def fine_tune_nll(flow, positions, *, steps: int, batch_size: int = 256, lr: flo
     params = [p for p in flow.transform.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=float(lr))
     flow.train()
-    for _ in range(int(steps)):
+    for step in range(int(steps)):
+        for group in optimizer.param_groups:
+            group["lr"] = float(lr) * 0.5 * (1.0 + math.cos(math.pi * step / int(steps)))
         idx = torch.multinomial(probs, int(batch_size), replacement=True, generator=generator)
         loss, _ = nll_loss(flow.transform, flow.prior, y[idx.to(y.device)])
         if not math.isfinite(loss.item()):
