@@ -106,6 +106,14 @@ def test_resume_after_kills_repeats_the_uninterrupted_chain(harmonic_oscillator,
     with pytest.raises(ValueError, match="other settings"):
         _run(ho, tmp_path / "q0.pt", tmp_path / "full.h5", 80, schedule=AdaptSchedule(30))
 
+    with monkeypatch.context() as m:  # killed inside the first block: the rerun starts again
+        m.setattr(adaptive, "run_block", killed)
+        with pytest.raises(KeyboardInterrupt):
+            _run(ho, path, tmp_path / "first.h5", 60, schedule=schedule)
+    _run(ho, path, tmp_path / "first.h5", 60, schedule=schedule)
+    with h5py.File(tmp_path / "full.h5") as a, h5py.File(tmp_path / "first.h5") as b:
+        np.testing.assert_array_equal(a["positions"][()], b["positions"][()])
+
 
 def test_schedules_that_update_inside_a_segment_are_refused():
     with pytest.raises(ValueError, match=r"iteration 150 would change the flow inside segment 1 \(iterations 100..199\)"):

@@ -181,9 +181,9 @@ def run_adaptive_mc(system, flow_path: str | Path, out: str | Path, n_iterations
     thermo = ThermodynamicState(openmm_system, temperature * unit.kelvin)
     flows_dir = flow_versions_dir(out)
 
-    if out.exists():
-        n_done, positions, velocities, move_states, versions = _prepare_resume(out, system_hash, flow_hash,
-                                                                              settings, seed)
+    resume = _prepare_resume(out, system_hash, flow_hash, settings, seed) if out.exists() else None
+    if resume is not None:
+        n_done, positions, velocities, move_states, versions = resume
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         flows_dir.mkdir(exist_ok=True)
@@ -304,6 +304,7 @@ def _create(out, molsys, system_hash, n_atoms, flow_path, flow_hash, settings, s
 
 
 def _prepare_resume(out, system_hash, flow_hash, settings, seed):
+    """Checks for resuming ``out``; its committed state, or None when it committed nothing (start again)."""
     with h5py.File(out, "r+") as fh:
         md = json.loads(fh.attrs["metadata"])
         if md.get("format") != FORMAT:
@@ -324,9 +325,12 @@ def _prepare_resume(out, system_hash, flow_hash, settings, seed):
                                  f"(hash {actual[:12]}, recorded {record['sha256'][:12]}): restore it or choose "
                                  "another --out")
         n_done = truncate_uncommitted(fh, "n_iterations", _DATASETS)
+        if n_done == 0:
+            log.info("%s committed no block yet: starting it again", out)
+            return None
         ck = committed_checkpoint(fh, "n_iterations")
-        if n_done == 0 or ck is None:
-            raise ValueError(f"{out} has no committed block to resume from; delete it (and "
+        if ck is None:
+            raise ValueError(f"{out} has no checkpoint of its {n_done} committed iterations; delete it (and "
                              f"{flows_dir.name}/) and start again")
         positions, velocities = ck["positions"][()], ck["velocities"][()]
         move_states = [json.loads(s) for s in ck.attrs["move_state"]]
