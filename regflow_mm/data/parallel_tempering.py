@@ -88,8 +88,8 @@ class TemperingSampler(ParallelTemperingSampler):
         return flatten(self._mcmc_moves)
 
     def _report_iteration_items(self):
-        """openmmtools' per-iteration record, but the MCMC moves (YAML, ~8 ms; ours keep no statistics)
-        are rewritten only on checkpoint iterations."""
+        """openmmtools' per-iteration record, but the MCMC moves (YAML, ~8 ms; flow moves carry counters and
+        random streams) are rewritten only on checkpoint iterations, together with the replica states."""
         reporter, iteration = self._reporter, self._iteration
         reporter.write_sampler_states(self._sampler_states, iteration)
         reporter.write_replica_thermodynamic_states(self._replica_thermodynamic_states, iteration)
@@ -193,8 +193,8 @@ class ParallelTempering:
             replicas.append(sampler_state)
         thermo.temperature = self.temperatures[0] * unit.kelvin
         self.sampler = TemperingSampler(mcmc_moves=self._move(self.steps_per_iteration, 0),
-                                number_of_iterations=int(n_iterations), online_analysis_interval=None,
-                                replica_mixing_scheme="swap-neighbors")
+                                        number_of_iterations=int(n_iterations), online_analysis_interval=None,
+                                        replica_mixing_scheme="swap-neighbors")
         reporter = MultiStateReporter(str(self.storage), checkpoint_interval=self.checkpoint_interval)
         self.sampler.create(thermo, replicas, reporter, temperatures=list(self.temperatures * unit.kelvin),
                             n_temperatures=len(self.temperatures))

@@ -3,6 +3,10 @@ importance reweighting, free energies and energy-free TFEP.
 
     >>> from regflow_mm.sampling import FlowIndependenceMove
     >>> move = SequenceMove([LangevinDynamicsMove(n_steps=500), FlowIndependenceMove(flow, flow_path=path)])
+    >>> run_adaptive_mc("aldp", path, "amc.h5", 2000, schedule=AdaptSchedule(200))  # flow refitted between segments
+
+Parallel tempering with flow moves: ``regflow_mm.sampling.tempering`` (imports openmmtools' multistate
+package, ~1 s, so it is not imported here).
 """
 import contextlib
 import io
