@@ -42,3 +42,64 @@ def _frames_match_force_field(data, frames=(0, 99, 199)):
 def frames_match_force_field():
     """Checker: a dataset's stored energies and forces equal the force field's at the stored positions."""
     return _frames_match_force_field
+
+
+class HarmonicOscillator:
+    """One particle in U = K/2 |x|^2 (openmmtools testsystem): exact answers for flow MC tests.
+
+    K kJ/mol/nm^2, mass 39.948 amu, start at the origin; ``sigma(T)`` = sqrt(kT/K) nm is the exact
+    std of each coordinate at T K; ``gaussian_flow(mean, std)`` is the exact-family proposal
+    N(mean, std^2 I_3) on absolute coordinates (float64).
+    """
+
+    K = 250.0
+    T = 300.0
+
+    def __init__(self):
+        from openmm import unit
+        from openmmtools import testsystems
+
+        self.testsystem = testsystems.HarmonicOscillator(K=self.K * unit.kilojoule_per_mole / unit.nanometer**2,
+                                                         mass=39.948 * unit.amu)
+        self.system = self.testsystem.system
+        self.positions = self.testsystem.positions
+
+    @staticmethod
+    def kT(T: float = T) -> float:
+        return 0.00831446261815324 * T
+
+    def sigma(self, T: float = T) -> float:
+        return float(np.sqrt(self.kT(T) / self.K))
+
+    def thermodynamic_state(self, T: float = T):
+        from openmm import unit
+        from openmmtools.states import ThermodynamicState
+
+        return ThermodynamicState(self.system, T * unit.kelvin)
+
+    def gaussian_flow(self, mean, std, T: float = T):
+        from regflow_mm.flows import build_flow
+
+        flow = build_flow(1, "identity", "gaussian", kT=self.kT(T), dtype=torch.float64)
+        flow.transform.set_gaussian(mean=mean, std=std)
+        return flow
+
+
+@pytest.fixture
+def harmonic_oscillator():
+    """A :class:`HarmonicOscillator` (exact answers for flow MC tests)."""
+    return HarmonicOscillator()
+
+
+def _statistical_error(x: np.ndarray) -> float:
+    """Standard error of the mean of a correlated series (pymbar statistical inefficiency)."""
+    from pymbar import timeseries
+
+    g = timeseries.statistical_inefficiency(x)
+    return float(np.std(x, ddof=1) * np.sqrt(g / x.size))
+
+
+@pytest.fixture
+def statistical_error():
+    """Standard error of the mean of a correlated 1-D series (pymbar statistical inefficiency)."""
+    return _statistical_error

@@ -165,6 +165,32 @@ def test_bad_inputs_give_clear_errors(oscillator):
         FlowIndependenceMove(gaussian_flow(0.0, SIGMA), reject_d_chirality=True)
 
 
+def test_log_q_of_an_unchanged_state_is_not_recomputed(oscillator, monkeypatch):
+    """Consecutive flow moves evaluate the flow's log q of the current state once, not per move."""
+    import regflow_mm.sampling.moves as moves_module
+
+    calls = []
+    original = moves_module.flow_log_prob
+    monkeypatch.setattr(moves_module, "flow_log_prob", lambda flow, x: calls.append(1) or original(flow, x))
+    thermo, sampler_state = oscillator
+    move = FlowIndependenceMove(gaussian_flow(0.3 * SIGMA, 1.5 * SIGMA), seed=5)
+    ctx_cache = reference_cache()
+    for _ in range(50):
+        move.apply(thermo, sampler_state, context_cache=ctx_cache)
+    assert len(calls) == 1 and 0 < move.n_accepted < 50
+    sampler_state.positions = sampler_state.positions * 1.01  # the state moved (as after dynamics)
+    move.apply(thermo, sampler_state, context_cache=ctx_cache)
+    assert len(calls) == 2
+
+
+def test_constrained_systems_are_refused():
+    diatom = testsystems.Diatom(constraint=True)
+    flow = build_flow(2, "identity", "gaussian", kT=KT, dtype=torch.float64)
+    thermo = ThermodynamicState(diatom.system, T * unit.kelvin)
+    with pytest.raises(ValueError, match="1 constraints: flow proposals do not satisfy them"):
+        FlowIndependenceMove(flow).apply(thermo, SamplerState(diatom.positions), context_cache=reference_cache())
+
+
 def test_hybrid_runner_resumes_without_lost_or_duplicated_frames(tmp_path):
     from regflow_mm.systems import get_system
 

@@ -72,12 +72,24 @@ class LangevinMiddleMove(mcmc.LangevinDynamicsMove):
         self.random_seed = int(serialization["random_seed"])
 
 
-class _Sampler(ParallelTemperingSampler):
+class TemperingSampler(ParallelTemperingSampler):
+    """openmmtools ``ParallelTemperingSampler``, quiet (no citations) and writing MCMC moves only on checkpoints."""
+
     _global_citation_silence = True  # openmmtools prints its citation list on create/from_storage otherwise
 
+    def _flatten_moves_iterator(self):
+        """openmmtools' flattening of the MCMC moves (read for its timing estimate every iteration), without the
+        deep copy its ``mcmc_moves`` property makes (a flow move would reload its flow file every time)."""
+        def flatten(iterator):
+            try:
+                yield from [inner for move in iterator for inner in flatten(move)]
+            except TypeError:  # not iterable: a single move
+                yield iterator
+        return flatten(self._mcmc_moves)
+
     def _report_iteration_items(self):
-        """openmmtools' per-iteration record, but the MCMC moves (YAML, ~8 ms; ours keep no statistics)
-        are rewritten only on checkpoint iterations."""
+        """openmmtools' per-iteration record, but the MCMC moves (YAML, ~8 ms; flow moves carry counters and
+        random streams) are rewritten only on checkpoint iterations, together with the replica states."""
         reporter, iteration = self._reporter, self._iteration
         reporter.write_sampler_states(self._sampler_states, iteration)
         reporter.write_replica_thermodynamic_states(self._replica_thermodynamic_states, iteration)
@@ -99,7 +111,7 @@ class _CappedReporter(MultiStateReporter):
 
 
 @contextlib.contextmanager
-def _numpy_global_rng(rng: np.random.RandomState):
+def numpy_global_rng(rng: np.random.RandomState):
     """Let openmmtools' replica mixing (which draws from ``np.random``) draw from ``rng`` instead."""
     saved = np.random.get_state()
     np.random.set_state(rng.get_state())
@@ -132,7 +144,7 @@ class ParallelTempering:
         self.steps_per_iteration = int(steps_per_iteration)
         self.platform, self.properties = openmm.Platform.getPlatformByName(platform), properties or None
         self.checkpoint_interval = int(checkpoint_interval)
-        self.sampler: _Sampler | None = None
+        self.sampler: TemperingSampler | None = None
         self.n_swaps_accepted = self.n_swaps_proposed = 0
 
     @property
@@ -180,9 +192,9 @@ class ParallelTempering:
                 equilibration.apply(thermo, sampler_state, context_cache=equilibration_cache)
             replicas.append(sampler_state)
         thermo.temperature = self.temperatures[0] * unit.kelvin
-        self.sampler = _Sampler(mcmc_moves=self._move(self.steps_per_iteration, 0),
-                                number_of_iterations=int(n_iterations), online_analysis_interval=None,
-                                replica_mixing_scheme="swap-neighbors")
+        self.sampler = TemperingSampler(mcmc_moves=self._move(self.steps_per_iteration, 0),
+                                        number_of_iterations=int(n_iterations), online_analysis_interval=None,
+                                        replica_mixing_scheme="swap-neighbors")
         reporter = MultiStateReporter(str(self.storage), checkpoint_interval=self.checkpoint_interval)
         self.sampler.create(thermo, replicas, reporter, temperatures=list(self.temperatures * unit.kelvin),
                             n_temperatures=len(self.temperatures))
@@ -201,7 +213,7 @@ class ParallelTempering:
         reporter = _CappedReporter(str(self.storage), checkpoint_interval=self.checkpoint_interval)
         reporter.max_iteration = int(max_iteration)
         try:
-            self.sampler = _Sampler.from_storage(reporter)
+            self.sampler = TemperingSampler.from_storage(reporter)
         except Exception as err:  # netCDF/openmmtools raise OSError, RuntimeError, KeyError on a damaged file
             reporter.close()
             raise ValueError(f"cannot resume from the replica storage {self.storage}: {type(err).__name__}: "
@@ -227,7 +239,7 @@ class ParallelTempering:
         Langevin steps of every replica). Returns the positions (n_atoms, 3) nm (float64) of the replica
         now at the system temperature and that replica's index."""
         try:
-            with _numpy_global_rng(self._mixing_rng):
+            with numpy_global_rng(self._mixing_rng):
                 self.sampler.run(1)
         except SimulationNaNError as err:
             raise RuntimeError(f"{self.system.name}: a replica blew up in tempering iteration {self.iteration} "

@@ -28,7 +28,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=20, help="iterations per committed block")
     p.add_argument("--dcd-prefix", default=None, help="also write PREFIX_walker<k>.dcd at the end (mdtraj)")
     p.add_argument("--seed", type=int, default=0)
+    a = p.add_argument_group("adaptive flow MC (--adapt): the flow is fine-tuned by maximum likelihood on the "
+                             "chain's frames between segments; versions are saved next to --out (OUT.flows/)")
+    a.add_argument("--adapt", action="store_true", help="fine-tune the flow between segments")
+    a.add_argument("--segment-iterations", type=int, default=None,
+                   help="iterations per segment (the proposal is frozen inside one)")
+    a.add_argument("--adapt-every", type=int, default=None,
+                   help="iterations between updates, a multiple of --segment-iterations (default: every segment)")
+    a.add_argument("--adapt-at", default=None, help="explicit update iterations, comma-separated (e.g. 200,400,800)")
+    a.add_argument("--max-updates", type=int, default=None, help="stop adapting after this many updates")
+    a.add_argument("--train-data", default=None, help="MD dataset whose train split joins every fine-tuning")
+    a.add_argument("--finetune-steps", type=int, default=None, help="Adam steps per update (default 200)")
+    a.add_argument("--finetune-batch-size", type=int, default=None, help="frames per Adam step (default 256)")
+    a.add_argument("--finetune-lr", type=float, default=None, help="Adam learning rate (default 1e-3)")
     p.set_defaults(func=_mc)
+
+    t = subparsers.add_parser("mc-tempering", help="parallel tempering with flow moves in every replica (resumable)",
+                              description="openmmtools ParallelTemperingSampler; each replica runs Langevin MD then "
+                                          "flow independence moves accepted with its own temperature's potential.")
+    t.add_argument("system", help="built-in system name or spec TOML")
+    t.add_argument("flow", help="saved flow file")
+    t.add_argument("--out", required=True, help="openmmtools storage (.nc; rerun the same command to resume)")
+    t.add_argument("--iterations", type=int, required=True, help="exchange iterations")
+    t.add_argument("--replicas", type=int, default=4, help="temperatures on a geometric ladder")
+    t.add_argument("--t-max", type=float, default=600.0, help="top temperature, K")
+    t.add_argument("--md-steps", type=int, default=500, help="Langevin steps per replica and iteration")
+    t.add_argument("--timestep-fs", type=float, default=1.0)
+    t.add_argument("--friction", type=float, default=None, help="1/ps (default: the system's)")
+    t.add_argument("--flow-moves", type=int, default=1, help="flow proposals per replica and iteration")
+    t.add_argument("--batch-size", type=int, default=256, help="flow proposals drawn per flow call")
+    t.add_argument("--allow-d", action="store_true", help="do not reject D-chirality proposals")
+    t.add_argument("--platform", default="Reference")
+    t.add_argument("--checkpoint-interval", type=int, default=1,
+                   help="iterations between stored replica states (the phi trace is read from them)")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=_mc_tempering)
 
     for name, helptext in (("reweight", "importance-reweighted observables from flow samples"),
                            ("free-energy", "free-energy difference between two torsion-defined states")):
@@ -52,10 +86,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             q.set_defaults(func=_free_energy)
 
 
+_ADAPT_OPTIONS = ("segment_iterations", "adapt_every", "adapt_at", "max_updates", "train_data", "finetune_steps",
+                  "finetune_batch_size", "finetune_lr")
+
+
 def _mc(args) -> int:
     from regflow_mm.sampling.hybrid import export_walker_trajectory, run_hybrid_mc
     from regflow_mm.systems import get_system
 
+    if not args.adapt:
+        given = [name for name in _ADAPT_OPTIONS if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} needs --adapt (it sets up adaptive flow MC)")
+    else:
+        return _adaptive_mc(args)
     summary = run_hybrid_mc(get_system(args.system), args.flow, args.out, args.iterations, n_walkers=args.walkers,
                             md_steps=args.md_steps, timestep_fs=args.timestep_fs, friction_per_ps=args.friction,
                             flow_moves=args.flow_moves, reject_d_chirality=not args.allow_d,
@@ -72,6 +116,70 @@ def _mc(args) -> int:
         elif key.endswith("_sign_changes"):
             print(f"| {key} (per walker) | {value} |")
     print(f"| CPU s per flow move (this run) | {summary['cpu_s_per_flow_move']:.2e} |")
+    return 0
+
+
+def _adaptive_mc(args) -> int:
+    from regflow_mm.sampling.adaptive import AdaptSchedule, run_adaptive_mc
+    from regflow_mm.sampling.hybrid import export_walker_trajectory
+    from regflow_mm.systems import get_system
+
+    if args.segment_iterations is None:
+        raise ValueError("--adapt needs --segment-iterations N (iterations per segment with a frozen flow)")
+    adapt_at = None
+    if args.adapt_at is not None:
+        try:
+            adapt_at = tuple(int(a) for a in args.adapt_at.split(","))
+        except ValueError:
+            raise ValueError(f"--adapt-at must be comma-separated iterations, got {args.adapt_at!r}") from None
+    schedule = AdaptSchedule(args.segment_iterations, adapt_every=args.adapt_every, adapt_at=adapt_at,
+                             max_updates=args.max_updates)
+    tune = {k: v for k, v in (("finetune_steps", args.finetune_steps), ("finetune_batch_size", args.finetune_batch_size),
+                              ("finetune_lr", args.finetune_lr)) if v is not None}
+    summary = run_adaptive_mc(get_system(args.system), args.flow, args.out, args.iterations, schedule=schedule,
+                              train_data=args.train_data, n_walkers=args.walkers, md_steps=args.md_steps,
+                              timestep_fs=args.timestep_fs, friction_per_ps=args.friction,
+                              flow_moves=args.flow_moves, reject_d_chirality=not args.allow_d,
+                              batch_size=args.batch_size, seed=args.seed, platform=args.platform,
+                              checkpoint_every=args.checkpoint_every, **tune)
+    if args.dcd_prefix:
+        for w in range(args.walkers):
+            export_walker_trajectory(args.out, w, f"{args.dcd_prefix}_walker{w}.dcd")
+    print(f"| quantity | value |\n|---|---|\n| iterations per walker | {summary['n_iterations']} |\n"
+          f"| walkers | {summary['n_walkers']} |\n| flow versions | {len(summary['flow_versions'])} |\n"
+          f"| flow acceptance | {summary['acceptance']:.4f} |\n"
+          f"| acceptance, first / last quarter | {summary['acceptance_first_quarter']:.4f} / "
+          f"{summary['acceptance_last_quarter']:.4f} |")
+    for k, segment in enumerate(summary["segments"]):
+        print(f"| segment {k} (flow v{segment['flow_version']}) | iterations {segment['start']}..{segment['stop'] - 1}: "
+              f"acceptance {segment['acceptance']:.4f} |")
+    for key, value in summary.items():
+        if key.endswith("_positive_fraction"):
+            print(f"| {key} | {value:.4f} +- {summary[key + '_err']:.4f} |")
+        elif key.endswith("_sign_changes"):
+            print(f"| {key} (per walker) | {value} |")
+    print(f"| CPU s in MD / flow moves / fine-tuning (this run) | {summary['md_cpu_s']:.1f} / "
+          f"{summary['flow_cpu_s']:.1f} / {summary['finetune_cpu_s']:.1f} |")
+    return 0
+
+
+def _mc_tempering(args) -> int:
+    from regflow_mm.sampling.tempering import run_flow_tempering
+
+    summary = run_flow_tempering(args.system, args.flow, args.out, args.iterations, n_replicas=args.replicas,
+                                 t_max_K=args.t_max, md_steps=args.md_steps, timestep_fs=args.timestep_fs,
+                                 friction_per_ps=args.friction, flow_moves=args.flow_moves,
+                                 reject_d_chirality=not args.allow_d, batch_size=args.batch_size, seed=args.seed,
+                                 platform=args.platform, checkpoint_interval=args.checkpoint_interval)
+    print(f"| quantity | value |\n|---|---|\n| iterations | {summary['n_iterations']} |\n"
+          f"| swap acceptance (this run) | {summary['swap_acceptance']:.4f} |")
+    for t, stats in zip(summary["temperatures_K"], summary["flow"]):
+        print(f"| flow acceptance at {t:.1f} K | {stats['acceptance']:.4f} ({stats['n_accepted']}/{stats['n_proposed']}) |")
+    for key, value in summary.items():
+        if key.endswith("_positive_fraction"):
+            print(f"| {key} at {summary['temperatures_K'][0]:.1f} K | {value:.4f} |")
+        elif key.endswith("_sign_changes"):
+            print(f"| {key} at {summary['temperatures_K'][0]:.1f} K | {value[0]} |")
     return 0
 
 

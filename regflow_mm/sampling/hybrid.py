@@ -68,6 +68,91 @@ class SeededLangevinDynamicsMove(LangevinDynamicsMove):
         self.random_seed = int(serialization["random_seed"])
 
 
+class HybridWalker:
+    """One chain: ``md_steps`` Langevin steps then ``flow_moves`` flow proposals per iteration.
+
+    flow_move: a ``FlowIndependenceMove``; positions (n, 3) nm, velocities (n, 3) nm/ps: the start.
+    timestep_fs (fs), friction_per_ps (1/ps), random_seed (1..2^31-1) of the Langevin integrator;
+    platform: OpenMM platform of the walker's context cache. ``md_cpu_s`` / ``flow_cpu_s``: CPU
+    seconds spent so far in MD and in flow moves.
+    """
+
+    def __init__(self, flow_move: FlowIndependenceMove, positions, velocities, *, md_steps: int, flow_moves: int,
+                 timestep_fs: float, friction_per_ps: float, random_seed: int, platform: str = "Reference"):
+        self.flow_move = flow_move
+        self.md_steps, self.flow_moves = int(md_steps), int(flow_moves)
+        self.md_move = SeededLangevinDynamicsMove(
+            random_seed=random_seed, timestep=timestep_fs * unit.femtosecond,
+            collision_rate=friction_per_ps / unit.picosecond, n_steps=max(self.md_steps, 1))
+        self.sampler_state = SamplerState(positions=np.asarray(positions) * unit.nanometer,
+                                          velocities=np.asarray(velocities) * unit.nanometer / unit.picosecond)
+        self.context_cache = mm_cache.ContextCache(platform=openmm.Platform.getPlatformByName(platform), capacity=2)
+        self.md_cpu_s = self.flow_cpu_s = 0.0
+
+    def step(self, thermo: ThermodynamicState) -> int:
+        """One iteration at ``thermo``; returns the number of flow moves accepted."""
+        t0 = time.process_time()
+        if self.md_steps:
+            self.md_move.apply(thermo, self.sampler_state, context_cache=self.context_cache)
+        t1 = time.process_time()
+        before = self.flow_move.n_accepted
+        for _ in range(self.flow_moves):
+            self.flow_move.apply(thermo, self.sampler_state, context_cache=self.context_cache)
+        self.flow_cpu_s += time.process_time() - t1
+        self.md_cpu_s += t1 - t0
+        return self.flow_move.n_accepted - before
+
+    @property
+    def positions(self) -> np.ndarray:
+        """Current positions (n, 3) nm."""
+        return np.asarray(self.sampler_state.positions.value_in_unit(unit.nanometer))
+
+    @property
+    def velocities(self) -> np.ndarray:
+        """Current velocities (n, 3) nm/ps."""
+        return np.asarray(self.sampler_state.velocities.value_in_unit(unit.nanometer / unit.picosecond))
+
+
+def run_block(walkers: list[HybridWalker], thermo: ThermodynamicState, n_block: int, bar=None):
+    """``n_block`` iterations of every walker -> frames (n_block, W, n, 3) float32 nm, accepted (n_block, W)."""
+    frames = np.empty((n_block, len(walkers)) + walkers[0].positions.shape, np.float32)
+    accepted = np.zeros((n_block, len(walkers)), np.int16)
+    for k in range(n_block):
+        for w, walker in enumerate(walkers):
+            accepted[k, w] = walker.step(thermo)
+            frames[k, w] = walker.positions
+        if bar is not None:
+            bar.update(1)
+            if walkers[0].flow_moves:
+                rate = (sum(wk.flow_move.n_accepted for wk in walkers)
+                        / max(sum(wk.flow_move.n_proposed for wk in walkers), 1))
+                bar.set_postfix(acceptance=f"{rate:.3f}", refresh=False)
+    return frames, accepted
+
+
+def commit_block(out, rows: dict[str, np.ndarray], walkers: list[HybridWalker], n_done: int) -> int:
+    """Append ``rows`` (dataset name -> array, first axis = iterations) at row ``n_done`` and commit them
+    with a checkpoint of the walkers (positions, velocities, move states); returns the new row count."""
+    n_new = n_done + next(iter(rows.values())).shape[0]
+    positions = np.stack([wk.positions for wk in walkers])
+    velocities = np.stack([wk.velocities for wk in walkers])
+    move_states = [json.dumps(wk.flow_move.__getstate__()) for wk in walkers]
+    with h5py.File(out, "r+") as fh:
+        for name, arr in rows.items():
+            fh[name].resize(n_new, axis=0)
+            fh[name][n_done:n_new] = arr
+
+        def write_checkpoint(name):
+            ck = fh.create_group(name)
+            ck.create_dataset("positions", data=positions)
+            ck.create_dataset("velocities", data=velocities)
+            ck.attrs["move_state"] = move_states
+            return ck
+
+        commit_rows(fh, "n_iterations", n_new, write_checkpoint)
+    return n_new
+
+
 def _openmm_seed(seed: int, walker: int, iteration: int) -> int:
     return int(np.random.SeedSequence([seed, walker, iteration]).generate_state(1)[0] % (2**31 - 2)) + 1
 
@@ -122,46 +207,25 @@ def run_hybrid_mc(system, flow_path: str | Path, out: str | Path, n_iterations: 
         else:
             flow_move = FlowIndependenceMove.__new__(FlowIndependenceMove)
             flow_move.__setstate__(move_states[w])
-        md_move = SeededLangevinDynamicsMove(
-            random_seed=_openmm_seed(seed, w, n_done), timestep=timestep_fs * unit.femtosecond,
-            collision_rate=settings["friction_per_ps"] / unit.picosecond, n_steps=max(md_steps, 1))
-        sampler_state = SamplerState(positions=positions[w] * unit.nanometer,
-                                     velocities=velocities[w] * unit.nanometer / unit.picosecond)
-        context_cache = mm_cache.ContextCache(platform=openmm.Platform.getPlatformByName(platform), capacity=2)
-        walkers.append((md_move, flow_move, sampler_state, context_cache))
+        walkers.append(HybridWalker(flow_move, positions[w], velocities[w], md_steps=md_steps,
+                                    flow_moves=flow_moves, timestep_fs=timestep_fs,
+                                    friction_per_ps=settings["friction_per_ps"],
+                                    random_seed=_openmm_seed(seed, w, n_done), platform=platform))
 
-    md_cpu = flow_cpu = 0.0
-    proposed_before = sum(wk[1].n_proposed for wk in walkers)
+    proposed_before = sum(wk.flow_move.n_proposed for wk in walkers)
     bar = progress_bar(total=n_iterations, initial=min(n_done, n_iterations), unit="it",
                        desc=f"hybrid MC {system.name}", disable=not progress, dynamic_ncols=True, mininterval=1.0)
     try:
         while n_done < n_iterations:
             n_block = min(checkpoint_every, n_iterations - n_done)
-            frames = np.empty((n_block, n_walkers, system.n_atoms, 3), np.float32)
-            accepted = np.zeros((n_block, n_walkers), np.int16)
-            for k in range(n_block):
-                for w, (md_move, flow_move, sampler_state, context_cache) in enumerate(walkers):
-                    t0 = time.process_time()
-                    if md_steps:
-                        md_move.apply(thermo, sampler_state, context_cache=context_cache)
-                    t1 = time.process_time()
-                    before = flow_move.n_accepted
-                    for _ in range(flow_moves):
-                        flow_move.apply(thermo, sampler_state, context_cache=context_cache)
-                    flow_cpu += time.process_time() - t1
-                    md_cpu += t1 - t0
-                    accepted[k, w] = flow_move.n_accepted - before
-                    frames[k, w] = sampler_state.positions.value_in_unit(unit.nanometer)
-                bar.update(1)
-                if flow_moves:
-                    rate = sum(wk[1].n_accepted for wk in walkers) / max(sum(wk[1].n_proposed for wk in walkers), 1)
-                    bar.set_postfix(acceptance=f"{rate:.3f}", refresh=False)
-            _commit(out, frames, accepted, walkers, n_done)
-            n_done += n_block
+            frames, accepted = run_block(walkers, thermo, n_block, bar)
+            n_done = commit_block(out, {"positions": frames, "accepted": accepted}, walkers, n_done)
     finally:
         bar.close()
+    md_cpu = sum(wk.md_cpu_s for wk in walkers)
+    flow_cpu = sum(wk.flow_cpu_s for wk in walkers)
     summary = hybrid_summary(out)
-    n_flow = sum(wk[1].n_proposed for wk in walkers) - proposed_before
+    n_flow = sum(wk.flow_move.n_proposed for wk in walkers) - proposed_before
     summary.update(md_cpu_s=md_cpu, flow_cpu_s=flow_cpu,
                    cpu_s_per_flow_move=flow_cpu / n_flow if n_flow else float("nan"))
     return summary
@@ -201,25 +265,6 @@ def _prepare_resume(out, system, flow_hash, settings, seed):
     return n_done, positions, velocities, move_states
 
 
-def _commit(out, frames, accepted, walkers, n_done):
-    n_new = n_done + frames.shape[0]
-    positions = np.stack([wk[2].positions.value_in_unit(unit.nanometer) for wk in walkers])
-    velocities = np.stack([wk[2].velocities.value_in_unit(unit.nanometer / unit.picosecond) for wk in walkers])
-    move_states = [json.dumps(wk[1].__getstate__()) for wk in walkers]
-    with h5py.File(out, "r+") as fh:
-        for name, arr in (("positions", frames), ("accepted", accepted)):
-            fh[name].resize(n_new, axis=0)
-            fh[name][n_done:n_new] = arr
-        def write_checkpoint(name):
-            ck = fh.create_group(name)
-            ck.create_dataset("positions", data=positions)
-            ck.create_dataset("velocities", data=velocities)
-            ck.attrs["move_state"] = move_states
-            return ck
-
-        commit_rows(fh, "n_iterations", n_new, write_checkpoint)
-
-
 def hybrid_summary(path: str | Path) -> dict:
     """Acceptance and basin statistics of a hybrid-MC file.
 
@@ -227,8 +272,6 @@ def hybrid_summary(path: str | Path) -> dict:
     moves), proposal counters, and for every phi torsion of the system: phi > 0 population
     (mean over walkers with the standard error between walkers) and sign changes per walker.
     """
-    from regflow_mm.data.dataset import dihedrals
-
     with h5py.File(path, "r") as fh:
         md = json.loads(fh.attrs["metadata"])
         n = int(fh.attrs["n_iterations"])
@@ -244,19 +287,33 @@ def hybrid_summary(path: str | Path) -> dict:
                "n_accepted_frames": int((accepted > 0).sum()),
                "counters": [{k: s[k] for k in ("n_proposed", "n_accepted", "n_rejected_nonfinite",
                                                "n_rejected_chirality")} for s in states]}
-    torsions = system_from_spec_dict(md["system"]).torsions
+    if n:
+        summary.update(phi_statistics(positions, system_from_spec_dict(md["system"]).torsions))
+    return summary
+
+
+def phi_statistics(positions: np.ndarray, torsions: dict) -> dict:
+    """Basin statistics of walker frames ``positions`` (T, W, n, 3) nm for every phi torsion.
+
+    Returns ``<phi>_positive_fraction`` (mean over walkers of the fraction of frames with phi > 0),
+    ``<phi>_positive_fraction_err`` (standard error between walkers; NaN for one walker) and
+    ``<phi>_sign_changes`` (list, per walker).
+    """
+    from regflow_mm.data.dataset import dihedrals
+
+    out = {}
     for name, idx in torsions.items():
-        if not name.startswith("phi") or n == 0:
+        if not name.startswith("phi"):
             continue
         angles = np.stack([dihedrals(positions[:, w].astype(np.float64), [idx])[:, 0]
                            for w in range(positions.shape[1])], axis=1)  # (T, W)
         positive = angles > 0
         per_walker = positive.mean(axis=0)
         err = per_walker.std(ddof=1) / np.sqrt(per_walker.size) if per_walker.size > 1 else float("nan")
-        summary[f"{name}_positive_fraction"] = float(per_walker.mean())
-        summary[f"{name}_positive_fraction_err"] = float(err)
-        summary[f"{name}_sign_changes"] = [int(c) for c in np.abs(np.diff(positive.astype(np.int8), axis=0)).sum(axis=0)]
-    return summary
+        out[f"{name}_positive_fraction"] = float(per_walker.mean())
+        out[f"{name}_positive_fraction_err"] = float(err)
+        out[f"{name}_sign_changes"] = [int(c) for c in np.abs(np.diff(positive.astype(np.int8), axis=0)).sum(axis=0)]
+    return out
 
 
 def export_walker_trajectory(path: str | Path, walker: int, out: str | Path) -> Path:

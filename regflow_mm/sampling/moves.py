@@ -14,6 +14,12 @@ chain stays exact. Each batch is drawn under its own torch seed (taken from the 
 generator), which lets a deserialised move regenerate the pending batch and continue the same
 random stream.
 
+log q of the current state is the costly part of a move (an inverse pass of the flow). The move
+remembers log q of the state it left (the accepted proposal's log q, or the kept state's) with a
+digest of its positions; the next move reuses it when the positions are unchanged (several flow
+moves in a row, or no dynamics in between) and evaluates the flow otherwise. The memory is part of
+the serialised state, so a restored move continues the same chain.
+
 Velocities: by default they are kept on acceptance. With no constraints the Boltzmann
 distribution factorises, p(x, v) = p(x) p(v), so replacing x alone leaves p(x, v) invariant;
 ``velocities="redraw"`` draws fresh Maxwell-Boltzmann velocities at the state's temperature
@@ -21,6 +27,7 @@ instead (both are exact; with Langevin dynamics around the move the choice hardl
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from pathlib import Path
@@ -45,6 +52,11 @@ def maxwell_boltzmann_velocities(system: openmm.System, temperature_k: float, rn
     masses = np.array([system.getParticleMass(i).value_in_unit(unit.dalton) for i in range(system.getNumParticles())])
     sigma = np.sqrt(np.divide(kT, masses, out=np.zeros_like(masses), where=masses > 0))
     return rng.standard_normal((masses.size, 3)) * sigma[:, None]
+
+
+def _digest(x: np.ndarray) -> str:
+    """Digest of positions (float64 bytes): identifies the state whose log q is remembered."""
+    return hashlib.blake2b(np.ascontiguousarray(x, dtype=np.float64).tobytes(), digest_size=16).hexdigest()
 
 
 class FlowIndependenceMove(MCMCMove):
@@ -90,6 +102,7 @@ class FlowIndependenceMove(MCMCMove):
         self._batch_seed: int | None = None
         self._batch: tuple[np.ndarray, np.ndarray] | None = None
         self._batch_pos = 0
+        self._current: tuple[str, float] | None = None  # (digest of positions, log q) of the state left
         self._check_system()
         self.reset_statistics()
 
@@ -128,7 +141,8 @@ class FlowIndependenceMove(MCMCMove):
         if n_particles != self.n_atoms:
             raise ValueError(f"the sampler state has {n_particles} particles but the flow models {self.n_atoms} "
                              "atoms: use a flow trained for this system")
-        system = thermodynamic_state.system
+        context, _ = self._get_context_cache(context_cache).get_context(thermodynamic_state)
+        system = context.getSystem()  # thermodynamic_state.system would copy the System every move
         if system.getNumConstraints():
             raise ValueError(f"the system has {system.getNumConstraints()} constraints: flow proposals do not satisfy "
                              "them; build the system with constraints=None (as regflow_mm systems are)")
@@ -142,11 +156,15 @@ class FlowIndependenceMove(MCMCMove):
             self.n_rejected_chirality += 1
             return
 
-        context, _ = self._get_context_cache(context_cache).get_context(thermodynamic_state)
         sampler_state.apply_to_context(context, ignore_velocities=True)
         u_x = thermodynamic_state.reduced_potential(context)
-        x = sampler_state.positions.value_in_unit(unit.nanometer)
-        log_q_x = float(flow_log_prob(self.flow, np.asarray(x)[None])[0])
+        x = np.asarray(sampler_state.positions.value_in_unit(unit.nanometer), dtype=np.float64)
+        key = _digest(x)
+        if self._current is not None and self._current[0] == key:
+            log_q_x = self._current[1]
+        else:
+            log_q_x = float(flow_log_prob(self.flow, x[None])[0])
+            self._current = (key, log_q_x)
         context.setPositions(y * unit.nanometer)
         try:
             u_y = thermodynamic_state.reduced_potential(context)
@@ -158,6 +176,8 @@ class FlowIndependenceMove(MCMCMove):
         log_acceptance = -(u_y - u_x) + log_q_x - log_q_y
         if log_uniform < log_acceptance:
             sampler_state.positions = y * unit.nanometer
+            self._current = (_digest(np.asarray(sampler_state.positions.value_in_unit(unit.nanometer),
+                                                dtype=np.float64)), log_q_y)
             if self.velocities == "redraw":
                 v = maxwell_boltzmann_velocities(system, thermodynamic_state.temperature.value_in_unit(unit.kelvin),
                                                  self._rng)
@@ -207,7 +227,8 @@ class FlowIndependenceMove(MCMCMove):
                     rng_state={"bit_generator": rng_state["bit_generator"],
                                "state": {k: int(v) for k, v in rng_state["state"].items()},
                                "has_uint32": int(rng_state["has_uint32"]), "uinteger": int(rng_state["uinteger"])},
-                    batch_seed=self._batch_seed, batch_pos=self._batch_pos, **self.statistics)
+                    batch_seed=self._batch_seed, batch_pos=self._batch_pos,
+                    current=None if self._current is None else list(self._current), **self.statistics)
 
     def __setstate__(self, state):
         path = require_flow_file(state["flow_path"], hint=f" (FlowIndependenceMove): restore it (hash "
@@ -230,6 +251,8 @@ class FlowIndependenceMove(MCMCMove):
         self._batch_seed = state["batch_seed"]
         self._batch_pos = int(state["batch_pos"])
         self._batch = None
+        current = state.get("current")
+        self._current = None if current is None else (str(current[0]), float(current[1]))
         if self._batch_seed is not None:
             self._draw_batch()  # the same seed regenerates the pending batch
         self._check_system()
