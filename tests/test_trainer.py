@@ -6,6 +6,7 @@ import math
 import os
 import socket
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -242,3 +243,34 @@ def test_stop_signal_checkpoints_and_is_not_a_finished_run(tmp_path):
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 5
     resumed = Trainer(_flow(), _config(), tmp_path, _pairs(), progress=False)
     assert resumed.fit(handle_signals=False)["step"] == resumed.total_steps
+
+
+def test_regflow_kill_after_pairs_resumes_with_the_same_pairs(tmp_path, tiny_aldp, monkeypatch):
+    """n_pairs not a multiple of the pair chunk: a kill after the pairs, before the first checkpoint, and
+    reruns of the finished run keep exactly n_pairs pairs and train what an uninterrupted run trains."""
+    from regflow_mm.training.runner import run_training
+
+    cfg = TrainConfig(system="aldp", data=str(tiny_aldp), method="regflow", target="reflow", architecture="resnvp",
+                      hyper={"layers": 2, "hidden": 16}, n_pairs=100, pair_chunk_size=64, teacher_steps=20,
+                      teacher_hidden=16, teacher_layers=1, ode_method="rk4", ode_steps=4, epochs=1, batch_size=32,
+                      val_samples=0, device="cpu", seed=3)
+    whole = run_training(cfg, tmp_path / "whole", progress=False)
+
+    def killed(self, *a, **k):
+        raise KeyboardInterrupt("killed before the first checkpoint")
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "fit", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_training(cfg, tmp_path / "killed", progress=False)
+    assert not (tmp_path / "killed" / "checkpoint.pt").exists()
+    resumed = run_training(cfg, tmp_path / "killed", progress=False)
+    again = run_training(cfg, tmp_path / "whole", progress=False)  # rerun of the finished run
+    assert whole["n_pairs"] == resumed["n_pairs"] == again["n_pairs"] == 100
+    for run in ("whole", "killed"):
+        with h5py.File(tmp_path / run / "pairs_reflow.h5", "r") as fh:
+            assert fh["x0"].shape[0] == fh.attrs["n_done"] == 100
+    a = torch.load(tmp_path / "whole" / "flow.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "flow.pt", weights_only=True)
+    for key in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=0, atol=0)
