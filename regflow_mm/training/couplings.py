@@ -17,9 +17,10 @@ network simplex keeps per-arc state for all n^2 arcs. Measured on this 2-core, 2
 n = 10,000 needs ~4 GB and ~1.5 min; the largest n that fits in memory here is ~22,000 (~20 GB,
 ~15 min). Use method="minibatch" beyond that.
 
-Store layout (HDF5): ``/x0``, ``/x1`` (n, D) float32 in flow-space units, chunked along n;
-attrs ``kind``, ``settings`` (JSON of everything that made the pairs), ``n_target`` (the pairs
-asked for last), ``n_done`` (written after each chunk is flushed: a killed run resumes from it).
+Store layout (HDF5): ``/x0``, ``/x1`` (n, D) float32 in flow-space units, chunked along n, with
+fletcher32 checksums (verified on read); attrs ``kind``, ``settings`` (JSON of everything that made
+the pairs), ``n_target`` (the pairs asked for last), ``n_done`` (written after each chunk is
+flushed: a killed run resumes from it).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import numpy as np
 import ot
 import torch
 
-from ..files import check_resume_settings
+from ..files import CHECKSUM, check_resume_settings, hdf5_file
 from ..progress import progress_bar
 from .cnf import SolverOptions, TeacherCNF, prior_sample
 
@@ -76,7 +77,7 @@ class PairStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(settings, sort_keys=True)
         if path.exists():
-            with h5py.File(path, "a") as f:
+            with hdf5_file(path, "a", "pair store", hint=": delete it to make the pairs again") as f:
                 stored = {"kind": f.attrs.get("kind"), **json.loads(f.attrs.get("settings") or "{}")}
                 check_resume_settings(f"pair store {path}", stored, {"kind": kind, **json.loads(text)}, verb="made")
                 n_done = int(f.attrs["n_done"])
@@ -87,7 +88,7 @@ class PairStore:
         with h5py.File(path, "w") as f:
             for name in ("x0", "x1"):
                 f.create_dataset(name, shape=(0, dim), maxshape=(None, dim), dtype="float32",
-                                 chunks=(max(1, min(chunk_size, 65536)), dim))
+                                 chunks=(max(1, min(chunk_size, 65536)), dim), **CHECKSUM)
             f.attrs.update(kind=kind, settings=text, n_target=n_target, n_done=0)
         return cls(path, kind, settings, n_target, 0)
 
@@ -116,7 +117,7 @@ def load_pairs(path: str | Path, n: int | None = None) -> tuple[torch.Tensor, to
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no pair store at {path}; generate pairs first (reflow or OT)")
-    with h5py.File(path, "r") as f:
+    with hdf5_file(path, "r", "pair store", hint=": delete it to make the pairs again") as f:
         n_done, n_target = int(f.attrs["n_done"]), int(f.attrs["n_target"])
         if n_done < n_target:
             raise ValueError(f"pair store {path} is incomplete ({n_done} of {n_target}); "
