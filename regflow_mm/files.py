@@ -6,8 +6,8 @@ Below every layer (like ``torch_utils``): any module may import it (h5py is impo
   (``os.replace``), so a kill never leaves a half-written file; parent folders are created.
 - ``require_file(path, what="file", hint="")`` -> Path: FileNotFoundError "<what> <path> not found<hint>".
 - ``output_dir(path, what="--out")`` -> Path: ValueError when ``path`` exists and is not a folder.
-- ``load_torch(path, what, hint="")``: ``torch.load(weights_only=True)``; a damaged, empty or foreign
-  file gives ValueError "<path> is not a readable <what> (<reason>)<hint>".
+- ``load_torch(path, what, hint="")``: ``torch.load(weights_only=True)``; a damaged, empty, foreign or
+  code-carrying file gives ValueError "<path> is not a readable <what> (corrupt or truncated, or ...)<hint>".
 - ``hdf5_file(path, mode="r", what="HDF5 file", hint="")``: context manager around ``h5py.File``; a file
   that is not HDF5, is truncated, or whose data fail their fletcher32 checksum on read gives ValueError
   "<path> is not a readable <what> (<reason>)<hint>".
@@ -72,7 +72,8 @@ def load_torch(path: str | os.PathLike, what: str, hint: str = "", map_location=
     except FileNotFoundError:
         raise
     except Exception as err:  # torch raises RuntimeError/EOFError/UnpicklingError/... for damaged files
-        raise ValueError(f"{path} is not a readable {what} ({_reason(err)}){hint}") from None
+        raise ValueError(f"{path} is not a readable {what} (corrupt or truncated, or it holds more than tensors and "
+                         f"plain values; {_reason(err)}){hint}") from None
 
 
 @contextlib.contextmanager

@@ -190,9 +190,12 @@ def test_cli_train_and_evaluate_on_tiny_aldp(tmp_path, tiny_aldp):
     assert all(k in rows[-1] for k in ("ess", "e_w1", "t_w2", "nll"))
     flow = load_flow(out / "flow.pt")
     assert flow.n_atoms == 22
-    # rerunning the finished command resumes at the end: no extra steps
+    # rerunning the finished command resumes at the end: no extra step, no file rewritten
+    written = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.suffix in (".pt", ".json")}
     assert args.func(args) == 0
-    assert json.loads((out / "run_info.json").read_text())["train"]["resumed_from"] == rows[-1]["step"]
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()
+            if p.suffix in (".pt", ".json")} == written
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == rows[-1]["step"]
 
     args = parser.parse_args(["evaluate", str(out / "flow.pt"), "--data", str(tiny_aldp), "--split", "val",
                               "--n-samples", "128", "--energy-workers", "0", "--device", "cpu",
@@ -211,6 +214,11 @@ def test_cli_train_and_evaluate_on_tiny_aldp(tmp_path, tiny_aldp):
     args = parser.parse_args(["evaluate", str(out / "flow.pt"), "--data", str(tiny_aldp), "--split", "holdout"])
     with pytest.raises(ValueError, match="--split 'holdout'.*or use all"):
         args.func(args)
+    # the training run's metrics.json is never the evaluation's output
+    args = parser.parse_args(["evaluate", str(out / "flow.pt"), "--data", str(tiny_aldp), "--out", str(out)])
+    with pytest.raises(ValueError, match="is a training run folder"):
+        args.func(args)
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(written["metrics.json"][1])
 
 
 def test_dataset_of_another_system_is_refused(tmp_path, tiny_aldp):
@@ -274,3 +282,28 @@ def test_regflow_kill_after_pairs_resumes_with_the_same_pairs(tmp_path, tiny_ald
     b = torch.load(tmp_path / "killed" / "flow.pt", weights_only=True)
     for key in a["state_dict"]:
         torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=0, atol=0)
+
+
+def test_finished_time_budget_run_takes_no_step_on_rerun(tmp_path):
+    cfg = _config(time_budget_s=0.05, epochs=1000, checkpoint_every=10_000)
+    first = Trainer(_flow(), cfg, tmp_path, _pairs(), progress=False).fit(handle_signals=False)
+    assert first["stopped_by"] == "time_budget" and 0 < first["step"] < first["total_steps"]
+    before = (tmp_path / "checkpoint.pt").stat().st_mtime_ns
+    again = Trainer(_flow(), cfg, tmp_path, _pairs(), progress=False).fit(handle_signals=False)
+    assert (again["step"], again["steps_this_run"], again["stopped_by"]) == (first["step"], 0, "time_budget")
+    assert (tmp_path / "checkpoint.pt").stat().st_mtime_ns == before
+
+
+def test_nan_before_any_checkpoint_names_no_checkpoint(tmp_path):
+    def poison(step):
+        if step == 2:
+            with torch.no_grad():
+                next(trainer.flow.transform.parameters()).fill_(float("nan"))
+
+    trainer = Trainer(_flow(), _config(checkpoint_every=100), tmp_path, _pairs(), on_step_end=poison, progress=False)
+    with pytest.raises(TrainingDiverged) as err:
+        trainer.fit(handle_signals=False)
+    assert str(err.value) == ("training stopped: non-finite loss (nan) at step 2; no update was applied and no "
+                              "checkpoint was written yet. Train again into another output folder with a lower "
+                              "learning rate (now 0.003) or a larger regularisation")
+    assert not (tmp_path / "checkpoint.pt").exists()
