@@ -376,6 +376,24 @@ def _pdb_text(system: MolecularSystem) -> str:
     return buf.getvalue()
 
 
+TRAJECTORY_FORMATS = (".dcd", ".xtc", ".pdb", ".h5")
+
+
+def check_trajectory_path(out: str | Path) -> Path:
+    """``out`` as a Path if mdtraj can write its format here (by extension), else ValueError: .dcd, .xtc, .pdb,
+    or .h5 (mdtraj's HDF5 format, which needs the optional PyTables package)."""
+    out = Path(out)
+    if out.suffix not in TRAJECTORY_FORMATS:
+        raise ValueError(f"unsupported trajectory format {out.suffix!r} ({out}): use .dcd, .xtc or .pdb")
+    if out.suffix == ".h5":
+        import importlib.util
+
+        if importlib.util.find_spec("tables") is None:
+            raise ValueError(f"{out}: mdtraj's .h5 trajectories need the PyTables package (pip install tables), "
+                             "which is not installed: use .dcd, .xtc or .pdb")
+    return out
+
+
 def export_trajectory(dataset_path: str | Path, out: str | Path, split: str | None = None) -> Path:
     """Write a dataset's frames as DCD/XTC/PDB (by extension, via mdtraj) for VMD/PyMOL users.
 
@@ -385,13 +403,14 @@ def export_trajectory(dataset_path: str | Path, out: str | Path, split: str | No
 
     from .dataset import load_dataset
 
+    out = check_trajectory_path(out)
     data = load_dataset(dataset_path)
+    if split is not None and split not in data.splits:
+        raise ValueError(f"--split {split!r}: {dataset_path} has splits {sorted(data.splits)}")
     xyz = data.split(split) if split else data.positions
     top = mdtraj.Topology.from_openmm(data.system.topology)
     traj = mdtraj.Trajectory(xyz, top, time=data.time[data.split_indices(split)] if split else data.time)
-    out = Path(out)
-    if out.suffix not in (".dcd", ".xtc", ".pdb", ".h5"):
-        raise ValueError(f"unsupported trajectory format {out.suffix!r}: use .dcd, .xtc, .pdb or .h5")
+    out.parent.mkdir(parents=True, exist_ok=True)
     traj.save(str(out))
     if out.suffix in (".dcd", ".xtc"):
         traj[0].save_pdb(str(out.with_suffix(".pdb")))

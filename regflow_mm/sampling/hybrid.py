@@ -34,7 +34,7 @@ from openmmtools.mcmc import IntegratorMoveError, LangevinDynamicsMove
 from openmmtools.states import SamplerState, ThermodynamicState
 
 from regflow_mm.data.checkpointed_hdf5 import commit_rows, committed_checkpoint, truncate_uncommitted
-from regflow_mm.data.simulate import check_langevin
+from regflow_mm.data.simulate import check_langevin, check_trajectory_path
 from regflow_mm.files import CHECKSUM, check_resume_settings, hdf5_file
 from regflow_mm.progress import progress_bar
 from regflow_mm.sampling.moves import FlowIndependenceMove, maxwell_boltzmann_velocities
@@ -295,6 +295,7 @@ def export_walker_trajectory(path: str | Path, walker: int, out: str | Path) -> 
     """Write one walker's frames as DCD/XTC/PDB (by extension, via mdtraj)."""
     import mdtraj
 
+    out = check_trajectory_path(out)
     with hdf5_file(path, "r", "hybrid-MC file") as fh:
         md = json.loads(fh.attrs["metadata"])
         n = int(fh.attrs["n_iterations"])
@@ -302,6 +303,5 @@ def export_walker_trajectory(path: str | Path, walker: int, out: str | Path) -> 
             raise ValueError(f"walker must be in 0..{fh['positions'].shape[1] - 1}, got {walker}")
         xyz = fh["positions"][:n, walker]
     topology = mdtraj.Topology.from_openmm(system_from_spec_dict(md["system"]).topology)
-    out = Path(out)
     mdtraj.Trajectory(xyz, topology).save(str(out))
     return out

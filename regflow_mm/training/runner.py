@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..energy.worker import watch_parent
 from ..files import check_resume_settings, output_dir, require_file
 from .cnf import FlowMatchingConfig, SolverOptions, TeacherCNF, VelocityMLP, train_flow_matching
 from .couplings import generate_ot_pairs, generate_reflow_pairs, load_pairs, tensor_hash
@@ -124,7 +126,9 @@ def prepare_pairs(config: TrainConfig, flow, y_train: torch.Tensor, out_dir: Pat
     n_pairs = pairs.n_pairs if pairs.n_pairs is not None else y_train.shape[0]
     t = time.perf_counter()
     # spawn, not fork: forking a process that already runs torch's thread pools can deadlock
-    executor = (ProcessPoolExecutor(pairs.pair_workers, mp_context=multiprocessing.get_context("spawn"))
+    # workers exit by themselves if this process is killed (watch_parent)
+    executor = (ProcessPoolExecutor(pairs.pair_workers, mp_context=multiprocessing.get_context("spawn"),
+                                    initializer=watch_parent, initargs=(os.getpid(),))
                 if pairs.pair_workers > 0 else None)
     try:
         path = generate_reflow_pairs(cnf, prior, n_pairs, out_dir / "pairs_reflow.h5",
