@@ -288,16 +288,19 @@ def _read_resume(out, system, settings, seed) -> dict | None:
     A file that committed no chunk yet (killed early, or a failed start) is removed, whatever settings
     made it, so the run starts over by itself.
     """
-    with _open(out, "r+") as fh:
+    with _open(out, "r") as fh:  # read-only until every check passed: a refused file stays as it was
         md = json.loads(fh.attrs["metadata"])
         if not str(md.get("format", "")).startswith("regflow-mm dataset"):
             raise ValueError(f"{out} is not a regflow-mm dataset ({md.get('format')!r}): choose another --out")
-        checkpoint = committed_checkpoint(fh, "n_frames")
-        if int(fh.attrs["n_frames"]) > 0 and checkpoint is not None:
+        committed = int(fh.attrs["n_frames"]) > 0 and committed_checkpoint(fh, "n_frames") is not None
+        if committed:
             check_spec_hash(md["system_hash"], system, f"{out} holds system {md['system']['name']!r}",
                             verb=f"(refusing to append {system.name!r}; choose another --out): it has")
             stored = {**md["integrator"], "enhanced": md.get("enhanced")}
             check_resume_settings(out, stored, settings, _RESUME_KEYS, md["seed"], seed, verb="simulated")
+    if committed:
+        with _open(out, "r+") as fh:
+            checkpoint = committed_checkpoint(fh, "n_frames")
             n_done = truncate_uncommitted(fh, "n_frames", _per_frame_arrays(fh))
             _write_splits(fh, n_done)
             if "tempering_iteration" in fh:  # the replicas' state is in the openmmtools storage

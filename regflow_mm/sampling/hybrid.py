@@ -167,6 +167,10 @@ def run_hybrid_mc(system, flow_path: str | Path, out: str | Path, n_iterations: 
                     bar.set_postfix(acceptance=f"{rate:.3f}", refresh=False)
             _commit(out, frames, accepted, walkers, n_done)
             n_done += n_block
+    except BaseException:
+        if n_done == 0:
+            out.unlink(missing_ok=True)  # a failed start leaves no file behind
+        raise
     finally:
         bar.close()
     summary = hybrid_summary(out)
@@ -212,22 +216,26 @@ def _prepare_resume(out, system, flow_hash, settings, seed):
     """(n_done, positions, velocities, move_states) of the last committed block of ``out``; None, with
     ``out`` removed, when it committed none (killed early, or a failed start: the run starts over by
     itself, whatever settings made it)."""
-    with hdf5_file(out, "r+", "hybrid-MC file", hint=": choose another --out") as fh:
+    # read-only until every check passed: a refused file is left exactly as it was
+    with hdf5_file(out, "r", "hybrid-MC file", hint=": choose another --out") as fh:
         md = json.loads(fh.attrs["metadata"])
         if md.get("format") != FORMAT:
             raise ValueError(f"{out} is not a hybrid-MC file ({md.get('format')!r}): choose another --out")
         ck = committed_checkpoint(fh, "n_iterations")
-        if int(fh.attrs["n_iterations"]) > 0 and ck is not None:
+        n_done = int(fh.attrs["n_iterations"])
+        if n_done > 0 and ck is not None:
             check_spec_hash(md["system_hash"], system, str(out), verb="holds a run of", allow_unknown=False)
             if md["flow_hash"] != flow_hash:
                 raise ValueError(f"{out} was run with another flow (hash {md['flow_hash'][:12]}, this one "
                                  f"{flow_hash[:12]}): resume with the original flow file or choose another --out")
             check_resume_settings(out, md["settings"], settings, _RESUME_KEYS, md["seed"], seed)
-            n_done = truncate_uncommitted(fh, "n_iterations", ("positions", "accepted"))
             positions, velocities = ck["positions"][()], ck["velocities"][()]
             move_states = [json.loads(s) for s in ck.attrs["move_state"]]
-            log.info("resuming %s at iteration %d", out, n_done)
-            return n_done, positions, velocities, move_states
+    if n_done > 0 and ck is not None:
+        with hdf5_file(out, "r+", "hybrid-MC file") as fh:
+            truncate_uncommitted(fh, "n_iterations", ("positions", "accepted"))
+        log.info("resuming %s at iteration %d", out, n_done)
+        return n_done, positions, velocities, move_states
     log.info("%s committed no block before it stopped: starting it over", out)
     out.unlink()
     return None
