@@ -1,4 +1,10 @@
-"""The `regflow-mm` command. Each layer registers its subcommands (see ARCHITECTURE.md)."""
+"""The `regflow-mm` command. Each layer registers its subcommands (see ARCHITECTURE.md).
+
+Bad input never ends in a traceback: argument errors and the package's user-facing errors
+(ValueError, OSError such as FileNotFoundError, RuntimeError) become one line on stderr,
+``regflow-mm <command>: error: <what is wrong and what to do>``, and exit status 2 (``-v`` shows the
+traceback instead). Help texts show each option's default.
+"""
 from __future__ import annotations
 
 import argparse
@@ -15,10 +21,39 @@ _COMMAND_MODULES = [
     "regflow_mm.pipeline.cli",
 ]
 
+EXIT_USAGE = 2  # bad arguments or bad input files
+EXIT_INTERRUPTED = 130
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to every option help that does not state its default already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default in (None, False, argparse.SUPPRESS) or default == []
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line (no usage block); subcommand parsers inherit it."""
+
+    def __init__(self, *args, formatter_class=_HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(message) -> str:
+    return " ".join(str(message).split())
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="regflow-mm", description="Boltzmann generators for OpenMM.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log INFO messages")
+    parser = _Parser(prog="regflow-mm", description="Boltzmann generators for OpenMM.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log INFO messages; tracebacks on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
@@ -32,18 +67,18 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         # Expected user-facing failures: one line, no traceback (use -v for details).
         if args.verbose:
             raise
-        print(f"regflow-mm {args.command}: error: {err}", file=sys.stderr)
-        return 1
+        print(f"regflow-mm {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"regflow-mm {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

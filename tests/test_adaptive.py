@@ -159,12 +159,12 @@ def test_cli_adaptive_mc_on_aldp(aldp, tmp_path, capsys):
     assert summary["n_iterations"] == 8 and len(summary["flow_versions"]) == 2
     assert "phi1_positive_fraction" in summary
 
-    assert main(args + ["--segment-iterations", "4"]) == 1
+    assert main(args + ["--segment-iterations", "4"]) == 2
     assert "--segment-iterations needs --adapt" in capsys.readouterr().err
-    assert main(args + ["--out", str(tmp_path / "b.h5"), "--adapt"]) == 1
+    assert main(args + ["--out", str(tmp_path / "b.h5"), "--adapt"]) == 2
     assert "--adapt needs --segment-iterations" in capsys.readouterr().err
     assert main(args + ["--out", str(tmp_path / "c.h5"), "--adapt", "--segment-iterations", "4",
-                        "--adapt-every", "6"]) == 1
+                        "--adapt-every", "6"]) == 2
     assert "inside segment 1" in capsys.readouterr().err
 
 

@@ -88,3 +88,19 @@ def test_flow_matching_learns_shifted_gaussian(tmp_path):
     assert torch.isfinite(cnf.log_prob(x1[:10], prior)).all()
     with pytest.raises(FileNotFoundError):
         TeacherCNF.load(tmp_path / "missing.pt")
+
+
+def test_empty_or_nan_teacher_file_is_a_one_line_error(tmp_path):
+    from regflow_mm.training.cnf import SolverOptions, TeacherCNF, VelocityMLP
+
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.pt is not a readable teacher CNF file .*delete it to train the "
+                                         r"teacher again$"):
+        TeacherCNF.load(empty)
+    cnf = TeacherCNF(VelocityMLP(3, hidden=8, n_layers=1), SolverOptions("rk4", n_steps=2))
+    with torch.no_grad():
+        next(cnf.velocity.parameters()).fill_(float("nan"))
+    cnf.save(tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match="holds non-finite \\(NaN/inf\\) weights: delete it to train the teacher again"):
+        TeacherCNF.load(tmp_path / "nan.pt")

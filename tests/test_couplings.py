@@ -59,6 +59,24 @@ def test_reflow_resume_extend_and_executor_are_identical(tmp_path, teacher):
         generate_reflow_pairs(cnf, prior, 30, part, chunk_size=10, seed=1, progress=False)
 
 
+def test_reflow_store_is_idempotent_when_n_pairs_is_not_a_chunk_multiple(tmp_path, teacher):
+    cnf, prior = teacher
+    fresh = {n: _read(generate_reflow_pairs(cnf, prior, n, tmp_path / f"fresh{n}.h5", chunk_size=10,
+                                            progress=False)) for n in (25, 30)}
+    path = tmp_path / "p.h5"
+    for n in (25, 25, 30, 25):  # rerun, extend past the partial chunk, shrink back
+        x0, x1, _ = load_pairs(generate_reflow_pairs(cnf, prior, n, path, chunk_size=10, progress=False))
+        assert x0.shape == (n, D)
+        for a, b in zip(_read(path), fresh[n]):
+            np.testing.assert_array_equal(a, b)
+    # a store grown by the old code (25 pairs asked, the partial chunk appended twice) is repaired
+    with h5py.File(path, "a") as f:
+        f.attrs.update(n_done=30, n_target=25)
+    generate_reflow_pairs(cnf, prior, 25, path, chunk_size=10, progress=False)
+    for a, b in zip(_read(path), fresh[25]):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_incomplete_store_is_refused(tmp_path, teacher):
     cnf, prior = teacher
     path = generate_reflow_pairs(cnf, prior, 10, tmp_path / "p.h5", chunk_size=10, progress=False)

@@ -146,6 +146,20 @@ def test_bad_files_give_clear_errors(tmp_path):
         read_metadata(other)
 
 
+def test_a_changed_stored_value_fails_its_checksum(aldp_data, tmp_path):
+    """Bytes of one stored energy changed on disk (not through HDF5): the fletcher32 checksum refuses it."""
+    path = tmp_path / "edited.h5"
+    path.write_bytes(aldp_data.path.read_bytes())
+    with h5py.File(path, "r") as fh:
+        assert fh["energies"].fletcher32 and fh["positions"].fletcher32
+        offset = fh["energies"].id.get_chunk_info(0).byte_offset
+    raw = bytearray(path.read_bytes())
+    raw[offset + 8 * 3 + 7] ^= 0x01  # the sign/exponent byte of energy 3
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="stored data of this HDF5 dataset cannot be read .*changed or damaged"):
+        load_dataset(path)
+
+
 def test_nan_frames_are_reported(aldp_data, tmp_path):
     path = tmp_path / "nan.h5"
     path.write_bytes(aldp_data.path.read_bytes())
@@ -171,7 +185,7 @@ def test_cli_simulate_and_info(tmp_path):
     assert main(["simulate", "aldp", "--ns", "0.002", "--save-interval-ps", "0.05", "--out", str(out),
                  "--equilibration-ps", "0", "--quiet"]) == 0
     assert main(["dataset-info", str(out)]) == 0
-    assert main(["simulate", "nosuch", "--ns", "1", "--out", str(tmp_path / "x.h5")]) == 1
+    assert main(["simulate", "nosuch", "--ns", "1", "--out", str(tmp_path / "x.h5")]) == 2
 
 
 def test_seed_zero_reproduces_a_run(tmp_path):

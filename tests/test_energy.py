@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import types
 
 import numpy as np
@@ -293,3 +294,47 @@ def test_interpreter_exit_without_close_does_not_hang(tmp_path):
     result = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "u True" in result.stdout
+
+
+def test_workers_exit_when_the_parent_is_killed(tmp_path):
+    """kill -9 of the process that owns the pool (as of `evaluate` or `free-energy`): its energy workers
+    notice within a second or two and exit."""
+    script = textwrap.dedent("""
+        import sys, time
+        import numpy as np
+        from regflow_mm.energy import EnergyEvaluator
+        from regflow_mm.systems import get_system
+        if __name__ == "__main__":
+            aldp = get_system("aldp")
+            evaluator = EnergyEvaluator(aldp, n_workers=2, platform="Reference")
+            evaluator.reduced_energy(np.stack([aldp.positions] * 8))
+            print(*[p.pid for p in evaluator.executor._processes.values()], flush=True)
+            time.sleep(600)
+    """)
+    path = tmp_path / "parent.py"
+    path.write_text(script)
+    proc = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10.0
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in pids if _running(p)]
+    assert alive == [], f"workers {alive} outlived their killed parent by 10 s"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -135,3 +135,10 @@ def test_bad_backend_and_missing_file(flow, tmp_path):
         flow_force(flow, backend="python", force_group=40)
     with pytest.raises(FileNotFoundError, match="not found"):
         flow_force(tmp_path / "missing.pt")
+
+
+def test_openmmtorch_import_prints_no_simtk_deprecation():
+    code = "from regflow_mm.export.forces import import_openmmtorch; import_openmmtorch()"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 0 and result.stderr == "", result.stderr

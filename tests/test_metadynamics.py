@@ -116,4 +116,4 @@ def test_cli_metadynamics(tmp_path, capsys):
                  "--metad-deposition-ps", "0.02", "--quiet"]) == 0
     assert "enhanced     metadynamics" in capsys.readouterr().out
     assert main(["simulate", "aldp", "--ns", "0.001", "--out", str(tmp_path / "y.h5"),
-                 "--enhanced", "metadynamics", "--metad-width", "0"]) == 1
+                 "--enhanced", "metadynamics", "--metad-width", "0"]) == 2

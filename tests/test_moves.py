@@ -216,3 +216,21 @@ def test_hybrid_runner_resumes_without_lost_or_duplicated_frames(tmp_path):
                for c in counters)
     with pytest.raises(ValueError, match="same settings"):
         run_hybrid_mc(aldp, flow_path, tmp_path / "part.h5", 8, **{**kwargs, "md_steps": 10})
+
+
+def test_hybrid_file_that_committed_nothing_starts_over(tmp_path):
+    """Killed before its first block (the file holds no committed iteration, made with other settings):
+    rerunning starts over and gives the frames of a fresh run."""
+    from regflow_mm.sampling import hybrid
+    from regflow_mm.systems import get_system
+
+    aldp = get_system("aldp")
+    flow_path = tmp_path / "aldp.pt"
+    build_flow(aldp, "cartesian", "gaussian", seed=0, dtype=torch.float64, fit_to=aldp.positions[None]).save(flow_path)
+    kwargs = dict(n_walkers=2, md_steps=5, flow_moves=1, batch_size=8, seed=3, checkpoint_every=2, progress=False)
+    fresh = run_hybrid_mc(aldp, flow_path, tmp_path / "fresh.h5", 2, **kwargs)
+    hybrid._create(tmp_path / "killed.h5", aldp, flow_path, "another flow", {"n_walkers": 2, "md_steps": 99}, 7)
+    resumed = run_hybrid_mc(aldp, flow_path, tmp_path / "killed.h5", 2, **kwargs)
+    assert resumed["n_iterations"] == fresh["n_iterations"] == 2
+    with h5py.File(tmp_path / "fresh.h5") as a, h5py.File(tmp_path / "killed.h5") as b:
+        np.testing.assert_array_equal(a["positions"][:], b["positions"][:])

@@ -89,19 +89,19 @@ def test_config_errors_are_one_line(tmp_path, capsys):
 
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nepochz = 3\n")
-    assert main(["pipeline", "--config", str(bad), "--out", str(tmp_path / "run")]) == 1
+    assert main(["pipeline", "--config", str(bad), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "unknown key 'epochz' in [train]" in err
     bad.write_text('[mc]\nn_walkers = "two"\n')
-    assert main(["pipeline", "--config", str(bad), "--out", str(tmp_path / "run")]) == 1
+    assert main(["pipeline", "--config", str(bad), "--out", str(tmp_path / "run")]) == 2
     assert "[mc].n_walkers must be an integer, got 'two'" in capsys.readouterr().err
     bad.write_text('[system]\nname = "al5"\n')
-    assert main(["pipeline", "--config", str(bad), "--out", str(tmp_path / "run")]) == 1
+    assert main(["pipeline", "--config", str(bad), "--out", str(tmp_path / "run")]) == 2
     assert "unknown system 'al5'" in capsys.readouterr().err
     bad.write_text('[train]\nmethod = "mle"\n')
-    assert main(["pipeline", "--config", str(bad), "--out", str(tmp_path / "run")]) == 1
+    assert main(["pipeline", "--config", str(bad), "--out", str(tmp_path / "run")]) == 2
     assert "[baseline].method 'mle' is [train].method too" in capsys.readouterr().err
     assert not (tmp_path / "run" / "md").exists()  # refused before any stage ran
     bad.write_text('[train]\nmethod = "regflow"\ndata_weight_power = 2.0\n')
-    assert main(["pipeline", "--config", str(bad), "--out", str(tmp_path / "run")]) == 1
+    assert main(["pipeline", "--config", str(bad), "--out", str(tmp_path / "run")]) == 2
     assert "data_weight_power must be in [0, 1]" in capsys.readouterr().err

@@ -122,3 +122,8 @@ def test_torsion_state_expressions():
         torsion_state(torsions, parse_torsion_predicate("phi2 > 0"))
     with pytest.raises(ValueError, match="both need some"):
         state_delta_f(np.zeros(4), np.ones(4, bool), np.zeros(4, bool))
+    for bad, why in (("phi1 <", "not a valid expression"), ("-90 < phi1 < 0", "chained comparisons"),
+                     ("phi1 + 1", "not a condition"), ("phi1 > 'a'", "'a' is not a number"),
+                     ("phi9 > 0", r"unknown torsions \['phi9'\] \(this system has \['phi1', 'psi1'\]\)")):
+        with pytest.raises(ValueError, match=f"state expression .*: {why}"):
+            parse_torsion_predicate(bad, torsions)

@@ -172,5 +172,5 @@ def test_cli_tempering(tmp_path, capsys):
                  "--pt-replicas", "2", "--pt-max-temperature", "400", "--quiet"]) == 0
     assert "enhanced     tempering, 2 replicas 300.0-400.0 K" in capsys.readouterr().out
     assert main(["simulate", "aldp", "--ns", "0.001", "--out", str(tmp_path / "y.h5"),
-                 "--enhanced", "tempering", "--pt-replicas", "1"]) == 1
+                 "--enhanced", "tempering", "--pt-replicas", "1"]) == 2
     assert "a replica ladder needs at least two temperatures" in capsys.readouterr().err

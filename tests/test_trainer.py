@@ -6,6 +6,7 @@ import math
 import os
 import socket
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -189,9 +190,12 @@ def test_cli_train_and_evaluate_on_tiny_aldp(tmp_path, tiny_aldp):
     assert all(k in rows[-1] for k in ("ess", "e_w1", "t_w2", "nll"))
     flow = load_flow(out / "flow.pt")
     assert flow.n_atoms == 22
-    # rerunning the finished command resumes at the end: no extra steps
+    # rerunning the finished command resumes at the end: no extra step, no file rewritten
+    written = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.suffix in (".pt", ".json")}
     assert args.func(args) == 0
-    assert json.loads((out / "run_info.json").read_text())["train"]["resumed_from"] == rows[-1]["step"]
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()
+            if p.suffix in (".pt", ".json")} == written
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == rows[-1]["step"]
 
     args = parser.parse_args(["evaluate", str(out / "flow.pt"), "--data", str(tiny_aldp), "--split", "val",
                               "--n-samples", "128", "--energy-workers", "0", "--device", "cpu",
@@ -210,6 +214,11 @@ def test_cli_train_and_evaluate_on_tiny_aldp(tmp_path, tiny_aldp):
     args = parser.parse_args(["evaluate", str(out / "flow.pt"), "--data", str(tiny_aldp), "--split", "holdout"])
     with pytest.raises(ValueError, match="--split 'holdout'.*or use all"):
         args.func(args)
+    # the training run's metrics.json is never the evaluation's output
+    args = parser.parse_args(["evaluate", str(out / "flow.pt"), "--data", str(tiny_aldp), "--out", str(out)])
+    with pytest.raises(ValueError, match="is a training run folder"):
+        args.func(args)
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(written["metrics.json"][1])
 
 
 def test_dataset_of_another_system_is_refused(tmp_path, tiny_aldp):
@@ -275,3 +284,59 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tmp_path, monkeypatc
                            progress=False)
         fallback.fit()
     assert _train_losses(fallback) == _train_losses(eager)
+
+
+def test_regflow_kill_after_pairs_resumes_with_the_same_pairs(tmp_path, tiny_aldp, monkeypatch):
+    """n_pairs not a multiple of the pair chunk: a kill after the pairs, before the first checkpoint, and
+    reruns of the finished run keep exactly n_pairs pairs and train what an uninterrupted run trains."""
+    from regflow_mm.training.runner import run_training
+
+    cfg = TrainConfig(system="aldp", data=str(tiny_aldp), method="regflow", target="reflow", architecture="resnvp",
+                      hyper={"layers": 2, "hidden": 16}, n_pairs=100, pair_chunk_size=64, teacher_steps=20,
+                      teacher_hidden=16, teacher_layers=1, ode_method="rk4", ode_steps=4, epochs=1, batch_size=32,
+                      val_samples=0, device="cpu", seed=3)
+    whole = run_training(cfg, tmp_path / "whole", progress=False)
+
+    def killed(self, *a, **k):
+        raise KeyboardInterrupt("killed before the first checkpoint")
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "fit", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_training(cfg, tmp_path / "killed", progress=False)
+    assert not (tmp_path / "killed" / "checkpoint.pt").exists()
+    resumed = run_training(cfg, tmp_path / "killed", progress=False)
+    again = run_training(cfg, tmp_path / "whole", progress=False)  # rerun of the finished run
+    assert whole["n_pairs"] == resumed["n_pairs"] == again["n_pairs"] == 100
+    for run in ("whole", "killed"):
+        with h5py.File(tmp_path / run / "pairs_reflow.h5", "r") as fh:
+            assert fh["x0"].shape[0] == fh.attrs["n_done"] == 100
+    a = torch.load(tmp_path / "whole" / "flow.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "flow.pt", weights_only=True)
+    for key in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=0, atol=0)
+
+
+def test_finished_time_budget_run_takes_no_step_on_rerun(tmp_path):
+    cfg = _config(time_budget_s=0.05, epochs=1000, checkpoint_every=10_000)
+    first = Trainer(_flow(), cfg, tmp_path, _pairs(), progress=False).fit(handle_signals=False)
+    assert first["stopped_by"] == "time_budget" and 0 < first["step"] < first["total_steps"]
+    before = (tmp_path / "checkpoint.pt").stat().st_mtime_ns
+    again = Trainer(_flow(), cfg, tmp_path, _pairs(), progress=False).fit(handle_signals=False)
+    assert (again["step"], again["steps_this_run"], again["stopped_by"]) == (first["step"], 0, "time_budget")
+    assert (tmp_path / "checkpoint.pt").stat().st_mtime_ns == before
+
+
+def test_nan_before_any_checkpoint_names_no_checkpoint(tmp_path):
+    def poison(step):
+        if step == 2:
+            with torch.no_grad():
+                next(trainer.flow.transform.parameters()).fill_(float("nan"))
+
+    trainer = Trainer(_flow(), _config(checkpoint_every=100), tmp_path, _pairs(), on_step_end=poison, progress=False)
+    with pytest.raises(TrainingDiverged) as err:
+        trainer.fit(handle_signals=False)
+    assert str(err.value) == ("training stopped: non-finite loss (nan) at step 2; no update was applied and no "
+                              "checkpoint was written yet. Train again into another output folder with a lower "
+                              "learning rate (now 0.003) or a larger regularisation")
+    assert not (tmp_path / "checkpoint.pt").exists()

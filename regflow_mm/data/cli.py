@@ -15,17 +15,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--save-interval-ps", type=float, default=1.0, help="ps between saved frames (default 1)")
     p.add_argument("--timestep-fs", type=float, default=1.0, help="integration step, fs (default 1)")
     p.add_argument("--friction", type=float, default=None, help="Langevin friction, 1/ps (default: the system's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the velocities and Langevin noise: one seed reproduces the run (0 is a seed too)")
     p.add_argument("--platform", default="auto", help="OpenMM platform: auto (default), Reference, CPU, CUDA, OpenCL")
     p.add_argument("--threads", type=int, default=1, help="CPU platform threads (default 1)")
-    p.add_argument("--equilibration-ps", type=float, default=10.0, help="unsaved MD before production, ps")
+    p.add_argument("--equilibration-ps", type=float, default=10.0, help="unsaved MD before production, ps (default 10)")
     p.add_argument("--chunk-frames", type=int, default=100, help="frames written per chunk (at most this many are lost on a kill)")
     p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="fraction of frames for validation (default 0.1), drawn as --val-blocks blocks across the run")
+                   help="fraction of frames for validation, in [0, 1) (default 0.1), drawn as --val-blocks blocks across the run")
     p.add_argument("--val-blocks", type=int, default=10,
                    help="validation blocks spread over the run before the test block (default 10; 1: one block)")
     p.add_argument("--test-fraction", type=float, default=0.1,
-                   help="fraction of frames in the final, held-out test block (default 0.1)")
+                   help="fraction of frames in the final, held-out test block, in [0, 1) (default 0.1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("enhanced sampling (frames store log-weights to the unbiased ensemble)")
     g.add_argument("--enhanced", choices=["none", "metadynamics", "tempering"], default="none",
@@ -47,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("export-traj", help="write a dataset as DCD/XTC/PDB for VMD or PyMOL")
     p.add_argument("dataset")
-    p.add_argument("--out", required=True, help="output file: .dcd, .xtc, .pdb or .h5")
+    p.add_argument("--out", required=True, help="output file: .dcd, .xtc or .pdb (.h5 with PyTables installed)")
     p.add_argument("--split", default=None, choices=["train", "val", "test"])
     p.set_defaults(func=_export)
 

@@ -21,20 +21,22 @@ File layout (one HDF5 file, readable with h5py or any HDF5 tool)::
            settings or null, versions),
            topology_pdb (the system's PDB text), n_frames (frames committed)
 
+Per-frame arrays carry fletcher32 checksums (files written since they were added), verified by HDF5
+on every read: a changed or damaged value fails to load with a one-line error.
 ``n_frames`` is written last in every append, so a process killed during a write
 leaves at most a partial chunk that the next open truncates away.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from ..files import require_file
+from ..files import hdf5_file, require_file
 from ..importance import kish_ess, normalized_weights
 from ..systems import MolecularSystem, check_spec_hash, get_system, list_systems, load_system
 
@@ -140,6 +142,13 @@ def dihedrals(x: np.ndarray, quads) -> np.ndarray:
     return np.arctan2(np.sum(np.cross(b1n, v) * w, axis=-1), np.sum(v * w, axis=-1))
 
 
+def check_split_fractions(val_fraction: float, test_fraction: float) -> None:
+    """ValueError unless both fractions are in [0, 1) and sum below 1 (some frames must train)."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"split fractions must be in [0, 1) and sum below 1; got val {val_fraction}, "
+                         f"test {test_fraction}")
+
+
 def time_block_splits(n_frames: int, val_fraction: float = 0.1, test_fraction: float = 0.1,
                       val_blocks: int = 1) -> dict[str, np.ndarray]:
     """Train / val / test frame indices of an n_frames trajectory, as blocks of consecutive frames.
@@ -150,9 +159,7 @@ def time_block_splits(n_frames: int, val_fraction: float = 0.1, test_fraction: f
     run (the metadynamics bias keeps growing), and a single final block would judge the flow on the
     end of the run only. ``val_blocks = 1`` gives consecutive train, val, test blocks.
     """
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(f"split fractions must be in [0, 1) and sum below 1; got val {val_fraction}, "
-                         f"test {test_fraction}")
+    check_split_fractions(val_fraction, test_fraction)
     if int(val_blocks) < 1:
         raise ValueError(f"val_blocks must be >= 1, got {val_blocks}")
     n_val, n_test = int(round(n_frames * val_fraction)), int(round(n_frames * test_fraction))
@@ -204,20 +211,18 @@ def load_dataset(path: str | Path, system: MolecularSystem | None = None) -> Dat
     return Dataset(path=path, splits=splits, metadata=metadata, system=system, **arrays)
 
 
+@contextlib.contextmanager
 def _open(path, mode):
+    """The dataset file ``path`` opened with h5py; one-line ValueErrors for anything that is not a readable
+    regflow-mm dataset (``files.hdf5_file``: not HDF5, truncated, a failed checksum, no metadata)."""
     path = Path(path)
     if mode == "r":
         require_file(path, "dataset", f": create it with `regflow-mm simulate SYSTEM --out {path}`")
-    try:
-        # Readers take no HDF5 file lock, so inspecting a dataset never blocks a running simulate.
-        fh = h5py.File(path, mode, locking=False) if mode == "r" else h5py.File(path, mode)
-    except OSError as err:
-        raise ValueError(f"{path} is not a readable HDF5 dataset ({err}); it may be truncated or not a "
-                         "regflow-mm dataset") from None
-    if "metadata" not in fh.attrs and mode == "r":
-        fh.close()
-        raise ValueError(f"{path} is an HDF5 file but not a regflow-mm dataset (no metadata)")
-    return fh
+    # Readers take no HDF5 file lock, so inspecting a dataset never blocks a running simulate.
+    with hdf5_file(path, mode, "HDF5 dataset", **({"locking": False} if mode == "r" else {})) as fh:
+        if "metadata" not in fh.attrs:
+            raise ValueError(f"{path} is an HDF5 file but not a regflow-mm dataset (no metadata)")
+        yield fh
 
 
 def _system_from_metadata(metadata: dict, pdb_text: str, path: Path) -> MolecularSystem:

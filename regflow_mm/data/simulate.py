@@ -28,12 +28,13 @@ import openmm
 from openmm import app, unit
 
 from .. import __version__
+from ..files import CHECKSUM
 from ..progress import progress_bar
 from ..systems import MolecularSystem, check_spec_hash
 from ..systems.platforms import openmm_seed, platform_properties, resolve_platform
 from .checkpointed_hdf5 import (check_resume_settings, commit_rows, committed_checkpoint,
                                 truncate_uncommitted)
-from .dataset import _open, time_block_splits
+from .dataset import _open, check_split_fractions, time_block_splits
 from .metadynamics import MetadynamicsSettings, TorsionMetadynamics, weights_from_bias
 from .tempering import TemperingSettings
 
@@ -65,6 +66,14 @@ def _integrator(system: MolecularSystem, settings: dict, seed: int) -> openmm.In
     return integrator
 
 
+def check_langevin(timestep_fs: float, friction_per_ps: float | None) -> None:
+    """ValueError unless the Langevin settings can run: timestep > 0 fs, friction >= 0 1/ps (None: the system's)."""
+    if not timestep_fs > 0:
+        raise ValueError(f"the timestep must be > 0 fs, got {timestep_fs}")
+    if friction_per_ps is not None and not friction_per_ps >= 0:
+        raise ValueError(f"the Langevin friction must be >= 0 1/ps, got {friction_per_ps}")
+
+
 def simulate(system: MolecularSystem, out: str | Path, ns: float, save_interval_ps: float = 1.0,
              timestep_fs: float = 1.0, friction_per_ps: float | None = None, seed: int = 0,
              platform: str = "auto", threads: int | None = 1, equilibration_ps: float = 10.0,
@@ -88,8 +97,12 @@ def simulate(system: MolecularSystem, out: str | Path, ns: float, save_interval_
     Returns the dataset path.
     """
     out = Path(out)
-    if ns <= 0 or save_interval_ps <= 0 or timestep_fs <= 0:
-        raise ValueError(f"ns, save_interval_ps and timestep_fs must be positive; got {ns}, {save_interval_ps}, {timestep_fs}")
+    if not (ns > 0 and save_interval_ps > 0):
+        raise ValueError(f"ns and save_interval_ps must be positive; got {ns} and {save_interval_ps}")
+    check_langevin(timestep_fs, friction_per_ps)
+    if not equilibration_ps >= 0:
+        raise ValueError(f"equilibration_ps must be >= 0, got {equilibration_ps}")
+    check_split_fractions(val_fraction, test_fraction)
     if int(val_blocks) < 1:
         raise ValueError(f"val_blocks must be >= 1, got {val_blocks}")
     if int(chunk_frames) < 1:
@@ -263,30 +276,36 @@ def _create(out, system, settings, seed, platform, val_fraction, test_fraction, 
         for name, shape, dtype in (("positions", (n, 3), np.float32), ("forces", (n, 3), np.float32),
                                    ("energies", (), np.float64), ("time", (), np.float64)):
             fh.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
-                              chunks=(256, *shape), compression="gzip" if shape else None)
+                              chunks=(256, *shape), compression="gzip" if shape else None, **CHECKSUM)
         per_frame = {}
         if settings["enhanced"] is not None:
             per_frame = (_TEMPERING_ARRAYS if settings["enhanced"]["method"] == "tempering"
                          else dict.fromkeys(_WEIGHT_ARRAYS, np.float64))
         for name, dtype in per_frame.items():
-            fh.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
+            fh.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,), **CHECKSUM)
 
 
 def _read_resume(out, system, settings, seed) -> dict | None:
     """Committed frame count, OpenMM checkpoint and bias grid of ``out`` (tempering: the iteration of
     its last frame instead); None if nothing was committed.
 
-    A file that committed no chunk yet (killed early) is removed, so the run starts over by itself.
+    A file that committed no chunk yet (killed early, or a failed start) is removed, whatever settings
+    made it, so the run starts over by itself.
     """
-    with _open(out, "r+") as fh:
+    with _open(out, "r") as fh:  # read-only until every check passed: a refused file stays as it was
         md = json.loads(fh.attrs["metadata"])
-        check_spec_hash(md["system_hash"], system, f"{out} holds system {md['system']['name']!r}",
-                        verb=f"(refusing to append {system.name!r}; choose another --out): it has")
-        stored = {**md["integrator"], "enhanced": md.get("enhanced")}
-        check_resume_settings(out, stored, settings, _RESUME_KEYS, md["seed"], seed, verb="simulated")
-        n_done = truncate_uncommitted(fh, "n_frames", _per_frame_arrays(fh))
-        checkpoint = committed_checkpoint(fh, "n_frames")
-        if n_done > 0 and checkpoint is not None:
+        if not str(md.get("format", "")).startswith("regflow-mm dataset"):
+            raise ValueError(f"{out} is not a regflow-mm dataset ({md.get('format')!r}): choose another --out")
+        committed = int(fh.attrs["n_frames"]) > 0 and committed_checkpoint(fh, "n_frames") is not None
+        if committed:
+            check_spec_hash(md["system_hash"], system, f"{out} holds system {md['system']['name']!r}",
+                            verb=f"(refusing to append {system.name!r}; choose another --out): it has")
+            stored = {**md["integrator"], "enhanced": md.get("enhanced")}
+            check_resume_settings(out, stored, settings, _RESUME_KEYS, md["seed"], seed, verb="simulated")
+    if committed:
+        with _open(out, "r+") as fh:
+            checkpoint = committed_checkpoint(fh, "n_frames")
+            n_done = truncate_uncommitted(fh, "n_frames", _per_frame_arrays(fh))
             _write_splits(fh, n_done)
             if "tempering_iteration" in fh:  # the replicas' state is in the openmmtools storage
                 return {"n_frames": n_done, "iteration": int(fh["tempering_iteration"][n_done - 1])}
@@ -365,6 +384,24 @@ def _pdb_text(system: MolecularSystem) -> str:
     return buf.getvalue()
 
 
+TRAJECTORY_FORMATS = (".dcd", ".xtc", ".pdb", ".h5")
+
+
+def check_trajectory_path(out: str | Path) -> Path:
+    """``out`` as a Path if mdtraj can write its format here (by extension), else ValueError: .dcd, .xtc, .pdb,
+    or .h5 (mdtraj's HDF5 format, which needs the optional PyTables package)."""
+    out = Path(out)
+    if out.suffix not in TRAJECTORY_FORMATS:
+        raise ValueError(f"unsupported trajectory format {out.suffix!r} ({out}): use .dcd, .xtc or .pdb")
+    if out.suffix == ".h5":
+        import importlib.util
+
+        if importlib.util.find_spec("tables") is None:
+            raise ValueError(f"{out}: mdtraj's .h5 trajectories need the PyTables package (pip install tables), "
+                             "which is not installed: use .dcd, .xtc or .pdb")
+    return out
+
+
 def export_trajectory(dataset_path: str | Path, out: str | Path, split: str | None = None) -> Path:
     """Write a dataset's frames as DCD/XTC/PDB (by extension, via mdtraj) for VMD/PyMOL users.
 
@@ -374,13 +411,14 @@ def export_trajectory(dataset_path: str | Path, out: str | Path, split: str | No
 
     from .dataset import load_dataset
 
+    out = check_trajectory_path(out)
     data = load_dataset(dataset_path)
+    if split is not None and split not in data.splits:
+        raise ValueError(f"--split {split!r}: {dataset_path} has splits {sorted(data.splits)}")
     xyz = data.split(split) if split else data.positions
     top = mdtraj.Topology.from_openmm(data.system.topology)
     traj = mdtraj.Trajectory(xyz, top, time=data.time[data.split_indices(split)] if split else data.time)
-    out = Path(out)
-    if out.suffix not in (".dcd", ".xtc", ".pdb", ".h5"):
-        raise ValueError(f"unsupported trajectory format {out.suffix!r}: use .dcd, .xtc, .pdb or .h5")
+    out.parent.mkdir(parents=True, exist_ok=True)
     traj.save(str(out))
     if out.suffix in (".dcd", ".xtc"):
         traj[0].save_pdb(str(out.with_suffix(".pdb")))

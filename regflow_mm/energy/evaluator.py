@@ -190,7 +190,7 @@ class EnergyEvaluator:
             max_workers=self.n_workers,
             mp_context=context,
             initializer=init_worker,
-            initargs=(self.system_key, self._system_xml, self.platform, self.platform_properties),
+            initargs=(self.system_key, self._system_xml, self.platform, self.platform_properties, os.getpid()),
         )
         self._pool_finalizer = weakref.finalize(self, shutdown_pool, self._pool)
         logger.info(

@@ -11,6 +11,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import math
+import os
 import threading
 import time
 
@@ -149,8 +150,41 @@ def _get_worker(key: str, system_xml: str | None, platform: str, properties: dic
     return workers[key]
 
 
-def init_worker(key: str, system_xml: str, platform: str, properties: dict[str, str]) -> None:
-    """ProcessPoolExecutor initializer: deserialize the System and build the Context once."""
+PARENT_POLL_S = 0.5  # how often a worker checks that the process that started it is alive
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, killed but not yet reaped, counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True  # no /proc: trust os.kill
+
+
+def watch_parent(parent_pid: int) -> None:
+    """Exit this worker process within ``PARENT_POLL_S`` s once ``parent_pid`` is gone (e.g. SIGKILLed,
+    when no shutdown reaches its pool); a daemon thread polls it."""
+    def watch():
+        while _alive(parent_pid):
+            time.sleep(PARENT_POLL_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="regflow-mm parent watch", daemon=True).start()
+
+
+def init_worker(key: str, system_xml: str, platform: str, properties: dict[str, str],
+                parent_pid: int | None = None) -> None:
+    """ProcessPoolExecutor initializer: deserialize the System and build the Context once; with
+    ``parent_pid``, exit when that process dies (``watch_parent``)."""
+    if parent_pid is not None:
+        watch_parent(parent_pid)
     _get_worker(key, system_xml, platform, properties)
 
 

@@ -140,6 +140,23 @@ def _load_torch_kernels() -> None:
     _TORCH_KERNELS_LOADED = True
 
 
+class _DropSimtkDeprecation(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "importing 'simtk.openmm' is deprecated" not in record.getMessage()
+
+
+def import_openmmtorch():
+    """``import openmmtorch`` (after torch, whose import makes its CUDA libraries loadable), without the
+    "importing 'simtk.openmm' is deprecated" warning its own ``import simtk.openmm`` logs on the root logger."""
+    root, drop = logging.getLogger(), _DropSimtkDeprecation()
+    root.addFilter(drop)
+    try:
+        import openmmtorch
+    finally:
+        root.removeFilter(drop)
+    return openmmtorch
+
+
 def flow_force(flow, backend: str = "torch", force_group: int = 0, path: str | Path | None = None) -> openmm.Force:
     """``openmm.Force`` computing U_flow(x) = -kT log q(x) in kJ/mol and its forces (kJ/mol/nm).
 
@@ -158,7 +175,7 @@ def flow_force(flow, backend: str = "torch", force_group: int = 0, path: str | P
         flow = load_flow(flow)
     flow = flow.eval()
     if backend == "torch":
-        import openmmtorch  # after torch: torch's import makes its CUDA libraries loadable
+        openmmtorch = import_openmmtorch()
 
         _load_torch_kernels()
         scripted = export_torchscript(flow, path)

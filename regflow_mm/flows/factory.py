@@ -12,6 +12,7 @@ Imports within ``flows`` run one way: layers, priors, storage -> boltzmann -> fa
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 from typing import Callable
 
@@ -69,6 +70,29 @@ def get_architecture(name: str) -> ArchitectureBuilder:
     if name not in _ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; known: {architectures()}")
     return _ARCHITECTURES[name]
+
+
+def check_hyper(architecture: str, hyper: dict) -> None:
+    """ValueError for a hyper-parameter the architecture's builder does not take, or a value whose type
+    differs from the builder's default (an int is a valid float); builders with ``**kwargs`` take any."""
+    params = dict(list(inspect.signature(get_architecture(architecture)).parameters.items())[1:])
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    known = [k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(hyper) - set(known))
+    if unknown:
+        raise ValueError(f"architecture {architecture!r} has no hyper-parameters {unknown}; it takes {known}")
+    for key, value in hyper.items():
+        default = params[key].default
+        if isinstance(default, bool) or not isinstance(default, (int, float, str)):
+            ok = not isinstance(default, bool) or isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = type(value) is type(default)
+        if not ok:
+            raise ValueError(f"architecture {architecture!r}: hyper-parameter {key} must be "
+                             f"{type(default).__name__} like its default {default!r}, got {value!r}")
 
 
 def _make_representation(target, name: str, options: dict) -> Representation:
@@ -148,6 +172,7 @@ def build_flow(system_or_n_atoms, representation: str = "cartesian", architectur
             # Before the transform: fitting can decide the flow space's layout (which torsions are
             # circles), which the couplings and the saved config must match.
             rep.fit(fit_to)
+        check_hyper(architecture, hyper)
         config = {"representation": rep.get_config(), "architecture": architecture, "hyper": dict(hyper)}
         transform, prior = get_architecture(architecture)(rep, **hyper)
         flow = BoltzmannFlow(rep, transform, prior, kT=float(kT), spec_hash=spec_hash, config=config)

@@ -1,8 +1,7 @@
 """Reading a flow file back into a BoltzmannFlow (the format and the writer are in ``storage.py``)."""
 from __future__ import annotations
 
-import torch
-
+from ..files import load_torch
 from ..systems import check_spec_hash
 from .boltzmann import BoltzmannFlow
 from .factory import flow_from_config
@@ -18,11 +17,7 @@ def load_flow(path, system=None, map_location="cpu") -> BoltzmannFlow:
     system mismatch.
     """
     path = require_flow_file(path)
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises RuntimeError/EOFError/UnpicklingError/... for damaged files
-        raise ValueError(f"{path} is not a readable flow file (corrupt or truncated?): "
-                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    payload = load_torch(path, "flow file", map_location=map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a regflow-mm flow file (no '{FORMAT}' header)")
     missing = KEYS - set(payload)

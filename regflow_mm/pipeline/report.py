@@ -10,6 +10,8 @@ import math
 import shutil
 from pathlib import Path
 
+from ..sampling.free_energy import MIN_STATE_ESS
+
 # RegFlow paper, NSF, Cartesian, GPU, up to 10.4M reflow pairs (E-W1 in kT, T-W2 in rad).
 PUBLISHED = {
     "aldp": {"regflow": {"e_w1": 0.501, "t_w2": 0.951}, "mle": {"e_w1": 13.797, "t_w2": 1.243}},
@@ -18,8 +20,6 @@ PUBLISHED = {
 }
 
 
-# Below these counts an estimate is flagged in the report rather than presented as a result.
-MIN_STATE_ESS = 20.0
 
 
 def _fmt(value, digits=3) -> str:

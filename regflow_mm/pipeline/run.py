@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import output_dir
 from .config import load_config, train_settings
 from .stages import Stage, StagedRun
 
@@ -35,11 +36,10 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
     into the folder ``out``; returns the path of ``report.md``."""
     if not isinstance(config, dict):
         config = load_config(config)
-    out = Path(out)
+    out = output_dir(out)
     import torch
 
     torch.set_num_threads(config["run"]["threads"])
-    run = StagedRun(out)
     seed = config["run"]["seed"]
     system_name = config["system"]["name"]
     _check_system(system_name)
@@ -50,6 +50,7 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
     regflow = train_settings(config)
     # The baseline shares architecture, optimiser and budget (not the RegFlow-only settings).
     baseline = train_settings(config, method=config["baseline"]["method"]) if config["baseline"]["enabled"] else None
+    run = StagedRun(out)  # the folder is made only once the config passed every check
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
     md = config["md"]

@@ -17,17 +17,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("flow", help="saved flow file")
     p.add_argument("--out", required=True, help="output HDF5 (rerun the same command to resume)")
     p.add_argument("--iterations", type=int, required=True, help="frames per walker (one per MD + flow iteration)")
-    p.add_argument("--walkers", type=int, default=2)
+    p.add_argument("--walkers", type=int, default=2, help="independent chains, each from the system's start "
+                                                          "structure with its own seeded noise")
     p.add_argument("--md-steps", type=int, default=500, help="Langevin steps per iteration (0: flow moves only)")
-    p.add_argument("--timestep-fs", type=float, default=1.0)
-    p.add_argument("--friction", type=float, default=None, help="1/ps (default: the system's)")
+    p.add_argument("--timestep-fs", type=float, default=1.0, help="Langevin step, fs")
+    p.add_argument("--friction", type=float, default=None, help="Langevin friction, 1/ps (default: the system's)")
     p.add_argument("--flow-moves", type=int, default=1, help="flow proposals per iteration")
     p.add_argument("--batch-size", type=int, default=256, help="flow proposals drawn per flow call")
     p.add_argument("--allow-d", action="store_true", help="do not reject D-chirality proposals")
     p.add_argument("--platform", default="Reference", help="OpenMM platform (Reference is fastest for ~20 atoms)")
     p.add_argument("--checkpoint-every", type=int, default=20, help="iterations per committed block")
     p.add_argument("--dcd-prefix", default=None, help="also write PREFIX_walker<k>.dcd at the end (mdtraj)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the MD noise, velocities and flow proposals: one "
+                                                       "seed reproduces the run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.add_argument_group("adaptive flow MC (--adapt): the flow is fine-tuned by maximum likelihood on the "
                              "chain's frames between segments; versions are saved next to --out (OUT.flows/)")
     a.add_argument("--adapt", action="store_true", help="fine-tune the flow between segments")
@@ -69,20 +72,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         q = subparsers.add_parser(name, help=helptext)
         q.add_argument("system", help="built-in system name or spec TOML")
         q.add_argument("flow", help="saved flow file")
-        q.add_argument("-n", "--n-samples", type=int, default=100_000)
+        q.add_argument("-n", "--n-samples", type=int, default=100_000,
+                       help="flow samples drawn, energies evaluated and importance-weighted")
         q.add_argument("--chunk-size", type=int, default=10_000, help="flow samples per streamed chunk")
         q.add_argument("--workers", type=int, default=None, help="energy worker processes (default: cores)")
-        q.add_argument("--platform", default="Reference")
+        q.add_argument("--platform", default="Reference", help="OpenMM platform of the energy workers")
         q.add_argument("--allow-d", action="store_true", help="keep D-chirality samples (default: weight 0)")
-        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--seed", type=int, default=0, help="seed of the flow samples (chunk k draws with seed + k): "
+                                                           "one seed reproduces the result")
         q.add_argument("--json", default=None, help="also write the results as JSON here")
+        q.add_argument("--quiet", action="store_true", help="no progress bar")
         if name == "reweight":
             q.add_argument("--bins", type=int, default=60, help="torsion histogram bins over (-180, 180] degrees")
             q.add_argument("--histograms", default=None, help="write reweighted torsion histograms (npz) here")
             q.set_defaults(func=_reweight)
         else:
-            q.add_argument("--state-a", default="phi1 < 0", help="expression over torsions in degrees")
-            q.add_argument("--state-b", default="phi1 > 0", help="expression over torsions in degrees")
+            for state, default in (("a", "phi1 < 0"), ("b", "phi1 > 0")):
+                q.add_argument(f"--state-{state}", default=default,
+                               help=f"state {state.upper()}: a condition on the system's torsions in degrees, e.g. "
+                                    f"\"(phi1 > -90) & (phi1 < 0)\" (single comparisons joined by &, |, ~; abs(...))")
             q.set_defaults(func=_free_energy)
 
 
@@ -104,7 +112,7 @@ def _mc(args) -> int:
                             md_steps=args.md_steps, timestep_fs=args.timestep_fs, friction_per_ps=args.friction,
                             flow_moves=args.flow_moves, reject_d_chirality=not args.allow_d,
                             batch_size=args.batch_size, seed=args.seed, platform=args.platform,
-                            checkpoint_every=args.checkpoint_every)
+                            checkpoint_every=args.checkpoint_every, progress=not args.quiet)
     if args.dcd_prefix:
         for w in range(args.walkers):
             export_walker_trajectory(args.out, w, f"{args.dcd_prefix}_walker{w}.dcd")
@@ -183,17 +191,19 @@ def _mc_tempering(args) -> int:
     return 0
 
 
-def _weighted_samples(args):
+def _weighted_samples(args, system=None):
     from regflow_mm.energy import EnergyEvaluator
     from regflow_mm.flows import load_flow
     from regflow_mm.sampling.reweighting import draw_weighted_samples
     from regflow_mm.systems import get_system
 
-    system = get_system(args.system)
+    if args.n_samples < 1 or args.chunk_size < 1:
+        raise ValueError(f"--n-samples and --chunk-size must be >= 1, got {args.n_samples} and {args.chunk_size}")
+    system = system or get_system(args.system)
     flow = load_flow(args.flow, system=system)
     with EnergyEvaluator(system, n_workers=args.workers, platform=args.platform) as evaluator:
         samples = draw_weighted_samples(flow, evaluator, args.n_samples, chunk_size=args.chunk_size, seed=args.seed,
-                                        molecular_system=system)
+                                        molecular_system=system, progress=not args.quiet)
     if not args.allow_d and samples.is_l is not None:
         samples.log_w = np.where(samples.is_l, samples.log_w, -np.inf)
     return system, samples
@@ -234,11 +244,18 @@ def _reweight(args) -> int:
 
 
 def _free_energy(args) -> int:
-    from regflow_mm.sampling.free_energy import parse_torsion_predicate, state_delta_f, torsion_state
+    import sys
 
-    system, samples = _weighted_samples(args)
-    in_a = torsion_state(samples.torsions, parse_torsion_predicate(args.state_a))
-    in_b = torsion_state(samples.torsions, parse_torsion_predicate(args.state_b))
+    from regflow_mm.sampling.free_energy import MIN_STATE_ESS, parse_torsion_predicate, state_delta_f, torsion_state
+    from regflow_mm.systems import get_system
+
+    system = get_system(args.system)
+    # the states are checked before any sample is drawn
+    state_a = parse_torsion_predicate(args.state_a, system.torsions)
+    state_b = parse_torsion_predicate(args.state_b, system.torsions)
+    system, samples = _weighted_samples(args, system)
+    in_a = torsion_state(samples.torsions, state_a)
+    in_b = torsion_state(samples.torsions, state_b)
     result = {**_common(samples), **state_delta_f(samples.log_w, in_a, in_b),
               "state_a": args.state_a, "state_b": args.state_b, "kT_kJ_per_mol": system.kT}
     print("| quantity | value |\n|---|---|")
@@ -248,6 +265,10 @@ def _free_energy(args) -> int:
     print(f"| samples (in A, in B) | {result['n']} ({result['n_a']}, {result['n_b']}) |")
     print(f"| Kish ESS in A, in B | {result['ess_a']:.1f}, {result['ess_b']:.1f} |")
     print(f"| Kish ESS / N | {result['ess_fraction']:.4f} |")
+    low = min(result["ess_a"], result["ess_b"])
+    if low < MIN_STATE_ESS:
+        print(f"regflow-mm free-energy: warning: UNRELIABLE: the +- rests on {low:.1f} effective samples in a state "
+              f"(fewer than {MIN_STATE_ESS:.0f}): draw more samples (-n) or use a better flow", file=sys.stderr)
     _write_json(args.json, result)
     return 0
 

@@ -29,6 +29,10 @@ def _pymbar():
     return pymbar
 
 
+# Below this Kish ESS (a count) inside either state, a state free energy and its error are UNRELIABLE.
+MIN_STATE_ESS = 20.0
+
+
 def state_delta_f(log_w, in_a, in_b, block_size: int | None = None, n_bootstrap: int = 200,
                   seed: int = 0) -> dict:
     """Delta F_{A->B} = F_B - F_A = -ln(P_B / P_A) in kT from weighted samples of one ensemble.
@@ -96,25 +100,43 @@ def torsion_state(torsions: dict[str, np.ndarray], predicate: Callable[..., np.n
     return result & finite
 
 
-def parse_torsion_predicate(expression: str) -> Callable[..., np.ndarray]:
+def parse_torsion_predicate(expression: str, torsions=None) -> Callable[..., np.ndarray]:
     """A predicate from a small expression over torsion names in degrees, e.g. ``"phi1 > 0"``.
 
-    Allowed: torsion names, numbers, comparisons, ``&``, ``|``, ``~``, parentheses, ``abs``.
-    Angles reach the expression in degrees.
+    Allowed: torsion names, numbers, single comparisons (``a < b``; write ``(-90 < phi1) & (phi1 < 0)``
+    for a range), ``&``, ``|``, ``~``, parentheses, ``abs``. ``torsions``: the names a system has
+    (then an unknown name is refused here, before any sample is drawn). Angles reach the expression in
+    degrees. ValueError for anything else.
     """
-    tree = ast.parse(expression, mode="eval")
+    def refuse(why: str):
+        raise ValueError(f"state expression {expression!r}: {why}; use torsion names, numbers, single "
+                         "comparisons, &, |, ~ and abs(...), e.g. \"(phi1 > -90) & (phi1 < 0)\"")
+
+    try:
+        tree = ast.parse(str(expression).strip(), mode="eval")
+    except SyntaxError as err:
+        refuse(f"not a valid expression ({err.msg})")
     allowed = (ast.Expression, ast.Compare, ast.BinOp, ast.UnaryOp, ast.Name, ast.Load, ast.Constant,
                ast.BitAnd, ast.BitOr, ast.Invert, ast.USub, ast.UAdd, ast.Lt, ast.LtE, ast.Gt, ast.GtE,
                ast.Call, ast.Sub, ast.Add)
     names = set()
     for node in ast.walk(tree):
         if not isinstance(node, allowed):
-            raise ValueError(f"state expression {expression!r}: {type(node).__name__} is not allowed; use torsion "
-                             "names, numbers, comparisons, &, |, ~ and abs(...)")
-        if isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name) and node.func.id == "abs"):
-            raise ValueError(f"state expression {expression!r}: only abs(...) may be called")
+            refuse(f"{type(node).__name__} is not allowed")
+        if isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name) and node.func.id == "abs"
+                                               and len(node.args) == 1 and not node.keywords):
+            refuse("only abs(x) may be called")
+        if isinstance(node, ast.Compare) and len(node.ops) > 1:
+            refuse("chained comparisons are not allowed")
+        if isinstance(node, ast.Constant) and (isinstance(node.value, bool)
+                                               or not isinstance(node.value, (int, float))):
+            refuse(f"{node.value!r} is not a number")
         if isinstance(node, ast.Name) and node.id != "abs":
             names.add(node.id)
+    if not _is_boolean(tree.body):
+        refuse("not a condition (a comparison, or comparisons joined by &, | or ~)")
+    if torsions is not None and names - set(torsions):
+        refuse(f"unknown torsions {sorted(names - set(torsions))} (this system has {sorted(torsions)})")
     code = compile(tree, "<state>", "eval")
     arg_names = sorted(names)
 
@@ -125,6 +147,14 @@ def parse_torsion_predicate(expression: str) -> Callable[..., np.ndarray]:
     predicate.__signature__ = inspect.Signature(
         [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in arg_names])
     return predicate
+
+
+def _is_boolean(node) -> bool:
+    if isinstance(node, ast.Compare):
+        return True
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.BitAnd, ast.BitOr)):
+        return _is_boolean(node.left) and _is_boolean(node.right)
+    return isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Invert) and _is_boolean(node.operand)
 
 
 def delta_f_exp(u_a_on_a, u_b_on_a) -> dict:

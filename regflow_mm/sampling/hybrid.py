@@ -15,7 +15,7 @@ Output: one HDF5 file (h5py)::
 Frames are written in blocks of ``checkpoint_every`` iterations together with the checkpoint;
 ``n_iterations`` is written last and marks the block as committed. After a kill, rerunning the
 same command truncates any uncommitted rows and continues from the checkpoint: no frame is lost
-or duplicated. The resumed chain is exact in distribution; its Langevin noise is reseeded from
+or duplicated; a file that committed no block yet starts over. Arrays carry fletcher32 checksums. The resumed chain is exact in distribution; its Langevin noise is reseeded from
 (seed, walker, iteration), so a resumed run is not bitwise equal to an uninterrupted one.
 """
 from __future__ import annotations
@@ -30,14 +30,16 @@ import numpy as np
 import openmm
 from openmm import unit
 from openmmtools import cache as mm_cache
-from openmmtools.mcmc import LangevinDynamicsMove
+from openmmtools.mcmc import IntegratorMoveError, LangevinDynamicsMove
 from openmmtools.states import SamplerState, ThermodynamicState
 
 from regflow_mm.data.checkpointed_hdf5 import commit_rows, committed_checkpoint, truncate_uncommitted
-from regflow_mm.files import check_resume_settings
+from regflow_mm.data.simulate import check_langevin, check_trajectory_path
+from regflow_mm.files import CHECKSUM, check_resume_settings, hdf5_file
 from regflow_mm.progress import progress_bar
 from regflow_mm.sampling.moves import FlowIndependenceMove, maxwell_boltzmann_velocities
 from regflow_mm.systems import check_spec_hash, system_from_spec_dict
+from regflow_mm.systems.platforms import resolve_platform
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +91,12 @@ class HybridWalker:
         self.context_cache = mm_cache.ContextCache(platform=openmm.Platform.getPlatformByName(platform), capacity=2)
         self.md_cpu_s = self.flow_cpu_s = 0.0
 
-    def step(self, thermo: ThermodynamicState) -> int:
-        """One iteration at ``thermo``; returns the number of flow moves accepted."""
+    def step(self, thermo: ThermodynamicState, where: str = "this walker") -> int:
+        """One iteration at ``thermo``; returns the number of flow moves accepted. An MD blow-up is a
+        one-line RuntimeError naming ``where``."""
         t0 = time.process_time()
         if self.md_steps:
-            self.md_move.apply(thermo, self.sampler_state, context_cache=self.context_cache)
+            _md_step(self.md_move, thermo, self.sampler_state, self.context_cache, where)
         t1 = time.process_time()
         before = self.flow_move.n_accepted
         for _ in range(self.flow_moves):
@@ -113,13 +116,16 @@ class HybridWalker:
         return np.asarray(self.sampler_state.velocities.value_in_unit(unit.nanometer / unit.picosecond))
 
 
-def run_block(walkers: list[HybridWalker], thermo: ThermodynamicState, n_block: int, bar=None):
-    """``n_block`` iterations of every walker -> frames (n_block, W, n, 3) float32 nm, accepted (n_block, W)."""
+def run_block(walkers: list[HybridWalker], thermo: ThermodynamicState, n_block: int, bar=None, *,
+              where: str = "", first_iteration: int = 1):
+    """``n_block`` iterations of every walker -> frames (n_block, W, n, 3) float32 nm, accepted (n_block, W).
+
+    ``where`` / ``first_iteration`` name the place of an MD blow-up in its error message."""
     frames = np.empty((n_block, len(walkers)) + walkers[0].positions.shape, np.float32)
     accepted = np.zeros((n_block, len(walkers)), np.int16)
     for k in range(n_block):
         for w, walker in enumerate(walkers):
-            accepted[k, w] = walker.step(thermo)
+            accepted[k, w] = walker.step(thermo, f"walker {w}, iteration {first_iteration + k} {where}".strip())
             frames[k, w] = walker.positions
         if bar is not None:
             bar.update(1)
@@ -174,9 +180,13 @@ def run_hybrid_mc(system, flow_path: str | Path, out: str | Path, n_iterations: 
 
     if isinstance(system, str):
         system = get_system(system)
-    if n_iterations < 1 or n_walkers < 1 or md_steps < 0 or flow_moves < 0 or checkpoint_every < 1:
-        raise ValueError("n_iterations, n_walkers, checkpoint_every must be >= 1 and md_steps, flow_moves >= 0; got "
-                         f"{n_iterations}, {n_walkers}, {checkpoint_every}, {md_steps}, {flow_moves}")
+    if (n_iterations < 1 or n_walkers < 1 or md_steps < 0 or flow_moves < 0 or checkpoint_every < 1
+            or batch_size < 1):
+        raise ValueError("n_iterations, n_walkers, checkpoint_every, batch_size must be >= 1 and md_steps, flow_moves "
+                         f">= 0; got {n_iterations}, {n_walkers}, {checkpoint_every}, {batch_size}, {md_steps}, "
+                         f"{flow_moves}")
+    check_langevin(timestep_fs, friction_per_ps)
+    platform = resolve_platform(platform, system.n_atoms, system.system)
     flow_path = require_flow_file(flow_path)
     out = Path(out)
     settings = {"md_steps": int(md_steps), "timestep_fs": float(timestep_fs),
@@ -184,14 +194,13 @@ def run_hybrid_mc(system, flow_path: str | Path, out: str | Path, n_iterations: 
                 "flow_moves": int(flow_moves), "reject_d_chirality": bool(reject_d_chirality),
                 "batch_size": int(batch_size), "n_walkers": int(n_walkers), "platform": platform}
     flow_hash = flow_file_hash(flow_path)
-    flow = load_flow(flow_path)
+    flow = load_flow(flow_path, system=system)  # a flow of another system fails here, before any file is made
     thermo = ThermodynamicState(system.system, system.temperature * unit.kelvin)
 
-    if out.exists():
-        n_done, positions, velocities, move_states = _prepare_resume(out, system, flow_hash, settings, seed)
+    resume = _prepare_resume(out, system, flow_hash, settings, seed) if out.exists() else None
+    if resume is not None:
+        n_done, positions, velocities, move_states = resume
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _create(out, system, flow_path, flow_hash, settings, seed)
         n_done, move_states = 0, [None] * n_walkers
         positions = np.repeat(system.positions[None], n_walkers, axis=0)
         velocities = np.stack([maxwell_boltzmann_velocities(system.system, system.temperature,
@@ -212,14 +221,22 @@ def run_hybrid_mc(system, flow_path: str | Path, out: str | Path, n_iterations: 
                                     friction_per_ps=settings["friction_per_ps"],
                                     random_seed=_openmm_seed(seed, w, n_done), platform=platform))
 
+    if resume is None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _create(out, system, flow_path, flow_hash, settings, seed)
     proposed_before = sum(wk.flow_move.n_proposed for wk in walkers)
     bar = progress_bar(total=n_iterations, initial=min(n_done, n_iterations), unit="it",
                        desc=f"hybrid MC {system.name}", disable=not progress, dynamic_ncols=True, mininterval=1.0)
     try:
         while n_done < n_iterations:
             n_block = min(checkpoint_every, n_iterations - n_done)
-            frames, accepted = run_block(walkers, thermo, n_block, bar)
+            frames, accepted = run_block(walkers, thermo, n_block, bar, where=f"of {out} ({n_done} committed)",
+                                         first_iteration=n_done + 1)
             n_done = commit_block(out, {"positions": frames, "accepted": accepted}, walkers, n_done)
+    except BaseException:
+        if n_done == 0:
+            out.unlink(missing_ok=True)  # a failed start leaves no file behind
+        raise
     finally:
         bar.close()
     md_cpu = sum(wk.md_cpu_s for wk in walkers)
@@ -229,6 +246,24 @@ def run_hybrid_mc(system, flow_path: str | Path, out: str | Path, n_iterations: 
     summary.update(md_cpu_s=md_cpu, flow_cpu_s=flow_cpu,
                    cpu_s_per_flow_move=flow_cpu / n_flow if n_flow else float("nan"))
     return summary
+
+
+# A walker whose atoms spread over more than this (nm) has blown up (positions may still be finite).
+_MAX_EXTENT_NM = 1e4
+
+
+def _md_step(md_move, thermo, sampler_state, context_cache, where: str) -> None:
+    """One MD move; a blow-up (openmmtools' IntegratorMoveError, non-finite positions, or atoms spread
+    over more than ``_MAX_EXTENT_NM``) is a one-line RuntimeError that names ``where``."""
+    try:
+        md_move.apply(thermo, sampler_state, context_cache=context_cache)
+        x = sampler_state.positions.value_in_unit(unit.nanometer)
+        sane = bool(np.isfinite(x).all() and np.ptp(x, axis=0).max() < _MAX_EXTENT_NM)
+    except IntegratorMoveError:
+        sane = False
+    if not sane:
+        raise RuntimeError(f"MD blew up (non-finite energy or positions) at {where}: rerun with a smaller "
+                           f"--timestep-fs into another --out")
 
 
 def _create(out, system, flow_path, flow_hash, settings, seed):
@@ -241,28 +276,37 @@ def _create(out, system, flow_path, flow_hash, settings, seed):
         fh.attrs["metadata"] = json.dumps(metadata)
         fh.attrs["n_iterations"] = 0
         fh.create_dataset("positions", shape=(0, w, n, 3), maxshape=(None, w, n, 3), dtype=np.float32,
-                          chunks=(64, w, n, 3))
-        fh.create_dataset("accepted", shape=(0, w), maxshape=(None, w), dtype=np.int16, chunks=(256, w))
+                          chunks=(64, w, n, 3), **CHECKSUM)
+        fh.create_dataset("accepted", shape=(0, w), maxshape=(None, w), dtype=np.int16, chunks=(256, w), **CHECKSUM)
 
 
 def _prepare_resume(out, system, flow_hash, settings, seed):
-    with h5py.File(out, "r+") as fh:
+    """(n_done, positions, velocities, move_states) of the last committed block of ``out``; None, with
+    ``out`` removed, when it committed none (killed early, or a failed start: the run starts over by
+    itself, whatever settings made it)."""
+    # read-only until every check passed: a refused file is left exactly as it was
+    with hdf5_file(out, "r", "hybrid-MC file", hint=": choose another --out") as fh:
         md = json.loads(fh.attrs["metadata"])
         if md.get("format") != FORMAT:
             raise ValueError(f"{out} is not a hybrid-MC file ({md.get('format')!r}): choose another --out")
-        check_spec_hash(md["system_hash"], system, str(out), verb="holds a run of", allow_unknown=False)
-        if md["flow_hash"] != flow_hash:
-            raise ValueError(f"{out} was run with another flow (hash {md['flow_hash'][:12]}, this one "
-                             f"{flow_hash[:12]}): resume with the original flow file or choose another --out")
-        check_resume_settings(out, md["settings"], settings, _RESUME_KEYS, md["seed"], seed)
-        n_done = truncate_uncommitted(fh, "n_iterations", ("positions", "accepted"))
         ck = committed_checkpoint(fh, "n_iterations")
-        if n_done == 0 or ck is None:
-            raise ValueError(f"{out} has no committed block to resume from; delete it and start again")
-        positions, velocities = ck["positions"][()], ck["velocities"][()]
-        move_states = [json.loads(s) for s in ck.attrs["move_state"]]
-    log.info("resuming %s at iteration %d", out, n_done)
-    return n_done, positions, velocities, move_states
+        n_done = int(fh.attrs["n_iterations"])
+        if n_done > 0 and ck is not None:
+            check_spec_hash(md["system_hash"], system, str(out), verb="holds a run of", allow_unknown=False)
+            if md["flow_hash"] != flow_hash:
+                raise ValueError(f"{out} was run with another flow (hash {md['flow_hash'][:12]}, this one "
+                                 f"{flow_hash[:12]}): resume with the original flow file or choose another --out")
+            check_resume_settings(out, md["settings"], settings, _RESUME_KEYS, md["seed"], seed)
+            positions, velocities = ck["positions"][()], ck["velocities"][()]
+            move_states = [json.loads(s) for s in ck.attrs["move_state"]]
+    if n_done > 0 and ck is not None:
+        with hdf5_file(out, "r+", "hybrid-MC file") as fh:
+            truncate_uncommitted(fh, "n_iterations", ("positions", "accepted"))
+        log.info("resuming %s at iteration %d", out, n_done)
+        return n_done, positions, velocities, move_states
+    log.info("%s committed no block before it stopped: starting it over", out)
+    out.unlink()
+    return None
 
 
 def hybrid_summary(path: str | Path) -> dict:
@@ -272,7 +316,9 @@ def hybrid_summary(path: str | Path) -> dict:
     moves), proposal counters, and for every phi torsion of the system: phi > 0 population
     (mean over walkers with the standard error between walkers) and sign changes per walker.
     """
-    with h5py.File(path, "r") as fh:
+    from regflow_mm.data.dataset import dihedrals
+
+    with hdf5_file(path, "r", "hybrid-MC file") as fh:
         md = json.loads(fh.attrs["metadata"])
         n = int(fh.attrs["n_iterations"])
         positions = fh["positions"][:n]
@@ -320,13 +366,13 @@ def export_walker_trajectory(path: str | Path, walker: int, out: str | Path) -> 
     """Write one walker's frames as DCD/XTC/PDB (by extension, via mdtraj)."""
     import mdtraj
 
-    with h5py.File(path, "r") as fh:
+    out = check_trajectory_path(out)
+    with hdf5_file(path, "r", "hybrid-MC file") as fh:
         md = json.loads(fh.attrs["metadata"])
         n = int(fh.attrs["n_iterations"])
         if not 0 <= walker < fh["positions"].shape[1]:
             raise ValueError(f"walker must be in 0..{fh['positions'].shape[1] - 1}, got {walker}")
         xyz = fh["positions"][:n, walker]
     topology = mdtraj.Topology.from_openmm(system_from_spec_dict(md["system"]).topology)
-    out = Path(out)
     mdtraj.Trajectory(xyz, topology).save(str(out))
     return out

@@ -18,6 +18,7 @@ import openmm
 from openmm import app, unit
 
 from ..files import require_file
+from ..validation import check_types
 
 MOLAR_GAS_CONSTANT = 0.00831446261815324  # kJ/(mol K)
 
@@ -45,6 +46,11 @@ class SystemSpec:
     build: dict = field(default_factory=dict, compare=False)  # how systems/build_structures.py made the PDB
 
     def __post_init__(self):
+        check_types(self, f"system {self.name!r}")
+        if self.friction < 0:
+            raise ValueError(f"system {self.name!r}: friction must be >= 0 (1/ps), got {self.friction}")
+        if self.nonbonded_cutoff is not None and not self.nonbonded_cutoff > 0:
+            raise ValueError(f"system {self.name!r}: nonbonded_cutoff must be > 0 nm, got {self.nonbonded_cutoff}")
         if self.nonbonded_method not in _NONBONDED:
             raise ValueError(f"system {self.name!r}: nonbonded_method must be one of {sorted(_NONBONDED)}, "
                              f"got {self.nonbonded_method!r} (periodic/explicit solvent is not supported)")
@@ -66,6 +72,11 @@ class SystemSpec:
         missing = {"name", "pdb", "forcefield", "temperature"} - set(raw)
         if missing:
             raise ValueError(f"system spec {path}: missing keys {sorted(missing)}")
+        for key, ok, kind in (("pdb", isinstance(raw["pdb"], str), "a path string"),
+                              ("forcefield", isinstance(raw["forcefield"], list)
+                               and all(isinstance(f, str) for f in raw["forcefield"]), "a list of file names")):
+            if not ok:
+                raise ValueError(f"system spec {path}: {key} must be {kind}, got {raw[key]!r}")
         pdb = Path(raw.pop("pdb"))
         if not pdb.is_absolute():
             pdb = path.parent / pdb

@@ -70,7 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--energy-workers", type=int, default=None, help="energy worker processes (default: cores)")
     p.add_argument("--platform", default=None, help="OpenMM platform for energies (default auto)")
     p.add_argument("--device", default="auto", help="torch device for the flow (auto, cpu, cuda)")
-    p.add_argument("--out", default=None, help="directory for metrics.json and plots (default: next to the flow)")
+    p.add_argument("--out", default=None, help="directory for metrics.json and plots (default: evaluate-SPLIT beside "
+                                               "the flow; never a training run's folder, whose metrics.json is the "
+                                               "training's)")
     p.set_defaults(func=_evaluate)
 
 
@@ -152,10 +154,15 @@ def _evaluate(args) -> int:
 
     from ..data import load_dataset
     from ..energy import EnergyEvaluator
+    from ..files import output_dir
     from ..flows import load_flow
     from .distributed import resolve_device
     from .evaluation import evaluate_flow, scalar_metrics
 
+    out = output_dir(args.out if args.out else Path(args.flow).parent / f"evaluate-{args.split}")
+    if (out / "run_info.json").exists():
+        raise ValueError(f"--out {out} is a training run folder: its metrics.json is the training's; choose "
+                         "another --out")
     device = resolve_device(args.device)
     dataset = load_dataset(args.data)
     system = dataset.system
@@ -168,7 +175,6 @@ def _evaluate(args) -> int:
         raise ValueError(f"--split {args.split!r}: {args.data} has splits {sorted(dataset.splits)}; or use all")
     x, u = dataset.positions[frames], dataset.reduced_energies()[frames]
     md_log_w = dataset.log_weights[frames] if dataset.weighted else None
-    out = Path(args.out) if args.out else Path(args.flow).parent
     with EnergyEvaluator(system, n_workers=args.energy_workers, platform=args.platform) as evaluator:
         with torch.no_grad():
             res = evaluate_flow(flow, system, x, u, evaluator=evaluator, n_samples=args.n_samples,

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torchdiffeq import odeint
 
+from ..files import atomic_write, load_torch
 from ..progress import progress_bar
 
 FIXED_STEP_METHODS = ("euler", "midpoint", "rk4", "heun3")
@@ -167,16 +168,21 @@ class TeacherCNF(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         if not hasattr(self.velocity, "config"):
             raise ValueError("only velocity fields with a .config (e.g. VelocityMLP) can be saved")
-        torch.save({"velocity_config": self.velocity.config, "velocity_state": self.velocity.state_dict(),
-                    "solver": asdict(self.solver), "extra": extra or {}}, path)
-        return path
+        payload = {"velocity_config": self.velocity.config, "velocity_state": self.velocity.state_dict(),
+                   "solver": asdict(self.solver), "extra": extra or {}}
+        return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
     @classmethod
     def load(cls, path: str | Path, map_location="cpu") -> "TeacherCNF":
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no teacher CNF at {path}; train one with train_flow_matching first")
-        blob = torch.load(path, map_location=map_location, weights_only=True)
+        hint = ": delete it to train the teacher again"
+        blob = load_torch(path, "teacher CNF file", hint, map_location=map_location)
+        if not isinstance(blob, dict) or not {"velocity_config", "velocity_state", "solver"} <= set(blob):
+            raise ValueError(f"{path} is not a teacher CNF file (no velocity weights){hint}")
+        if not all(torch.is_tensor(v) and torch.isfinite(v).all() for v in blob["velocity_state"].values()):
+            raise ValueError(f"teacher CNF file {path} holds non-finite (NaN/inf) weights{hint}")
         velocity = VelocityMLP(**blob["velocity_config"])
         velocity.load_state_dict(blob["velocity_state"])
         velocity.to(map_location)
@@ -248,7 +254,8 @@ def train_flow_matching(velocity: nn.Module, data: torch.Tensor, prior, config: 
             noise = torch.randn(x1.shape, generator=gen).to(x1) if config.sigma > 0 else None
             loss = flow_matching_loss(velocity, x0, x1, t, config.sigma, noise)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"flow-matching loss became {loss.item()} at step {step}; lower the lr")
+                raise RuntimeError(f"flow-matching loss became {loss.item()} at step {step}: lower the teacher's "
+                                   f"learning rate (teacher_lr, now {config.lr})")
             opt.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(velocity.parameters(), config.grad_clip)

@@ -1,8 +1,10 @@
 """Fixed noise-data pairs (x0, x1) for RegFlow, stored on disk in chunks and resumable.
 
 - ``generate_reflow_pairs``: x0 ~ prior, x1 = teacher CNF ODE solution f*(x0). Chunk k draws its
-  x0 under a seed derived from (seed, k), so the pairs do not depend on how the work was split
-  (resume, executor sharding) and a store can be extended to more pairs later.
+  x0 under a seed derived from (seed, k) and holds ``chunk_size`` pairs (the last one the
+  remainder), so the pairs do not depend on how the work was split (resume, executor sharding).
+  Rerunning is idempotent: a store for ``n_pairs`` keeps its whole chunks and redraws only a final
+  partial chunk whose size is not the one ``n_pairs`` asks for (a store made for another count).
 - ``ot_pairing`` / ``generate_ot_pairs``: x0 = prior samples, x1 = data; pairing by exact
   optimal transport (POT ``emd``, squared Euclidean cost, uniform weights: the optimal plan is a
   permutation) or, flagged as approximations, by exact OT within random minibatches
@@ -15,9 +17,10 @@ network simplex keeps per-arc state for all n^2 arcs. Measured on this 2-core, 2
 n = 10,000 needs ~4 GB and ~1.5 min; the largest n that fits in memory here is ~22,000 (~20 GB,
 ~15 min). Use method="minibatch" beyond that.
 
-Store layout (HDF5): ``/x0``, ``/x1`` (n, D) float32 in flow-space units, chunked along n;
-attrs ``kind``, ``settings`` (JSON of everything that made the pairs), ``n_target``,
-``n_done`` (written after each chunk is flushed: a killed run resumes from it).
+Store layout (HDF5): ``/x0``, ``/x1`` (n, D) float32 in flow-space units, chunked along n, with
+fletcher32 checksums (verified on read); attrs ``kind``, ``settings`` (JSON of everything that made
+the pairs), ``n_target`` (the pairs asked for last), ``n_done`` (written after each chunk is
+flushed: a killed run resumes from it).
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import numpy as np
 import ot
 import torch
 
-from ..files import check_resume_settings
+from ..files import CHECKSUM, check_resume_settings, hdf5_file
 from ..progress import progress_bar
 from .cnf import SolverOptions, TeacherCNF, prior_sample
 
@@ -68,25 +71,34 @@ class PairStore:
         """Create the store, or reopen one made with identical ``settings`` (to resume or extend).
 
         A store made with other settings is never overwritten: a clear error asks for another path.
+        ``n_target`` replaces the stored target; rows past it are the caller's to ``truncate``.
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(settings, sort_keys=True)
         if path.exists():
-            with h5py.File(path, "a") as f:
+            with hdf5_file(path, "a", "pair store", hint=": delete it to make the pairs again") as f:
                 stored = {"kind": f.attrs.get("kind"), **json.loads(f.attrs.get("settings") or "{}")}
                 check_resume_settings(f"pair store {path}", stored, {"kind": kind, **json.loads(text)}, verb="made")
                 n_done = int(f.attrs["n_done"])
                 for name in ("x0", "x1"):  # drop rows of a chunk interrupted before n_done was updated
                     f[name].resize(n_done, axis=0)
-                f.attrs["n_target"] = max(int(f.attrs["n_target"]), n_target)
-            return cls(path, kind, settings, max(n_target, n_done), n_done)
+                f.attrs["n_target"] = n_target
+            return cls(path, kind, settings, n_target, n_done)
         with h5py.File(path, "w") as f:
             for name in ("x0", "x1"):
                 f.create_dataset(name, shape=(0, dim), maxshape=(None, dim), dtype="float32",
-                                 chunks=(max(1, min(chunk_size, 65536)), dim))
+                                 chunks=(max(1, min(chunk_size, 65536)), dim), **CHECKSUM)
             f.attrs.update(kind=kind, settings=text, n_target=n_target, n_done=0)
         return cls(path, kind, settings, n_target, 0)
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` committed pairs (``n <= n_done``)."""
+        with h5py.File(self.path, "a") as f:
+            f.attrs["n_done"] = n
+            for name in ("x0", "x1"):
+                f[name].resize(n, axis=0)
+        self.n_done = n
 
     def append(self, x0: np.ndarray, x1: np.ndarray) -> None:
         """Append a chunk of pairs (m, D) and commit it (``n_done`` is written after the data)."""
@@ -105,15 +117,23 @@ def load_pairs(path: str | Path, n: int | None = None) -> tuple[torch.Tensor, to
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no pair store at {path}; generate pairs first (reflow or OT)")
-    with h5py.File(path, "r") as f:
-        n_done = int(f.attrs["n_done"])
-        if n_done < int(f.attrs["n_target"]):
-            raise ValueError(f"pair store {path} is incomplete ({n_done} of {int(f.attrs['n_target'])}); "
+    with hdf5_file(path, "r", "pair store", hint=": delete it to make the pairs again") as f:
+        n_done, n_target = int(f.attrs["n_done"]), int(f.attrs["n_target"])
+        if n_done < n_target:
+            raise ValueError(f"pair store {path} is incomplete ({n_done} of {n_target}); "
                              f"rerun the generation to resume it")
-        n = n_done if n is None else min(n, n_done)
+        n = n_target if n is None else min(n, n_target)
         x0, x1 = torch.from_numpy(f["x0"][:n]), torch.from_numpy(f["x1"][:n])
         info = {"kind": f.attrs["kind"], "settings": json.loads(f.attrs["settings"]), "n_pairs": n}
     return x0, x1, info
+
+
+def reusable_pairs(n_done: int, n_pairs: int, chunk_size: int) -> int:
+    """How many of ``n_done`` stored pairs are the first pairs of a store for ``n_pairs``: all of them when
+    the counts are equal, else the whole chunks both have (a final partial chunk differs by its size)."""
+    if n_done == n_pairs:
+        return n_done
+    return min(n_done // chunk_size, n_pairs // chunk_size) * chunk_size
 
 
 def _chunk_prior(prior, n: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
@@ -134,8 +154,8 @@ def generate_reflow_pairs(cnf: TeacherCNF, prior, n_pairs: int, path: str | Path
                           progress: bool = True) -> Path:
     """Write ``n_pairs`` reflow pairs (x0 ~ prior, x1 = cnf.transport(x0)) to the HDF5 store at ``path``.
 
-    Resumes an interrupted store and extends a complete one made with the same teacher and
-    settings. ``executor`` (e.g. ``ProcessPoolExecutor``) computes chunks concurrently; chunks are
+    Resumes an interrupted store and reuses one made with the same teacher and settings for another
+    ``n_pairs`` (whole chunks kept, see ``reusable_pairs``). ``executor`` (e.g. ``ProcessPoolExecutor``) computes chunks concurrently; chunks are
     still written in order, so the file is identical to a serial run.
     """
     if n_pairs < 1 or chunk_size < 1:
@@ -147,11 +167,11 @@ def generate_reflow_pairs(cnf: TeacherCNF, prior, n_pairs: int, path: str | Path
     with torch.random.fork_rng(devices=[]):
         dim = prior_sample(prior, 1).shape[1]
     store = PairStore.open(path, "reflow", settings, n_pairs, dim, chunk_size)
-    if store.n_done % chunk_size and store.n_done < n_pairs:
-        raise ValueError(f"pair store {path} ends mid-chunk ({store.n_done} pairs, chunk {chunk_size}): "
-                         f"it was made for a smaller n_pairs; extend it with a multiple of chunk_size")
+    keep = reusable_pairs(store.n_done, n_pairs, chunk_size)
+    if keep < store.n_done:
+        store.truncate(keep)
     chunks = [(k, min(chunk_size, n_pairs - k * chunk_size))
-              for k in range(store.n_done // chunk_size, -(-n_pairs // chunk_size))]
+              for k in range(store.n_done // chunk_size, -(-n_pairs // chunk_size))] if store.n_done < n_pairs else []
     bar = progress_bar(total=n_pairs, initial=store.n_done, desc="reflow pairs", disable=not progress)
     if executor is None:
         for k, m in chunks:

@@ -10,12 +10,14 @@ Run directory layout::
     metrics.json       final evaluation on the validation split, plots/*.png
 
 Every stage is cached on disk and resumes: rerunning the same command after a kill continues
-where it stopped. Under torchrun, rank 0 prepares teacher and pairs while the others wait.
+where it stopped; rerunning a finished run changes no file. Bad input (data, settings, a file as
+``out_dir``) fails before the folder is made, and a folder holding no work yet takes new settings. Under torchrun, rank 0 prepares teacher and pairs while the others wait.
 """
 from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -24,7 +26,8 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..files import check_resume_settings, require_file
+from ..energy.worker import watch_parent
+from ..files import check_resume_settings, output_dir, require_file
 from .cnf import FlowMatchingConfig, SolverOptions, TeacherCNF, VelocityMLP, train_flow_matching
 from .couplings import generate_ot_pairs, generate_reflow_pairs, load_pairs, tensor_hash
 from .distributed import DistInfo, barrier, init_distributed, shutdown
@@ -45,12 +48,18 @@ def load_config_file(path: str | Path) -> dict:
     raise ValueError(f"config file {path} must be .json or .toml")
 
 
+# Files holding work of a run; a folder with none of them (a failed start) takes any settings.
+_WORK_FILES = ("checkpoint.pt", "teacher.pt", "pairs_reflow.h5", "pairs_ot.h5", "flow.pt")
+
+
 def _check_run_config(config: TrainConfig, out_dir: Path) -> None:
     path = out_dir / "config.json"
-    if path.exists():
+    if path.exists() and any((out_dir / name).exists() for name in _WORK_FILES):
         check_resume_settings(out_dir, TrainConfig.with_defaults(json.loads(path.read_text())), config.to_dict(),
                               ignore=RESUMABLE_CHANGES, verb="trained")
-    path.write_text(json.dumps(config.to_dict(), indent=2))
+    text = json.dumps(config.to_dict(), indent=2)
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
 
 
 def load_training_data(config: TrainConfig, min_train: int | None = None):
@@ -114,10 +123,12 @@ def prepare_pairs(config: TrainConfig, flow, y_train: torch.Tensor, out_dir: Pat
         cnf = TeacherCNF(velocity, solver)
         cnf.save(teacher_path, extra={"flow_matching": vars(fm), "log": log})
         info["teacher_train_s"] = time.perf_counter() - t
-    n_pairs = pairs.n_pairs or y_train.shape[0]
+    n_pairs = pairs.n_pairs if pairs.n_pairs is not None else y_train.shape[0]
     t = time.perf_counter()
     # spawn, not fork: forking a process that already runs torch's thread pools can deadlock
-    executor = (ProcessPoolExecutor(pairs.pair_workers, mp_context=multiprocessing.get_context("spawn"))
+    # workers exit by themselves if this process is killed (watch_parent)
+    executor = (ProcessPoolExecutor(pairs.pair_workers, mp_context=multiprocessing.get_context("spawn"),
+                                    initializer=watch_parent, initargs=(os.getpid(),))
                 if pairs.pair_workers > 0 else None)
     try:
         path = generate_reflow_pairs(cnf, prior, n_pairs, out_dir / "pairs_reflow.h5",
@@ -135,20 +146,22 @@ def run_training(config: TrainConfig, out_dir: str | Path, *, progress: bool = T
     """Run (or resume) a full training run in ``out_dir``; returns the summary (also in run_info.json)."""
     from ..energy import EnergyEvaluator
 
-    out_dir = Path(out_dir)
+    out_dir = output_dir(out_dir)
     own_dist = dist is None
     dist = dist or init_distributed(config.device)
     try:
+        # data and flow first: bad input fails before the run folder is made or changed
+        system, dataset = load_training_data(config)
+        train = dataset.split("train")
+        flow = build_student(config, system, train)
+        flow.to(dist.device)
         if dist.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             _check_run_config(config, out_dir)
         barrier(dist)
         info_path = out_dir / "run_info.json"
         info = json.loads(info_path.read_text()) if info_path.exists() else {}
-        system, dataset = load_training_data(config)
-        train = dataset.split("train")
-        flow = build_student(config, system, train)
-        flow.to(dist.device)
+        finished = "final_metrics" in info and (out_dir / "flow.pt").exists()
         info.update(regflow_mm=__version__, torch=torch.__version__, device=str(dist.device),
                     world_size=dist.world_size, dataset=str(config.data), dataset_frames=len(dataset),
                     train_frames=int(train.shape[0]), dataset_hash=tensor_hash(train))
@@ -194,6 +207,9 @@ def run_training(config: TrainConfig, out_dir: str | Path, *, progress: bool = T
                           dist=dist, progress=progress)
         summary = trainer.fit()
         info["train"] = summary
+        if finished and summary["steps_this_run"] == 0:
+            evaluator.close()  # a rerun of a finished run: its flow, metrics and plots stay as they are
+            return info
         if dist.is_main:
             ema_flow = trainer.result_flow()
             ema_flow.save(out_dir / "flow.pt")

@@ -11,8 +11,10 @@ One ``Trainer`` runs the optimisation loop on in-memory tensors with
   takes (checked bitwise in tests/test_trainer.py);
 - atomic checkpoints every ``checkpoint_every`` steps, at epoch ends and on SIGINT/SIGTERM;
 - a JSON-lines + CSV log (train rows every ``log_every`` steps, validation rows per epoch);
-- a non-finite loss or gradient: no update is applied, the last good checkpoint is kept,
+- a non-finite loss or gradient: no update is applied, the last good checkpoint (if any) is kept,
   ``nan_report.json`` names the step, and ``TrainingDiverged`` is raised;
+- a resumed run that already ended (steps, CPU-time budget, early stopping) takes no step and
+  rewrites no checkpoint;
 - data parallelism over torch.distributed: every rank takes its equal slice of the same global
   batch and gradients are averaged, so the loss trajectory equals one process's.
 """
@@ -22,7 +24,6 @@ import csv
 import functools
 import json
 import math
-import pickle
 import random
 import signal
 import time
@@ -35,8 +36,9 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from ..files import atomic_write, check_resume_settings
+from ..files import atomic_write, check_resume_settings, load_torch
 from ..progress import progress_bar
+from ..validation import check_types
 from .couplings import derived_seed
 from .distributed import DistInfo, all_reduce_max, all_reduce_mean, average_gradients
 from .objectives import REGULARIZERS, as_parts, force_matching_loss, nll_terms, regflow_terms, reverse_kl_loss
@@ -203,6 +205,11 @@ class TrainConfig:
         raise AttributeError(f"TrainConfig has no setting {name!r}")
 
     def __post_init__(self):
+        from ..flows.factory import check_hyper
+
+        check_types(self, "training settings")
+        for name in _GROUPS:
+            check_types(getattr(self, name), "training settings")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.target not in TARGETS:
@@ -227,6 +234,21 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        for name in ("max_steps", "n_pairs", "time_budget_s", "early_stop_patience"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 (or unset), got {value}")
+        for name in ("pair_chunk_size", "teacher_steps", "teacher_batch_size", "teacher_hidden", "teacher_layers",
+                     "ode_steps", "ot_block_size", "kl_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "teacher_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("val_samples", "val_torsion_samples", "energy_workers", "pair_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_hyper(self.architecture, self.hyper)
 
     @classmethod
     def setting_names(cls) -> list[str]:
@@ -427,11 +449,8 @@ class Trainer:
     def _load_checkpoint(self) -> None:
         # weights_only: a checkpoint holds tensors and plain Python values only, so a planted file
         # cannot run code when a run resumes.
-        try:
-            state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise ValueError(f"{self.checkpoint_path} holds more than tensors and plain values (refused, nothing "
-                             f"was run: {str(err).splitlines()[0]}); delete it to start this run over") from None
+        state = load_torch(self.checkpoint_path, "training checkpoint", ": nothing was run; delete it to start this "
+                           "run over", map_location=self.device)
         check_resume_settings(self.checkpoint_path, TrainConfig.with_defaults(state["config"]), self.config.to_dict(),
                               ignore=RESUMABLE_CHANGES,
                               verb="trained")
@@ -530,9 +549,12 @@ class Trainer:
         self._stop_requested = True
 
     def _diverged(self, step: int, what: str, parts: dict) -> TrainingDiverged:
-        message = (f"training stopped: {what} at step {step}; no update was applied and the last good checkpoint "
-                   f"({self.checkpoint_path}, step {self._last_checkpoint_step}) is kept. Lower the learning rate "
-                   f"or raise the regularisation, then resume from the checkpoint")
+        kept = (f"the last good checkpoint {self.checkpoint_path} (step {self._last_checkpoint_step}) is kept"
+                if self._last_checkpoint_step is not None else "no checkpoint was written yet")
+        # A rerun of the same settings takes the same steps and fails again; other settings do not resume.
+        message = (f"training stopped: {what} at step {step}; no update was applied and {kept}. Train again "
+                   f"into another output folder with a lower learning rate (now {self.config.lr}) or a larger "
+                   f"regularisation")
         if self.dist.is_main:
             report = {"step": step, "what": what, "parts": parts, "last_checkpoint_step": self._last_checkpoint_step}
             (self.out_dir / "nan_report.json").write_text(json.dumps(report, indent=2, default=str))
@@ -555,8 +577,14 @@ class Trainer:
             bar = progress_bar(total=self.total_steps, initial=self.step, desc=f"train {cfg.method}",
                                disable=not self.progress)
         stopped_by = "steps"
+        start_step = self.step
+        # A resumed run that already ended on its budget or patience takes no further step.
+        if budget is not None and self.cpu_time >= budget:
+            stopped_by = "time_budget"
+        elif cfg.early_stop_patience is not None and self._since_best >= cfg.early_stop_patience:
+            stopped_by = "early_stopping"
         try:
-            while self.step < self.total_steps:
+            while self.step < self.total_steps and stopped_by == "steps":
                 t0 = time.process_time()
                 self.flow.train()
                 loss, parts = self._loss(self.step)
@@ -614,8 +642,9 @@ class Trainer:
                 if flags[2]:
                     stopped_by = "early_stopping"
                     break
-            self.save_checkpoint()
-            self._last_checkpoint_step = self.step
+            if self.step != start_step or not self.checkpoint_path.exists():
+                self.save_checkpoint()
+                self._last_checkpoint_step = self.step
         finally:
             bar.close()
             for sig, handler in old_handlers.items():
@@ -629,6 +658,7 @@ class Trainer:
                                     f"{self.checkpoint_path}, rerun to resume")
         return {"step": self.step, "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                 "cpu_time_s": self.cpu_time, "stopped_by": stopped_by, "resumed_from": self.resumed_from,
+                "steps_this_run": self.step - start_step,
                 "best_step": None if self.best is None else self.best["step"],
                 "best_val_nll": None if self.best is None else self.best["nll"]}
 
