@@ -35,11 +35,12 @@ SCHEMA: dict[str, dict] = {
     # Passed to regflow_mm.training.TrainConfig; the baseline trains with the same settings and budget.
     # data_weight_power: MLE / NLL+FM batches draw enhanced-sampling frames ~ w**power (RegFlow trains on
     # teacher pairs and does not read it). compile: torch.compile the training loss (about 2x the steps per
-    # CPU-second; needs a C++ compiler, else training runs eagerly with a warning).
+    # CPU-second; needs a C++ compiler, else training runs eagerly with a warning). val_every_epochs: epochs
+    # between validations (a RegFlow epoch over 20k pairs is only ~80 steps; validation is not in the budget).
     "train": {"data_weight_power": 0.0, "method": "regflow", "target": "reflow", "time_budget_s": 150.0, "epochs": 1000,
               "batch_size": 256, "lr": 5e-4, "regularizer": "logdet", "lambda_r": 1e-6, "lambda_n": 0.0,
               "n_pairs": 20000, "teacher_steps": 6000, "val_samples": 0, "ode_method": "dopri5",
-              "lr_schedule": "constant", "keep_best": False, "compile": False},
+              "lr_schedule": "constant", "keep_best": False, "compile": False, "val_every_epochs": 1},
     "baseline": {"enabled": True, "method": "mle"},
     # downstream_flow: the flow used by mc / free_energy / export: "best" (lowest E-W1 on held-out
     # data), "regflow" or "baseline".
