@@ -46,7 +46,7 @@ SCHEMA: dict[str, dict] = {
     # data), "regflow" or "baseline".
     # n_bootstrap: resamples for the ESS interval; n_torsion: samples per side of the exact T-W2.
     "evaluate": {"n_samples": 5000, "downstream_flow": "best", "n_bootstrap": 200, "n_torsion": 5000},
-    "mc": {"n_iterations": 200, "md_steps_per_iteration": 500, "n_walkers": 2},
+    "mc": {"n_iterations": 200, "md_steps_per_iteration": 500, "n_walkers": 2, "flow_moves_per_iteration": 1},
     "free_energy": {"n_samples": 20000},
     "export": {"backend": "torch", "md_steps": 1000},
 }

@@ -138,10 +138,13 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
               f"(rule `{down['rule']}`: 'best' takes the lowest E-W1 on held-out data).", ""]
     lines += ["## Hybrid MD / flow Monte Carlo", "",
               f"{mc['n_walkers']} walkers x {mc['n_iterations']} iterations of {config['mc']['md_steps_per_iteration']} "
-              f"Langevin steps + one flow independence move; acceptance {mc['acceptance']:.2%}; "
+              f"Langevin steps + {config['mc']['flow_moves_per_iteration']} flow independence move(s); "
+              f"acceptance {mc['acceptance']:.2%}; "
               f"{md['phi_name']} > 0 population {_fmt(mc.get(md['phi_name'] + '_positive_fraction'))} "
               f"+- {_fmt(mc.get(md['phi_name'] + '_positive_fraction_err'))}; sign changes per walker "
-              f"{mc.get(md['phi_name'] + '_sign_changes')}.", "", f"![MC]({figure('mc', mc['figure'])})", ""]
+              f"{mc.get(md['phi_name'] + '_sign_changes')} "
+              f"({sum(mc.get(md['phi_name'] + '_sign_changes') or [0]) / max(mc['cpu_s'], 1e-9):.3g} per CPU-s, "
+              f"{mc['cpu_s']:.0f} CPU-s; benchmarks/bench_crossings.py compares with plain MD at equal CPU time).", "", f"![MC]({figure('mc', mc['figure'])})", ""]
 
     flow_fe = fe["flow"]
 

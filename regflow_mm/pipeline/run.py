@@ -263,7 +263,8 @@ def _mc(folder: Path, inputs: dict, system_name: str, mc: dict, seed: int, progr
     system = get_system(system_name)
     started = time.process_time()
     run_hybrid_mc(system, inputs["evaluate"]["downstream"]["flow"], folder / "mc.h5", mc["n_iterations"],
-                  n_walkers=mc["n_walkers"], md_steps=mc["md_steps_per_iteration"], seed=seed,
+                  n_walkers=mc["n_walkers"], md_steps=mc["md_steps_per_iteration"],
+                  flow_moves=mc["flow_moves_per_iteration"], seed=seed,
                   platform=resolve_platform("auto", system.n_atoms, system.system), progress=progress)
     summary = hybrid_summary(folder / "mc.h5")
     with h5py.File(folder / "mc.h5", "r") as fh:
