@@ -34,7 +34,7 @@ SCHEMA: dict[str, dict] = {
     "flow": {"representation": "internal", "architecture": "nsf", "layers": 6, "hidden": 128},
     # Passed to regflow_mm.training.TrainConfig; the baseline trains with the same settings and budget.
     # data_weight_power: MLE / NLL+FM batches draw enhanced-sampling frames ~ w**power (RegFlow trains on
-    # teacher pairs and does not read it). compile: torch.compile the training loss (about 2x the steps per
+    # teacher pairs and does not read it). compile: torch.compile the training loss (about 1.7x the steps per
     # CPU-second; needs a C++ compiler, else training runs eagerly with a warning). val_every_epochs: epochs
     # between validations (a RegFlow epoch over 20k pairs is only ~80 steps; validation is not in the budget).
     "train": {"data_weight_power": 0.0, "method": "regflow", "target": "reflow", "time_budget_s": 150.0, "epochs": 1000,

@@ -9,6 +9,19 @@ from pathlib import Path
 import numpy as np
 
 
+def _add_chain_options(p: argparse.ArgumentParser, per: str) -> None:
+    """Options of a chain of Langevin MD + flow moves (``mc`` and ``mc-tempering``); ``per`` names the unit."""
+    p.add_argument("--md-steps", type=int, default=500, help=f"Langevin steps per {per} (0: flow moves only)")
+    p.add_argument("--timestep-fs", type=float, default=1.0, help="Langevin step, fs")
+    p.add_argument("--friction", type=float, default=None, help="Langevin friction, 1/ps (default: the system's)")
+    p.add_argument("--flow-moves", type=int, default=1, help=f"flow proposals per {per}")
+    p.add_argument("--batch-size", type=int, default=256, help="flow proposals drawn per flow call")
+    p.add_argument("--allow-d", action="store_true", help="do not reject D-chirality proposals")
+    p.add_argument("--platform", default="Reference", help="OpenMM platform (Reference is fastest for ~20 atoms)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the MD noise, velocities and flow proposals: one "
+                                                       "seed reproduces the run")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("mc", help="hybrid MD / flow Monte Carlo walkers (resumable)",
                               description="Walkers alternating Langevin MD and flow independence Metropolis-Hastings "
@@ -19,17 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--iterations", type=int, required=True, help="frames per walker (one per MD + flow iteration)")
     p.add_argument("--walkers", type=int, default=2, help="independent chains, each from the system's start "
                                                           "structure with its own seeded noise")
-    p.add_argument("--md-steps", type=int, default=500, help="Langevin steps per iteration (0: flow moves only)")
-    p.add_argument("--timestep-fs", type=float, default=1.0, help="Langevin step, fs")
-    p.add_argument("--friction", type=float, default=None, help="Langevin friction, 1/ps (default: the system's)")
-    p.add_argument("--flow-moves", type=int, default=1, help="flow proposals per iteration")
-    p.add_argument("--batch-size", type=int, default=256, help="flow proposals drawn per flow call")
-    p.add_argument("--allow-d", action="store_true", help="do not reject D-chirality proposals")
-    p.add_argument("--platform", default="Reference", help="OpenMM platform (Reference is fastest for ~20 atoms)")
+    _add_chain_options(p, "iteration")
     p.add_argument("--checkpoint-every", type=int, default=20, help="iterations per committed block")
     p.add_argument("--dcd-prefix", default=None, help="also write PREFIX_walker<k>.dcd at the end (mdtraj)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the MD noise, velocities and flow proposals: one "
-                                                       "seed reproduces the run")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.add_argument_group("adaptive flow MC (--adapt): the flow is fine-tuned by maximum likelihood on the "
                              "chain's frames between segments; versions are saved next to --out (OUT.flows/)")
@@ -55,16 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--iterations", type=int, required=True, help="exchange iterations")
     t.add_argument("--replicas", type=int, default=4, help="temperatures on a geometric ladder")
     t.add_argument("--t-max", type=float, default=600.0, help="top temperature, K")
-    t.add_argument("--md-steps", type=int, default=500, help="Langevin steps per replica and iteration")
-    t.add_argument("--timestep-fs", type=float, default=1.0)
-    t.add_argument("--friction", type=float, default=None, help="1/ps (default: the system's)")
-    t.add_argument("--flow-moves", type=int, default=1, help="flow proposals per replica and iteration")
-    t.add_argument("--batch-size", type=int, default=256, help="flow proposals drawn per flow call")
-    t.add_argument("--allow-d", action="store_true", help="do not reject D-chirality proposals")
-    t.add_argument("--platform", default="Reference")
+    _add_chain_options(t, "replica and iteration")
     t.add_argument("--checkpoint-interval", type=int, default=1,
                    help="iterations between stored replica states (the phi trace is read from them)")
-    t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_mc_tempering)
 
     for name, helptext in (("reweight", "importance-reweighted observables from flow samples"),

@@ -50,7 +50,7 @@ def regflow_terms(transform, x0: torch.Tensor, x1: torch.Tensor, *, regularizer:
         x1 = x1 + lambda_n * noise
     y, logdet = transform(x0)
     regression = (y - x1).pow(2).sum(1).mean()
-    terms = {"regression": regression}
+    terms = {"regression": regression.detach()}
     loss = regression
     if regularizer == "logdet":
         reg = logdet.pow(2).mean()
@@ -62,7 +62,6 @@ def regflow_terms(transform, x0: torch.Tensor, x1: torch.Tensor, *, regularizer:
     if reg is not None:
         loss = loss + lambda_r * reg
         terms[regularizer] = reg.detach()
-    terms["regression"] = regression.detach()
     terms["loss"] = loss
     return terms
 

@@ -102,8 +102,8 @@ class OptimSettings:
     device: str = "auto"
     log_every: int = 50
     checkpoint_every: int = 500
-    # torch.compile (inductor) the MLE / RegFlow loss: about 2x the steps per CPU-second for the aldp
-    # NSF on a CPU (BENCHMARKS.md), after ~20 CPU s of compilation, which is done in this process and so
+    # torch.compile (inductor) the MLE / RegFlow loss: about 1.7x the steps per CPU-second for the aldp
+    # NSF on a CPU (BENCHMARKS.md), after 5-20 CPU s of compilation, which is done in this process and so
     # counted in time_budget_s. Needs a C++ compiler; without one training goes on eagerly, with a warning.
     compile: bool = False
 
