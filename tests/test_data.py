@@ -196,3 +196,21 @@ def test_seed_zero_reproduces_a_run(tmp_path):
     a, b = (load_dataset(r).positions for r in runs)
     np.testing.assert_array_equal(a, b)
     assert all(1 <= openmm_seed(k) < 2**31 for k in (0, 1, -5, 2**40)) and openmm_seed(0) != openmm_seed(1)
+
+
+def test_two_default_cli_runs_give_identical_frames_and_name_their_seed(tmp_path, capsys):
+    from regflow_mm.cli import main
+
+    outs = [tmp_path / f"default{k}.h5" for k in range(2)]
+    for out in outs:  # no --seed: the default seed must reproduce, not mean "random" to OpenMM
+        assert main(["simulate", "aldp", "--ns", "0.002", "--save-interval-ps", "0.05", "--out", str(out),
+                     "--equilibration-ps", "0.1", "--quiet"]) == 0
+    a, b = (load_dataset(o) for o in outs)
+    np.testing.assert_array_equal(a.positions, b.positions)
+    np.testing.assert_array_equal(a.energies, b.energies)
+    from regflow_mm.systems.platforms import openmm_seed
+
+    assert a.metadata["seed"] == 0 and a.metadata["openmm_seed"] == openmm_seed(0)
+    capsys.readouterr()
+    assert main(["dataset-info", str(outs[0])]) == 0
+    assert f"seed 0 (OpenMM random seed {openmm_seed(0)})" in capsys.readouterr().out

@@ -38,6 +38,10 @@ def test_report_holds_this_runs_numbers(finished_run):
     assert stages["reference"]["reference_summary"]["n_frames"] == 300
     assert stages["evaluate"]["reference"] == "independent none run" and stages["evaluate"]["n_test_frames"] == 300
     assert "md_reference" in stages["free_energy"]
+    from regflow_mm.systems.platforms import openmm_seed
+
+    assert f"(seed 0, OpenMM random seed {openmm_seed(0)})" in text  # the seeds actually used, data and reference
+    assert f"(seed 1, OpenMM random seed {openmm_seed(1)})" in text
     for name in ("regflow", "mle"):
         assert f"| {name} | " in text
         assert {"ess", "e_w1", "t_w2", "nll", "d_fraction", "basins_missing"} <= set(stages["evaluate"]["metrics"][name])
@@ -105,3 +109,19 @@ def test_config_errors_are_one_line(tmp_path, capsys):
     bad.write_text('[train]\nmethod = "regflow"\ndata_weight_power = 2.0\n')
     assert main(["pipeline", "--config", str(bad), "--out", str(tmp_path / "run")]) == 2
     assert "data_weight_power must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_demo_md_stage_reproduces_its_metadynamics_frames(tmp_path):
+    # `make demo` trains on metadynamics data: two runs of its MD stage with the default seed agree bit for bit
+    import numpy as np
+
+    from regflow_mm.data import load_dataset
+    from regflow_mm.systems.platforms import openmm_seed
+
+    md = validate({**TINY, "md": {**TINY["md"], "ns": 0.01, "enhanced": "metadynamics"}})["md"]
+    runs = [pipeline_run._md(tmp_path / f"run{k}", "aldp", md, 0, False) for k in range(2)]
+    a, b = (load_dataset(r["dataset"]) for r in runs)
+    assert a.weighted and len(a) == 100
+    np.testing.assert_array_equal(a.positions, b.positions)
+    np.testing.assert_array_equal(a.log_weights, b.log_weights)
+    assert runs[0]["dataset_summary"]["openmm_seed"] == openmm_seed(0)

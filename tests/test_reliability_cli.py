@@ -27,6 +27,9 @@ def inputs(tmp_path_factory):
         fh["a"] = np.arange(3)
     (root / "zero.pt").write_bytes(b"")
     (root / "afile").write_text("not a folder\n")
+    for folder, name, content in (("badteacher", "teacher.pt", b""), ("badckpt", "checkpoint.pt", b"junk")):
+        (root / folder).mkdir()  # a run folder holding an unreadable work file: the run must not start
+        (root / folder / name).write_bytes(content)
     spec = f'name = "mine"\npdb = "{aldp.spec.pdb}"\nforcefield = {list(aldp.spec.forcefield)!r}\n'
     (root / "hot.toml").write_text(spec.replace("'", '"') + 'temperature = "hot"\n')
     (root / "friction.toml").write_text(spec.replace("'", '"') + "temperature = 300.0\nfriction = -1.0\n")
@@ -53,10 +56,17 @@ CASES = [  # (argv with {i} = inputs and {o} = the output folder, what the one l
     (["simulate", "aldp", "--ns", "0.001", "--friction", "-1", "--out", "{o}/x.h5"], "friction must be >= 0"),
     (["simulate", "aldp", "--ns", "0.001", "--timestep-fs", "-1", "--out", "{o}/x.h5"], "timestep must be > 0"),
     (["simulate", "aldp", "--ns", "0.001", "--val-fraction", "1.5", "--out", "{o}/x.h5"], "split fractions"),
+    (["simulate", "aldp", "--ns", "0.001", "--chunk-frames", "0", "--out", "{o}/x.h5"], "chunk_frames must be >= 1"),
     (["simulate", "aldp", "--ns", "abc", "--out", "{o}/x.h5"], "argument --ns: invalid float value: 'abc'"),
     (["simulate", "aldp", "--ns", "0.001", "--out", "{i}/text.h5"], "text.h5 is not a readable HDF5 dataset"),
     (["simulate", "aldp", "--ns", "0.001", "--out", "{i}/foreign.h5"], "foreign.h5 is an HDF5 file but not a "
                                                                        "regflow-mm dataset"),
+    (["train", "aldp", "--data", "{i}/d.h5", "--method", "regflow", "--out", "{i}/badteacher",
+      "--batch-size", "64", "--quiet"],
+     "teacher.pt is not a readable teacher CNF file"),
+    (["train", "aldp", "--data", "{i}/d.h5", "--method", "mle", "--out", "{i}/badckpt", "--batch-size", "64",
+      "--quiet"],
+     "checkpoint.pt is not a readable training checkpoint"),
     ([*TRAIN, "--hyper", "foo=1"], "architecture 'nsf' has no hyper-parameters ['foo']"),
     ([*TRAIN, "--hyper", "layers=many"], "hyper-parameter layers must be int"),
     ([*TRAIN, "--set", "batch_size=abc"], "batch_size must be int, got 'abc'"),

@@ -112,7 +112,8 @@ class Dataset:
                  f"  frames       {len(self)} every {md['integrator']['save_interval_ps']} ps "
                  f"({self.time[-1] / 1000 if len(self) else 0:.3f} ns)",
                  f"  integrator   {md['integrator']['name']}, dt {md['integrator']['timestep_fs']} fs, "
-                 f"friction {md['integrator']['friction_per_ps']}/ps, seed {md['seed']}",
+                 f"friction {md['integrator']['friction_per_ps']}/ps, seed {md['seed']}"
+                 + (f" (OpenMM random seed {md['openmm_seed']})" if md.get("openmm_seed") else ""),
                  f"  energy       mean {self.energies.mean():.2f} kJ/mol, std {self.energies.std():.2f} kJ/mol",
                  "  splits       " + ", ".join(f"{k} {len(v)}" for k, v in self.splits.items())]
         if (md.get("enhanced") or {}).get("method") == "tempering":

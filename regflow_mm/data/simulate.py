@@ -263,9 +263,12 @@ def _start_tempering(tempering: ParallelTempering, out: Path, resume: dict | Non
 def _create(out, system, settings, seed, platform, val_fraction, test_fraction, val_blocks):
     n = system.n_atoms
     pdb = _pdb_text(system)
+    is_tempering = (settings["enhanced"] or {}).get("method") == "tempering"
     metadata = {"format": "regflow-mm dataset 1", "system": asdict(system.spec), "system_hash": system.spec_hash,
                 "enhanced": settings["enhanced"],
-                "temperature": system.temperature, "kT": system.kT, "seed": seed, "integrator": settings,
+                "temperature": system.temperature, "kT": system.kT, "seed": seed,
+                # the Langevin/velocity seed OpenMM gets (tempering reseeds from (seed, iteration) instead)
+                "openmm_seed": None if is_tempering else openmm_seed(seed), "integrator": settings,
                 "platform": platform, "versions": _versions(),
                 "split_fractions": {"val": val_fraction, "test": test_fraction, "val_blocks": int(val_blocks)},
                 "units": {"positions": "nm", "energies": "kJ/mol", "forces": "kJ/mol/nm", "time": "ps"}}

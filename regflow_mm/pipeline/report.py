@@ -85,7 +85,9 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
         kind = {"metadynamics": "well-tempered metadynamics",
                 "tempering": "parallel tempering (the system-temperature replica)"}.get(run["enhanced"], "plain MD")
         lines.append(f"- {label}: {run['n_frames']} frames over {run['ns']:.2f} ns of "
-                     f"{kind}; {run.get('phi_name', md['phi_name'])} > 0 in "
+                     f"{kind}" + (f" (seed {run['seed']}, OpenMM random seed {run['openmm_seed']})"
+                                  if run.get("openmm_seed") else "") +
+                     f"; {run.get('phi_name', md['phi_name'])} > 0 in "
                      f"{run['phi_positive_fraction']:.2%} of frames" +
                      (f", {run['phi_positive_reweighted']:.2%} after reweighting to the unbiased ensemble "
                       f"(weight ESS {run['weight_ess']:.0f} frames)" if weighted else "") +

@@ -165,6 +165,7 @@ def _run_summary(data, md: dict) -> dict:
     """Frames, length, state-torsion populations (as sampled and reweighted) and splits of a Dataset."""
     name, phi = _phi(data.system, data.positions, _phi_name(data.system, md))
     return {"n_frames": len(data), "ns": float(data.time[-1] / 1000.0), "enhanced": md["enhanced"], "phi_name": name,
+            "seed": data.metadata["seed"], "openmm_seed": data.metadata.get("openmm_seed"),
             "phi_positive_fraction": float(np.mean(phi > 0)),
             "phi_positive_reweighted": data.reweighted_fraction(phi > 0), "weight_ess": data.weight_ess(),
             "phi_sign_changes": int(np.abs(np.diff((phi > 0).astype(int))).sum()),

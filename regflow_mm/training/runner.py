@@ -149,6 +149,8 @@ def run_training(config: TrainConfig, out_dir: str | Path, *, progress: bool = T
     out_dir = output_dir(out_dir)
     own_dist = dist is None
     dist = dist or init_distributed(config.device)
+    new_config = not (out_dir / "config.json").exists()
+    work_before = {name for name in _WORK_FILES if (out_dir / name).exists()}
     try:
         # data and flow first: bad input fails before the run folder is made or changed
         system, dataset = load_training_data(config)
@@ -227,6 +229,11 @@ def run_training(config: TrainConfig, out_dir: str | Path, *, progress: bool = T
             info_path.write_text(json.dumps(info, indent=2, default=str))
         evaluator.close()
         return info
+    except Exception:
+        # a failed start (e.g. an unreadable teacher or checkpoint already in the folder) leaves the folder as it was
+        if dist.is_main and new_config and work_before == {n for n in _WORK_FILES if (out_dir / n).exists()}:
+            (out_dir / "config.json").unlink(missing_ok=True)
+        raise
     finally:
         if own_dist:
             shutdown(dist)
