@@ -7,6 +7,8 @@ reference with its frame weights, exactly as the pipeline's evaluate stage does,
 Markdown table (the run's own seed: its flow, read from its metrics).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_flow_seeds.py --run demo-output --seeds 1 2
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_flow_seeds.py --run demo-output --seeds 0 \
+        --set reweight_fraction=0.3 --out rw   # a setting changed, side by side with the run's seeds
 """
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ def main() -> None:
     p.add_argument("--run", required=True, help="finished pipeline output folder")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--out", default=None, help="folder of the retrained flows (default RUN/seeds)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                   help="override a training setting of the run, e.g. --set reweight_fraction=0.3 (the run's own "
+                        "flow is then not in the table)")
     args = p.parse_args()
     torch.set_num_threads(1)
     run = Path(args.run)
@@ -43,11 +48,13 @@ def main() -> None:
     reference = load_dataset(stages["reference"]["reference"])
     evaluate = config["evaluate"]
     own_seed = config["run"]["seed"]
-    rows = {own_seed: stages["evaluate"]["metrics"][method]}
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    rows = {} if overrides else {own_seed: stages["evaluate"]["metrics"][method]}
     out = Path(args.out) if args.out else run / "seeds"
     with EnergyEvaluator(reference.system, n_workers=0) as evaluator:
         for seed in args.seeds:
-            settings = {**train_settings(config, method=method), "seed": seed, "data": stages["md"]["dataset"]}
+            settings = {**train_settings(config, method=method), "seed": seed, "data": stages["md"]["dataset"],
+                        **overrides}
             started = time.process_time()
             run_training(TrainConfig.from_dict(settings), out / f"seed{seed}", progress=False)
             flow = load_flow(out / f"seed{seed}" / "flow.pt", system=reference.system)
@@ -65,6 +72,8 @@ def main() -> None:
     for seed, row in rows.items():
         print(f"| {seed}{' (pipeline)' if seed == own_seed else ''} | " +
               " | ".join(f"{row.get(k, float('nan')):.4g}" for k in COLUMNS) + " |")
+    if overrides:
+        print(f"\nsettings changed from the run's: {overrides}")
     values = {k: np.array([row[k] for row in rows.values() if k in row]) for k in COLUMNS}
     print("| mean +- sd | " + " | ".join(f"{v.mean():.4g} +- {v.std(ddof=1) if v.size > 1 else 0:.2g}"
                                         for v in values.values()) + " |")

@@ -152,8 +152,9 @@ def test_cli_adaptive_mc_on_aldp(aldp, tmp_path, capsys):
     build_flow(aldp, "cartesian", "gaussian", seed=0, dtype=torch.float64, fit_to=aldp.positions[None]).save(flow_path)
     args = ["mc", "aldp", str(flow_path), "--out", str(tmp_path / "mc.h5"), "--iterations", "8", "--walkers", "2",
             "--md-steps", "10", "--flow-moves", "2", "--batch-size", "8", "--checkpoint-every", "3"]
-    assert main(args + ["--adapt", "--segment-iterations", "4", "--finetune-steps", "5"]) == 0
-    out = capsys.readouterr().out
+    assert main(args + ["--adapt", "--segment-iterations", "4", "--finetune-steps", "5", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""  # --quiet: no progress bar
     assert "| acceptance, first / last quarter |" in out and "| segment 1 (flow v1) |" in out
     summary = adaptive_summary(tmp_path / "mc.h5")
     assert summary["n_iterations"] == 8 and len(summary["flow_versions"]) == 2

@@ -13,7 +13,7 @@ TINY = {
     "flow": {"layers": 2, "hidden": 32},
     "train": {"time_budget_s": 3.0, "teacher_steps": 30, "n_pairs": 300, "batch_size": 64, "ode_method": "rk4"},
     "evaluate": {"n_samples": 200},
-    "mc": {"n_iterations": 6, "md_steps_per_iteration": 20},
+    "mc": {"n_iterations": 6, "md_steps_per_iteration": 20, "adapt_segments": 2, "finetune_steps": 3},
     "free_energy": {"n_samples": 300},
     "export": {"md_steps": 20},
 }
@@ -45,6 +45,9 @@ def test_report_holds_this_runs_numbers(finished_run):
     for name in ("regflow", "mle"):
         assert f"| {name} | " in text
         assert {"ess", "e_w1", "t_w2", "nll", "d_fraction", "basins_missing"} <= set(stages["evaluate"]["metrics"][name])
+    adaptive = stages["mc"]["adaptive"]  # the adaptive chain: two segments, one fine-tuning between them
+    assert [seg["flow_version"] for seg in adaptive["segments"]] == [0, 1] and adaptive["n_versions"] == 2
+    assert f"acceptance **{adaptive['acceptance_first_quarter']:.2%} in the first quarter" in text
     assert "Ramachandran basins" in text and "| 1 | beta |" in text
     assert stages["evaluate"]["training_data_t_w2"] > 0 and "T-W2 of the training data" in text
     assert stages["export"]["max_rel_energy_error"] < 1e-4  # exported TorchForce == BoltzmannFlow.energy
@@ -99,6 +102,9 @@ def test_config_errors_are_one_line(tmp_path, capsys):
     bad.write_text('[mc]\nn_walkers = "two"\n')
     assert main(["pipeline", "--config", str(bad), "--out", str(tmp_path / "run")]) == 2
     assert "[mc].n_walkers must be an integer, got 'two'" in capsys.readouterr().err
+    bad.write_text("[mc]\nn_iterations = 10\nadapt_segments = 3\n")
+    assert main(["pipeline", "--config", str(bad), "--out", str(tmp_path / "run")]) == 2
+    assert "[mc].n_iterations = 10 must be a multiple of [mc].adapt_segments = 3" in capsys.readouterr().err
     bad.write_text('[system]\nname = "al5"\n')
     assert main(["pipeline", "--config", str(bad), "--out", str(tmp_path / "run")]) == 2
     assert "unknown system 'al5'" in capsys.readouterr().err

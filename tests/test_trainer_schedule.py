@@ -97,3 +97,48 @@ def test_bad_data_weights_are_refused(tmp_path, aldp):
         _weighted_trainer(tmp_path, aldp, torch.full((256,), math.nan, dtype=torch.float64))
     with pytest.raises(ValueError, match="row_log_weights must be"):
         _weighted_trainer(tmp_path / "b", aldp, torch.full((256,), -math.inf, dtype=torch.float64))
+
+
+class _Killed(Exception):
+    pass
+
+
+def _reweighting_trainer(out, aldp, late_log_w, **kwargs):
+    flow = build_flow(aldp, "cartesian", "gaussian", seed=0)
+    y = torch.randn(256, flow.representation.dim, generator=torch.Generator().manual_seed(0))
+    config = TrainConfig(method="mle", representation="cartesian", architecture="gaussian", batch_size=32,
+                         lr=1e-2, max_steps=40, checkpoint_every=5, log_every=5, reweight_fraction=0.25)
+    return Trainer(flow, config, out, (y,), late_row_log_weights=late_log_w, progress=False, **kwargs)
+
+
+def test_the_last_part_of_the_run_draws_reweighted_batches_and_resumes_there(tmp_path, aldp):
+    # late weights allow rows 0..3 only: the last 25% of the 40 steps (30..39) draw from them, the rest do not
+    late = torch.full((256,), -math.inf, dtype=torch.float64)
+    late[:4] = 0.0
+    trainer = _reweighting_trainer(tmp_path, aldp, late)
+    summary = trainer.fit()
+    assert summary["reweighted_from_step"] == 30 and summary["step"] == 40
+    assert all(trainer.batch_indices(s)[0].max() < 4 for s in range(30, 40))
+    assert all(trainer.batch_indices(s)[0].max() >= 4 for s in range(30))
+    # killed inside the weighted part (last checkpoint at step 35): the resumed run keeps the switch step
+
+    def kill_at_37(step):
+        if step == 37:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        _reweighting_trainer(tmp_path / "r", aldp, late, on_step_end=kill_at_37).fit()
+    again = _reweighting_trainer(tmp_path / "r", aldp, late)
+    assert again.step == 35 and again.reweighted_from_step == 30
+    again.fit()
+    for a, b in zip(again.flow.parameters(), trainer.flow.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_reweighting_settings_are_refused(tmp_path, aldp):
+    with pytest.raises(ValueError, match=r"reweight_fraction must be in \[0, 1\)"):
+        TrainConfig(method="mle", reweight_fraction=1.0)
+    with pytest.raises(ValueError, match="RegFlow trains on teacher pairs"):
+        TrainConfig(method="regflow", reweight_fraction=0.2)
+    with pytest.raises(ValueError, match="needs late_row_log_weights"):
+        _reweighting_trainer(tmp_path, aldp, None)

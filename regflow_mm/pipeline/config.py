@@ -37,7 +37,8 @@ SCHEMA: dict[str, dict] = {
     # teacher pairs and does not read it). compile: torch.compile the training loss (about 1.7x the steps per
     # CPU-second; needs a C++ compiler, else training runs eagerly with a warning). val_every_epochs: epochs
     # between validations (a RegFlow epoch over 20k pairs is only ~80 steps; validation is not in the budget).
-    "train": {"data_weight_power": 0.0, "method": "regflow", "target": "reflow", "time_budget_s": 150.0, "epochs": 1000,
+    # reweight_fraction: the last part of an MLE / NLL+FM run draws batches with the full frame weights.
+    "train": {"data_weight_power": 0.0, "reweight_fraction": 0.0, "method": "regflow", "target": "reflow", "time_budget_s": 150.0, "epochs": 1000,
               "batch_size": 256, "lr": 5e-4, "regularizer": "logdet", "lambda_r": 1e-6, "lambda_n": 0.0,
               "n_pairs": 20000, "teacher_steps": 6000, "val_samples": 0, "ode_method": "dopri5",
               "lr_schedule": "constant", "keep_best": False, "compile": False, "val_every_epochs": 1},
@@ -46,7 +47,11 @@ SCHEMA: dict[str, dict] = {
     # data), "regflow" or "baseline".
     # n_bootstrap: resamples for the ESS interval; n_torsion: samples per side of the exact T-W2.
     "evaluate": {"n_samples": 5000, "downstream_flow": "best", "n_bootstrap": 200, "n_torsion": 5000},
-    "mc": {"n_iterations": 200, "md_steps_per_iteration": 500, "n_walkers": 2, "flow_moves_per_iteration": 1},
+    # adapt_segments > 1: after the hybrid chain, an adaptive one (``sampling.adaptive``) of the same length and
+    # settings, its proposal flow fine-tuned between adapt_segments equal segments (finetune_steps Adam steps at
+    # finetune_lr, weighted NLL on the chain's frames + the training data's train split with its frame weights).
+    "mc": {"n_iterations": 200, "md_steps_per_iteration": 500, "n_walkers": 2, "flow_moves_per_iteration": 1,
+           "adapt_segments": 0, "finetune_steps": 300, "finetune_lr": 2e-4},
     "free_energy": {"n_samples": 20000},
     "export": {"backend": "torch", "md_steps": 1000},
 }
@@ -71,6 +76,10 @@ def validate(raw: dict, source: str = "config") -> dict:
                 raise ValueError(f"{source}: unknown key {key!r} in [{section}]; allowed: "
                                  f"{', '.join(SCHEMA[section])}")
             config[section][key] = _checked(value, SCHEMA[section][key], f"{source}: [{section}].{key}")
+    mc = config["mc"]
+    if mc["adapt_segments"] > 1 and mc["n_iterations"] % mc["adapt_segments"]:
+        raise ValueError(f"{source}: [mc].n_iterations = {mc['n_iterations']} must be a multiple of "
+                         f"[mc].adapt_segments = {mc['adapt_segments']} (equal segments with a frozen flow)")
     return config
 
 
@@ -92,7 +101,7 @@ def train_settings(config: dict, method: str | None = None) -> dict:
     [train] with [flow] (representation, architecture, hyper), [run] (seed, device) and [system];
     ``method`` (the baseline's): the RegFlow-only settings (``TrainConfig.regflow_only()``) are left
     out, so tuning the teacher or the pairs does not change the baseline's settings (nor its cache key);
-    a RegFlow run leaves out ``data_weight_power`` (it reads teacher pairs, not frames). The result is checked by ``TrainConfig.from_dict`` here, before any stage runs.
+    a RegFlow run leaves out ``data_weight_power`` and ``reweight_fraction`` (it reads teacher pairs, not frames). The result is checked by ``TrainConfig.from_dict`` here, before any stage runs.
     """
     from ..training.trainer import TrainConfig
 
@@ -102,6 +111,7 @@ def train_settings(config: dict, method: str | None = None) -> dict:
         train["method"] = method
     if train.get("method", "regflow") == "regflow":
         train.pop("data_weight_power", None)
+        train.pop("reweight_fraction", None)
     flow = config["flow"]
     settings = {**train, "representation": flow["representation"], "architecture": flow["architecture"],
                 "hyper": {"layers": flow["layers"], "hidden": flow["hidden"]}, "seed": config["run"]["seed"],

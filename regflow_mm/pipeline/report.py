@@ -147,6 +147,17 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
               f"{mc.get(md['phi_name'] + '_sign_changes')} "
               f"({sum(mc.get(md['phi_name'] + '_sign_changes') or [0]) / max(mc['cpu_s'], 1e-9):.3g} per CPU-s, "
               f"{mc['cpu_s']:.0f} CPU-s; benchmarks/bench_crossings.py compares with plain MD at equal CPU time).", "", f"![MC]({figure('mc', mc['figure'])})", ""]
+    if "adaptive" in mc:
+        ad, phi = mc["adaptive"], md["phi_name"]
+        lines += [f"Adaptive flow MC (the same chain, its flow fine-tuned on the chain's frames and the weighted "
+                  f"training data between {len(ad['segments'])} segments; each segment is an exact chain with a frozen "
+                  f"flow): acceptance **{ad['acceptance_first_quarter']:.2%} in the first quarter, "
+                  f"{ad['acceptance_last_quarter']:.2%} in the last** (per segment: "
+                  + ", ".join(f"{s['acceptance']:.2%}" for s in ad["segments"]) +
+                  f"); {phi} > 0 population {_fmt(ad.get(phi + '_positive_fraction'))} "
+                  f"+- {_fmt(ad.get(phi + '_positive_fraction_err'))}; sign changes per walker "
+                  f"{ad.get(phi + '_sign_changes')}; CPU s in MD / flow moves / fine-tuning "
+                  f"{ad['md_cpu_s']:.0f} / {ad['flow_cpu_s']:.0f} / {ad['finetune_cpu_s']:.0f}.", ""]
 
     flow_fe = fe["flow"]
 

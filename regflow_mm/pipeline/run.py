@@ -274,7 +274,28 @@ def _mc(folder: Path, inputs: dict, system_name: str, mc: dict, seed: int, progr
     angles = np.stack([_phi(system, positions[:, w], name)[1] for w in range(positions.shape[1])], axis=1)
     mc_trace_plot(folder / "mc_trace.png", name, angles, summary["counters"], summary["acceptance"])
     summary.pop("settings", None)
-    return {**summary, "cpu_s": time.process_time() - started, "figure": "mc_trace.png"}
+    result = {**summary, "cpu_s": time.process_time() - started, "figure": "mc_trace.png"}
+    if mc["adapt_segments"] > 1:
+        result["adaptive"] = _adaptive_mc(folder, inputs, system, mc, seed, progress)
+    return result
+
+
+def _adaptive_mc(folder: Path, inputs: dict, system, mc: dict, seed: int, progress: bool) -> dict:
+    """The same chain with its flow fine-tuned between ``adapt_segments`` segments; acceptance per segment."""
+    from ..sampling.adaptive import AdaptSchedule, run_adaptive_mc
+    from ..systems.platforms import resolve_platform
+
+    n = mc["n_iterations"]
+    summary = run_adaptive_mc(system, inputs["evaluate"]["downstream"]["flow"], folder / "adaptive.h5", n,
+                              schedule=AdaptSchedule(n // mc["adapt_segments"]), train_data=inputs["md"]["dataset"],
+                              finetune_steps=mc["finetune_steps"], finetune_lr=mc["finetune_lr"],
+                              n_walkers=mc["n_walkers"], md_steps=mc["md_steps_per_iteration"],
+                              flow_moves=mc["flow_moves_per_iteration"], seed=seed,
+                              platform=resolve_platform("auto", system.n_atoms, system.system), progress=progress)
+    keep = ("acceptance", "acceptance_first_quarter", "acceptance_last_quarter", "segments", "md_cpu_s", "flow_cpu_s",
+            "finetune_cpu_s")
+    return {**{k: summary[k] for k in keep}, "n_versions": len(summary["flow_versions"]),
+            **{k: v for k, v in summary.items() if k.startswith("phi")}}
 
 
 def _free_energy(folder: Path, inputs: dict, settings: dict, seed: int, progress: bool) -> dict:

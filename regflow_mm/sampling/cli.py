@@ -20,6 +20,7 @@ def _add_chain_options(p: argparse.ArgumentParser, per: str) -> None:
     p.add_argument("--platform", default="Reference", help="OpenMM platform (Reference is fastest for ~20 atoms)")
     p.add_argument("--seed", type=int, default=0, help="seed of the MD noise, velocities and flow proposals: one "
                                                        "seed reproduces the run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +36,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_chain_options(p, "iteration")
     p.add_argument("--checkpoint-every", type=int, default=20, help="iterations per committed block")
     p.add_argument("--dcd-prefix", default=None, help="also write PREFIX_walker<k>.dcd at the end (mdtraj)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.add_argument_group("adaptive flow MC (--adapt): the flow is fine-tuned by maximum likelihood on the "
                              "chain's frames between segments; versions are saved next to --out (OUT.flows/)")
     a.add_argument("--adapt", action="store_true", help="fine-tune the flow between segments")
@@ -147,7 +147,7 @@ def _adaptive_mc(args) -> int:
                               timestep_fs=args.timestep_fs, friction_per_ps=args.friction,
                               flow_moves=args.flow_moves, reject_d_chirality=not args.allow_d,
                               batch_size=args.batch_size, seed=args.seed, platform=args.platform,
-                              checkpoint_every=args.checkpoint_every, **tune)
+                              checkpoint_every=args.checkpoint_every, progress=not args.quiet, **tune)
     if args.dcd_prefix:
         for w in range(args.walkers):
             export_walker_trajectory(args.out, w, f"{args.dcd_prefix}_walker{w}.dcd")
@@ -176,7 +176,8 @@ def _mc_tempering(args) -> int:
                                  t_max_K=args.t_max, md_steps=args.md_steps, timestep_fs=args.timestep_fs,
                                  friction_per_ps=args.friction, flow_moves=args.flow_moves,
                                  reject_d_chirality=not args.allow_d, batch_size=args.batch_size, seed=args.seed,
-                                 platform=args.platform, checkpoint_interval=args.checkpoint_interval)
+                                 platform=args.platform, checkpoint_interval=args.checkpoint_interval,
+                                 progress=not args.quiet)
     print(f"| quantity | value |\n|---|---|\n| iterations | {summary['n_iterations']} |\n"
           f"| swap acceptance (this run) | {summary['swap_acceptance']:.4f} |")
     for t, stats in zip(summary["temperatures_K"], summary["flow"]):

@@ -23,6 +23,9 @@ _TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--weight-decay": ("weight_decay", float, "AdamW weight decay (default 0.01)"),
     "--ema-decay": ("ema_decay", float, "EMA decay of the weights (default 0.999)"),
     "--grad-clip": ("grad_clip", float, "gradient-norm clip (default 10)"),
+    "--data-weight-power": ("data_weight_power", float, "MLE/NLL+FM batches ~ frame weight**power (default 0)"),
+    "--reweight-fraction": ("reweight_fraction", float, "MLE/NLL+FM: last fraction of the run on batches ~ frame "
+                                                        "weights, validation weighted (default 0: off)"),
     "--seed": ("seed", int, "seed of everything (default 0)"),
     "--dtype": ("dtype", str, "float32 (default) or float64"),
     "--device": ("device", str, "auto (CUDA when present, default), cpu, cuda, cuda:N"),

@@ -189,9 +189,12 @@ def run_training(config: TrainConfig, out_dir: str | Path, *, progress: bool = T
         val_x, val_u = dataset.positions[val_idx], dataset.reduced_energies()[val_idx]
         # Weighted batches (enhanced-sampling data): validation NLL under the same frame weights.
         power = config.data_weight_power
-        row_log_w = (torch.as_tensor(power * dataset.log_weights[dataset.split_indices("train")])
-                     if power else None)
-        val_log_w = power * dataset.log_weights[val_idx] if power else None
+        train_log_w = dataset.log_weights[dataset.split_indices("train")]
+        row_log_w = torch.as_tensor(power * train_log_w) if power else None
+        late_row_log_w = torch.as_tensor(train_log_w) if config.reweight_fraction else None
+        # a weighted last part (reweight_fraction): validate on the reweighted ensemble all along
+        val_power = 1.0 if config.reweight_fraction else power
+        val_log_w = val_power * dataset.log_weights[val_idx] if val_power else None
         val_md_log_w = dataset.log_weights[val_idx] if dataset.weighted else None  # frames -> target ensemble
         info["data_weight_power"] = power
         evaluator = EnergyEvaluator(system, n_workers=config.energy_workers, platform=config.energy_platform)
@@ -204,7 +207,8 @@ def run_training(config: TrainConfig, out_dir: str | Path, *, progress: bool = T
                                 n_torsion=config.val_torsion_samples, seed=config.seed, md_log_weights=val_md_log_w)
             return scalar_metrics(res)
 
-        trainer = Trainer(flow, config, out_dir, data, row_log_weights=row_log_w, validate=validate,
+        trainer = Trainer(flow, config, out_dir, data, row_log_weights=row_log_w, late_row_log_weights=late_row_log_w,
+                          validate=validate,
                           reduced_energy_torch=evaluator.reduced_energy_torch if config.lambda_kl > 0 else None,
                           dist=dist, progress=progress)
         summary = trainer.fit()

@@ -169,6 +169,12 @@ class TrainConfig:
     # NLL+FM batches draw frames with probability ~ w**data_weight_power (0: frames as sampled, the
     # widest coverage; 1: fully reweighted, fewest effective frames). Plain MD has w = 1 either way.
     data_weight_power: float = 0.0
+    # The last reweight_fraction of the run (of the CPU-time budget, else of the steps) draws MLE / NLL+FM
+    # batches with the full frame weights (power 1), and validation NLL is then weighted over the whole run,
+    # so that keep_best selects on the estimate of the cross-entropy to the target ensemble. A flow first fit
+    # to the frames as sampled (widest coverage), then pulled onto the reweighted ensemble at the annealed
+    # learning rate, is a far better importance sampler (BENCHMARKS.md, "weighted phase").
+    reweight_fraction: float = 0.0
     # groups
     teacher: TeacherSettings = field(default_factory=TeacherSettings)
     couplings: CouplingSettings = field(default_factory=CouplingSettings)
@@ -221,6 +227,12 @@ class TrainConfig:
                              f"got {self.data_weight_power}")
         if self.data_weight_power and self.method == "regflow":
             raise ValueError("data_weight_power applies to the data frames of 'mle' and 'nll+fm'; RegFlow trains on "
+                             "teacher pairs: set it to 0")
+        if not 0.0 <= self.reweight_fraction < 1.0:
+            raise ValueError(f"reweight_fraction must be in [0, 1) (the weighted last part of the run), "
+                             f"got {self.reweight_fraction}")
+        if self.reweight_fraction and self.method == "regflow":
+            raise ValueError("reweight_fraction applies to the data frames of 'mle' and 'nll+fm'; RegFlow trains on "
                              "teacher pairs: set it to 0")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
@@ -297,6 +309,16 @@ RESUMABLE_CHANGES = ("epochs", "max_steps", "time_budget_s", "device", "log_ever
 _STREAM_EPOCH, _STREAM_NOISE, _STREAM_KL, _STREAM_ROWS = 1, 2, 3, 4
 
 
+def _row_probs(log_weights, n: int, name: str) -> torch.Tensor:
+    """Sampling probabilities softmax(log_weights) of n rows; ValueError unless (n,) without NaN or +inf."""
+    log_weights = torch.as_tensor(log_weights, dtype=torch.float64).cpu()
+    if log_weights.shape != (n,) or torch.isnan(log_weights).any() or \
+            not (log_weights < math.inf).all() or not (log_weights > -math.inf).any():
+        raise ValueError(f"{name} must be ({n},) finite or -inf log-weights with at least one "
+                         f"finite entry, got shape {tuple(log_weights.shape)}")
+    return torch.softmax(log_weights, 0)
+
+
 def compiled_or_eager(fn: Callable) -> Callable:
     """``fn`` under ``torch.compile`` (inductor, static shapes); where compiling fails (no C++ compiler,
     an unsupported operation) the call warns once and runs ``fn`` eagerly from then on."""
@@ -346,6 +368,8 @@ class Trainer:
         out_dir: run directory (checkpoint.pt, log.jsonl, log.csv, nan_report.json).
         data: tensors indexed along dim 0, by method: regflow (x0 latent (N, D), x1 flow space (N, D));
             mle (y flow space (N, D),); nll+fm (positions (N, n, 3) nm, forces / kT (N, n, 3) kT/nm).
+        late_row_log_weights: (N,) log sampling weights of the rows for the last ``reweight_fraction`` of
+            the run (needed when it is > 0); the switch step is recorded and kept on resume.
         row_log_weights: optional (N,) log sampling weights of the rows: each step then draws its batch
             with replacement with probabilities softmax(row_log_weights), seeded by (seed, step);
             None: epoch permutations.
@@ -356,7 +380,8 @@ class Trainer:
     """
 
     def __init__(self, flow, config: TrainConfig, out_dir: str | Path, data: tuple[torch.Tensor, ...], *,
-                 row_log_weights: torch.Tensor | None = None, validate: Callable | None = None, reduced_energy_torch: Callable | None = None,
+                 row_log_weights: torch.Tensor | None = None, late_row_log_weights: torch.Tensor | None = None,
+                 validate: Callable | None = None, reduced_energy_torch: Callable | None = None,
                  dist: DistInfo | None = None, on_step_end: Callable[[int], None] | None = None,
                  progress: bool = True):
         self.flow = flow
@@ -383,14 +408,12 @@ class Trainer:
             raise ValueError(f"only {n} training rows for batch_size {config.batch_size}; lower the batch size "
                              f"or use more data")
         self.n = n
-        self.row_probs = None
-        if row_log_weights is not None:
-            row_log_weights = torch.as_tensor(row_log_weights, dtype=torch.float64).cpu()
-            if row_log_weights.shape != (n,) or torch.isnan(row_log_weights).any() or \
-                    not (row_log_weights < math.inf).all() or not (row_log_weights > -math.inf).any():
-                raise ValueError(f"row_log_weights must be ({n},) finite or -inf log-weights with at least one "
-                                 f"finite entry, got shape {tuple(row_log_weights.shape)}")
-            self.row_probs = torch.softmax(row_log_weights, 0)
+        self.row_probs = None if row_log_weights is None else _row_probs(row_log_weights, n, "row_log_weights")
+        if config.reweight_fraction and late_row_log_weights is None:
+            raise ValueError("reweight_fraction > 0 needs late_row_log_weights (the frame weights of the rows)")
+        self.late_row_probs = (None if not config.reweight_fraction
+                               else _row_probs(late_row_log_weights, n, "late_row_log_weights"))
+        self.reweighted_from_step = None  # the step the weighted last part began (None: not yet)
         self.steps_per_epoch = n // config.batch_size
         self.total_steps = config.epochs * self.steps_per_epoch
         if config.max_steps is not None:
@@ -439,7 +462,7 @@ class Trainer:
                 "data_order": {"n": self.n, "batch_size": self.config.batch_size, "seed": self.config.seed,
                                "rule": "epoch permutation seeded by (seed, 1, epoch)" if self.row_probs is None
                                else "weighted draw with replacement seeded by (seed, 4, step)"},
-                "records": self.records, "running": self._running,
+                "records": self.records, "running": self._running, "reweighted_from_step": self.reweighted_from_step,
                 "best": self.best, "since_best": self._since_best}
 
     def save_checkpoint(self) -> None:
@@ -472,6 +495,7 @@ class Trainer:
         self.records = list(state["records"])
         self._running = {k: list(v) for k, v in state["running"].items()}
         self.best, self._since_best = state.get("best"), int(state.get("since_best", 0))
+        self.reweighted_from_step = state.get("reweighted_from_step")
         self.resumed_from = self.step
         if self.dist.is_main:
             self._rewrite_logs()
@@ -501,9 +525,12 @@ class Trainer:
     # ----------------------------------------------------------------- batches
     def batch_indices(self, step: int) -> tuple[torch.Tensor, slice]:
         """Global-batch rows of ``step`` and this rank's slice of the global batch."""
-        if self.row_probs is not None:
+        probs = self.row_probs
+        if self.reweighted_from_step is not None and step >= self.reweighted_from_step:
+            probs = self.late_row_probs
+        if probs is not None:
             gen = torch.Generator().manual_seed(derived_seed(self.config.seed, _STREAM_ROWS, step))
-            rows = torch.multinomial(self.row_probs, self.config.batch_size, replacement=True, generator=gen)
+            rows = torch.multinomial(probs, self.config.batch_size, replacement=True, generator=gen)
         else:
             epoch, b = divmod(step, self.steps_per_epoch)
             gen = torch.Generator().manual_seed(derived_seed(self.config.seed, _STREAM_EPOCH, epoch))
@@ -560,6 +587,13 @@ class Trainer:
             (self.out_dir / "nan_report.json").write_text(json.dumps(report, indent=2, default=str))
         return TrainingDiverged(step, message)
 
+    def _in_late_part(self) -> bool:
+        """Whether the run has reached its last ``reweight_fraction`` (of the CPU budget, else of the steps)."""
+        start = 1.0 - self.config.reweight_fraction
+        if self.config.time_budget_s is not None:
+            return self.cpu_time >= start * self.config.time_budget_s
+        return self.step >= start * self.total_steps
+
     def fit(self, handle_signals: bool = True) -> dict:
         """Run until ``total_steps`` (or the CPU-time budget, or a stop signal); returns a summary dict."""
         cfg = self.config
@@ -585,6 +619,8 @@ class Trainer:
             stopped_by = "early_stopping"
         try:
             while self.step < self.total_steps and stopped_by == "steps":
+                if self.late_row_probs is not None and self.reweighted_from_step is None and self._in_late_part():
+                    self.reweighted_from_step = self.step
                 t0 = time.process_time()
                 self.flow.train()
                 loss, parts = self._loss(self.step)
@@ -658,6 +694,7 @@ class Trainer:
                                     f"{self.checkpoint_path}, rerun to resume")
         return {"step": self.step, "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                 "cpu_time_s": self.cpu_time, "stopped_by": stopped_by, "resumed_from": self.resumed_from,
+                "reweighted_from_step": self.reweighted_from_step,
                 "steps_this_run": self.step - start_step,
                 "best_step": None if self.best is None else self.best["step"],
                 "best_val_nll": None if self.best is None else self.best["nll"]}
