@@ -70,7 +70,7 @@ def main() -> None:
     print("| seed | " + " | ".join(COLUMNS) + " |")
     print("|---" * (len(COLUMNS) + 1) + "|")
     for seed, row in rows.items():
-        print(f"| {seed}{' (pipeline)' if seed == own_seed else ''} | " +
+        print(f"| {seed}{' (pipeline)' if seed == own_seed and not overrides else ''} | " +
               " | ".join(f"{row.get(k, float('nan')):.4g}" for k in COLUMNS) + " |")
     if overrides:
         print(f"\nsettings changed from the run's: {overrides}")

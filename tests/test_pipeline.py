@@ -13,7 +13,8 @@ TINY = {
     "flow": {"layers": 2, "hidden": 32},
     "train": {"time_budget_s": 3.0, "teacher_steps": 30, "n_pairs": 300, "batch_size": 64, "ode_method": "rk4"},
     "evaluate": {"n_samples": 200},
-    "mc": {"n_iterations": 6, "md_steps_per_iteration": 20, "adapt_segments": 2, "finetune_steps": 3},
+    "mc": {"n_iterations": 6, "md_steps_per_iteration": 20, "adapt_segments": 2, "finetune_steps": 3,
+           "tempering_replicas": 2, "tempering_iterations": 2, "tempering_max_K": 400.0},
     "free_energy": {"n_samples": 300},
     "export": {"md_steps": 20},
 }
@@ -48,6 +49,9 @@ def test_report_holds_this_runs_numbers(finished_run):
     adaptive = stages["mc"]["adaptive"]  # the adaptive chain: two segments, one fine-tuning between them
     assert [seg["flow_version"] for seg in adaptive["segments"]] == [0, 1] and adaptive["n_versions"] == 2
     assert f"acceptance **{adaptive['acceptance_first_quarter']:.2%} in the first quarter" in text
+    tempering = stages["mc"]["tempering"]  # flow moves inside parallel tempering, 300 and 400 K
+    assert tempering["n_iterations"] == 2 and [round(t) for t in tempering["temperatures_K"]] == [300, 400]
+    assert all(f["n_proposed"] == 2 * 1 for f in tempering["flow"]) and "Parallel tempering with flow moves" in text
     assert "Ramachandran basins" in text and "| 1 | beta |" in text
     assert stages["evaluate"]["training_data_t_w2"] > 0 and "T-W2 of the training data" in text
     assert stages["export"]["max_rel_energy_error"] < 1e-4  # exported TorchForce == BoltzmannFlow.energy
@@ -105,6 +109,9 @@ def test_config_errors_are_one_line(tmp_path, capsys):
     bad.write_text("[mc]\nn_iterations = 10\nadapt_segments = 3\n")
     assert main(["pipeline", "--config", str(bad), "--out", str(tmp_path / "run")]) == 2
     assert "[mc].n_iterations = 10 must be a multiple of [mc].adapt_segments = 3" in capsys.readouterr().err
+    bad.write_text("[mc]\ntempering_replicas = 1\n")
+    assert main(["pipeline", "--config", str(bad), "--out", str(tmp_path / "run")]) == 2
+    assert "[mc].tempering_replicas must be 0 (off) or >= 2, got 1" in capsys.readouterr().err
     bad.write_text('[system]\nname = "al5"\n')
     assert main(["pipeline", "--config", str(bad), "--out", str(tmp_path / "run")]) == 2
     assert "unknown system 'al5'" in capsys.readouterr().err

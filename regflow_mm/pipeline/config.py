@@ -50,8 +50,12 @@ SCHEMA: dict[str, dict] = {
     # adapt_segments > 1: after the hybrid chain, an adaptive one (``sampling.adaptive``) of the same length and
     # settings, its proposal flow fine-tuned between adapt_segments equal segments (finetune_steps Adam steps at
     # finetune_lr, weighted NLL on the chain's frames + the training data's train split with its frame weights).
+    # tempering_replicas >= 2: also openmmtools parallel tempering (``sampling.tempering``) with the same MD
+    # segment and flow moves in every replica, on a geometric ladder up to tempering_max_K, for
+    # tempering_iterations exchange iterations.
     "mc": {"n_iterations": 200, "md_steps_per_iteration": 500, "n_walkers": 2, "flow_moves_per_iteration": 1,
-           "adapt_segments": 0, "finetune_steps": 300, "finetune_lr": 2e-4},
+           "adapt_segments": 0, "finetune_steps": 300, "finetune_lr": 2e-4,
+           "tempering_replicas": 0, "tempering_iterations": 50, "tempering_max_K": 600.0},
     "free_energy": {"n_samples": 20000},
     "export": {"backend": "torch", "md_steps": 1000},
 }
@@ -80,6 +84,8 @@ def validate(raw: dict, source: str = "config") -> dict:
     if mc["adapt_segments"] > 1 and mc["n_iterations"] % mc["adapt_segments"]:
         raise ValueError(f"{source}: [mc].n_iterations = {mc['n_iterations']} must be a multiple of "
                          f"[mc].adapt_segments = {mc['adapt_segments']} (equal segments with a frozen flow)")
+    if mc["tempering_replicas"] == 1 or mc["tempering_replicas"] < 0:
+        raise ValueError(f"{source}: [mc].tempering_replicas must be 0 (off) or >= 2, got {mc['tempering_replicas']}")
     return config
 
 

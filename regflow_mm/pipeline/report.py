@@ -158,6 +158,15 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
                   f"+- {_fmt(ad.get(phi + '_positive_fraction_err'))}; sign changes per walker "
                   f"{ad.get(phi + '_sign_changes')}; CPU s in MD / flow moves / fine-tuning "
                   f"{ad['md_cpu_s']:.0f} / {ad['flow_cpu_s']:.0f} / {ad['finetune_cpu_s']:.0f}.", ""]
+    if "tempering" in mc:
+        pt, phi = mc["tempering"], md["phi_name"]
+        per_t = ", ".join(f"{t:.0f} K {f['acceptance']:.1%}" for t, f in zip(pt["temperatures_K"], pt["flow"]))
+        lines += [f"Parallel tempering with flow moves (openmmtools, {len(pt['temperatures_K'])} replicas "
+                  f"{pt['temperatures_K'][0]:.0f}-{pt['temperatures_K'][-1]:.0f} K, {pt['n_iterations']} exchange "
+                  f"iterations of the same MD segment + flow moves per replica, {pt['cpu_s']:.0f} CPU-s): swap "
+                  f"acceptance {pt['swap_acceptance']:.1%}; flow acceptance {per_t}; at "
+                  f"{pt['temperatures_K'][0]:.0f} K {phi} > 0 in {_fmt(pt.get(phi + '_positive_fraction'))} of "
+                  f"{pt['n_frames']} frames, {(pt.get(phi + '_sign_changes') or [0])[0]} sign changes.", ""]
 
     flow_fe = fe["flow"]
 

@@ -277,7 +277,23 @@ def _mc(folder: Path, inputs: dict, system_name: str, mc: dict, seed: int, progr
     result = {**summary, "cpu_s": time.process_time() - started, "figure": "mc_trace.png"}
     if mc["adapt_segments"] > 1:
         result["adaptive"] = _adaptive_mc(folder, inputs, system, mc, seed, progress)
+    if mc["tempering_replicas"] >= 2:
+        result["tempering"] = _flow_tempering(folder, inputs, system, mc, seed, progress)
     return result
+
+
+def _flow_tempering(folder: Path, inputs: dict, system, mc: dict, seed: int, progress: bool) -> dict:
+    """Parallel tempering with the chain's MD segment and flow moves in every replica."""
+    from ..sampling.tempering import run_flow_tempering
+    from ..systems.platforms import resolve_platform
+
+    started = time.process_time()
+    summary = run_flow_tempering(system, inputs["evaluate"]["downstream"]["flow"], folder / "tempering.nc",
+                                 mc["tempering_iterations"], n_replicas=mc["tempering_replicas"],
+                                 t_max_K=mc["tempering_max_K"], md_steps=mc["md_steps_per_iteration"],
+                                 flow_moves=mc["flow_moves_per_iteration"], seed=seed,
+                                 platform=resolve_platform("auto", system.n_atoms, system.system), progress=progress)
+    return {**summary, "cpu_s": time.process_time() - started}
 
 
 def _adaptive_mc(folder: Path, inputs: dict, system, mc: dict, seed: int, progress: bool) -> dict:
