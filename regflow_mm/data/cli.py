@@ -15,6 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--save-interval-ps", type=float, default=1.0, help="ps between saved frames (default 1)")
     p.add_argument("--timestep-fs", type=float, default=1.0, help="integration step, fs (default 1)")
     p.add_argument("--friction", type=float, default=None, help="Langevin friction, 1/ps (default: the system's)")
+    p.add_argument("--hydrogen-mass", type=float, default=None,
+                   help="hydrogen mass repartitioning, amu (e.g. 3 with --timestep-fs 2: the same ensemble at twice "
+                        "the ns per CPU-second; default: the force field's masses)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the velocities and Langevin noise: one seed reproduces the run (0 is a seed too)")
     p.add_argument("--platform", default="auto", help="OpenMM platform: auto (default), Reference, CPU, CUDA, OpenCL")
@@ -84,7 +87,8 @@ def _simulate(args) -> int:
                    timestep_fs=args.timestep_fs, friction_per_ps=args.friction, seed=args.seed,
                    platform=args.platform, threads=args.threads, equilibration_ps=args.equilibration_ps,
                    chunk_frames=args.chunk_frames, val_fraction=args.val_fraction, val_blocks=args.val_blocks,
-                   test_fraction=args.test_fraction, progress=not args.quiet, enhanced=enhanced)
+                   test_fraction=args.test_fraction, progress=not args.quiet, enhanced=enhanced,
+                   hydrogen_mass_amu=args.hydrogen_mass)
     print(load_dataset(out, system).summary())
     return 0
 

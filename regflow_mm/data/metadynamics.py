@@ -68,11 +68,13 @@ class TorsionMetadynamics:
 
     ``openmm_system`` (the copy holding the bias force) is what the Context must be built from; the
     bias lives in its own force group ``bias_group``. ``steps_per_deposition`` MD steps per Gaussian.
+    ``md_system``: the openmm.System to copy (default ``system.system``; e.g. with repartitioned masses).
     """
 
     system: object  # MolecularSystem
     settings: MetadynamicsSettings
     timestep_fs: float
+    md_system: openmm.System | None = None
     openmm_system: openmm.System = field(init=False)
     meta: app.Metadynamics = field(init=False)
 
@@ -87,7 +89,7 @@ class TorsionMetadynamics:
             raise ValueError(f"metadynamics deposition interval {s.deposition_ps} ps is not a whole number of "
                              f"{self.timestep_fs} fs steps")
         self.steps_per_deposition = int(round(steps))
-        self.openmm_system = openmm.XmlSerializer.clone(self.system.system)
+        self.openmm_system = openmm.XmlSerializer.clone(self.md_system or self.system.system)
         variables = []
         for name in s.torsions:
             cv = openmm.CustomTorsionForce("theta")

@@ -127,17 +127,21 @@ class ParallelTempering:
 
     ``timestep_fs`` (fs), ``friction_per_ps`` (1/ps), ``steps_per_iteration`` (MD steps between exchange
     attempts: the dataset's save interval); ``platform``/``properties``: OpenMM platform of the context
-    caches; ``checkpoint_interval``: iterations between replica checkpoints (the dataset's commit chunk).
+    caches; ``checkpoint_interval``: iterations between replica checkpoints (the dataset's commit chunk);
+    ``md_system``: the openmm.System the replicas integrate (default ``system.system``; same potential, e.g.
+    repartitioned hydrogen masses).
     Call ``create`` or ``restore``, then ``step`` once per frame; ``close`` at the end.
     """
 
     def __init__(self, system, settings: TemperingSettings, out: str | Path, timestep_fs: float,
                  friction_per_ps: float, steps_per_iteration: int, platform: str = "Reference",
-                 properties: dict | None = None, seed: int = 0, checkpoint_interval: int = 100):
+                 properties: dict | None = None, seed: int = 0, checkpoint_interval: int = 100,
+                 md_system: openmm.System | None = None):
         if not settings.t_max_K > system.temperature:
             raise ValueError(f"tempering t_max_K {settings.t_max_K} K must be above the system temperature "
                              f"{system.temperature} K (the bottom of the ladder): raise --pt-max-temperature")
         self.system, self.settings, self.seed = system, settings, int(seed)
+        self.md_system = md_system if md_system is not None else system.system  # e.g. with HMR masses
         self.storage, self.checkpoint_storage = _storage_files(out)
         self.temperatures = temperature_ladder(system.temperature, settings.t_max_K, settings.n_replicas)
         self.timestep_fs, self.friction_per_ps = float(timestep_fs), float(friction_per_ps)
@@ -175,9 +179,9 @@ class ParallelTempering:
             if path.exists():
                 log.info("removing %s of an earlier run that committed no frames", path)
                 path.unlink()
-        thermo = states.ThermodynamicState(self.system.system, self.temperatures[0] * unit.kelvin)
+        thermo = states.ThermodynamicState(self.md_system, self.temperatures[0] * unit.kelvin)
         rng = np.random.default_rng([self.seed, 0])
-        masses = np.array([self.system.system.getParticleMass(i).value_in_unit(unit.dalton)
+        masses = np.array([self.md_system.getParticleMass(i).value_in_unit(unit.dalton)
                            for i in range(self.system.n_atoms)])
         equilibration = self._move(equilibration_steps, 0, stream=2)
         equilibration_cache = cache.ContextCache(platform=self.platform, platform_properties=self.properties)

@@ -31,6 +31,7 @@ from .. import __version__
 from ..files import CHECKSUM
 from ..progress import progress_bar
 from ..systems import MolecularSystem, check_spec_hash
+from ..systems.masses import repartition_hydrogen_mass
 from ..systems.platforms import openmm_seed, platform_properties, resolve_platform
 from .checkpointed_hdf5 import (check_resume_settings, commit_rows, committed_checkpoint,
                                 truncate_uncommitted)
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Settings that must agree between a dataset on disk and a run that appends to it.
-_RESUME_KEYS = ("timestep_fs", "friction_per_ps", "save_interval_ps", "name", "enhanced")
+_RESUME_KEYS = ("timestep_fs", "friction_per_ps", "save_interval_ps", "name", "enhanced", "hydrogen_mass_amu")
 _FRAME_ARRAYS = ("positions", "forces", "energies", "time")
 _WEIGHT_ARRAYS = ("log_weights", "bias_energy", "bias_offset")
 _TEMPERING_ARRAYS = {"log_weights": np.float64, "tempering_iteration": np.int64, "tempering_replica": np.int32}
@@ -78,7 +79,8 @@ def simulate(system: MolecularSystem, out: str | Path, ns: float, save_interval_
              timestep_fs: float = 1.0, friction_per_ps: float | None = None, seed: int = 0,
              platform: str = "auto", threads: int | None = 1, equilibration_ps: float = 10.0,
              chunk_frames: int = 100, val_fraction: float = 0.1, test_fraction: float = 0.1,
-             val_blocks: int = 10, progress: bool = True, enhanced: MetadynamicsSettings | TemperingSettings | None = None) -> Path:
+             val_blocks: int = 10, progress: bool = True, enhanced: MetadynamicsSettings | TemperingSettings | None = None,
+             hydrogen_mass_amu: float | None = None) -> Path:
     """Run Langevin MD (LangevinMiddle) of ``system`` until ``out`` holds ``ns`` nanoseconds of frames.
 
     ``enhanced``: well-tempered metadynamics settings (``MetadynamicsSettings``); frames then carry
@@ -91,6 +93,9 @@ def simulate(system: MolecularSystem, out: str | Path, ns: float, save_interval_
     and validation takes the end of each of ``val_blocks`` segments before it (``val_fraction`` in all).
     Frames every ``save_interval_ps`` ps; ``friction_per_ps`` defaults to the system spec's friction;
     ``equilibration_ps`` of unsaved MD precede production. Re-running with the same ``out`` resumes.
+    ``hydrogen_mass_amu``: integrate with hydrogens of this mass (amu), taken from their heavy atoms
+    (``systems.masses``): the same configurational ensemble, stable at 2 fs without constraints
+    (None: the force field's masses). Stored energies and forces are those of ``system`` either way.
     ``platform``: OpenMM platform name or "auto" (see ``regflow_mm.systems.platforms``);
     ``threads``: CPU-platform threads (default 1: a 22-42 atom system does not scale past one thread,
     and spinning extra threads costs more than they give on a busy machine).
@@ -119,13 +124,19 @@ def simulate(system: MolecularSystem, out: str | Path, ns: float, save_interval_
                 "friction_per_ps": system.spec.friction if friction_per_ps is None else friction_per_ps,
                 "save_interval_ps": save_interval_ps, "equilibration_ps": equilibration_ps,
                 "enhanced": enhanced.to_dict() if enhanced is not None else None}
-    meta = TorsionMetadynamics(system, enhanced, timestep_fs) if isinstance(enhanced, MetadynamicsSettings) else None
+    if hydrogen_mass_amu is not None:
+        settings["hydrogen_mass_amu"] = float(hydrogen_mass_amu)  # absent: the force field's masses (older files)
+    md_system = (system.system if hydrogen_mass_amu is None
+                 else repartition_hydrogen_mass(system.system, system.topology, hydrogen_mass_amu))
+    meta = (TorsionMetadynamics(system, enhanced, timestep_fs, md_system)
+            if isinstance(enhanced, MetadynamicsSettings) else None)
     platform = resolve_platform(platform, system.n_atoms, system.system)
     tempering = None
     if isinstance(enhanced, TemperingSettings):
         from .parallel_tempering import ParallelTempering  # openmmtools' multistate: imported only when used
         tempering = ParallelTempering(system, enhanced, out, timestep_fs, settings["friction_per_ps"], steps_per_frame,
-                                      platform, platform_properties(platform, threads), seed, int(chunk_frames))
+                                      platform, platform_properties(platform, threads), seed, int(chunk_frames),
+                                      md_system=md_system)
     n_equil = int(round(equilibration_ps * 1000.0 / timestep_fs))
     resume = _read_resume(out, system, settings, seed) if out.exists() else None
     if resume is not None and meta is not None:
@@ -147,8 +158,8 @@ def simulate(system: MolecularSystem, out: str | Path, ns: float, save_interval_
             raise
         chunk = tempering.checkpoint_interval
     else:
-        simulation, n_done = _start_md(system, out, settings, seed, platform, threads, meta, resume, n_equil,
-                                       steps_per_frame, create_file)
+        simulation, n_done = _start_md(system, md_system, out, settings, seed, platform, threads, meta, resume,
+                                       n_equil, steps_per_frame, create_file)
         context, groups, chunk = simulation.context, meta.physical_groups if meta else -1, int(chunk_frames)
 
     bar = progress_bar(total=target, initial=min(n_done, target), unit="frame", disable=not progress,
@@ -207,9 +218,10 @@ def simulate(system: MolecularSystem, out: str | Path, ns: float, save_interval_
     return out
 
 
-def _start_md(system, out, settings, seed, platform, threads, meta, resume, n_equil, steps_per_frame, create_file):
-    """(Simulation, frames done) of plain MD / metadynamics, at the end of ``out``'s frames."""
-    simulation = app.Simulation(system.topology, meta.openmm_system if meta else system.system,
+def _start_md(system, md_system, out, settings, seed, platform, threads, meta, resume, n_equil, steps_per_frame,
+              create_file):
+    """(Simulation, frames done) of plain MD / metadynamics of ``md_system``, at the end of ``out``'s frames."""
+    simulation = app.Simulation(system.topology, meta.openmm_system if meta else md_system,
                                 _integrator(system, settings, seed), openmm.Platform.getPlatformByName(platform),
                                 platform_properties(platform, threads))
     context = simulation.context

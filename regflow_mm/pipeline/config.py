@@ -23,8 +23,10 @@ SCHEMA: dict[str, dict] = {
     # the background on the second core from the start until evaluation, so it can be longer than the
     # training run (saved every reference_save_interval_ps). val_blocks: the validation frames are the ends
     # of that many segments of the training run (``data.time_block_splits``), so that keeping the flow of
-    # the best validation NLL judges it on the whole run, not on its last block.
-    "md": {"ns": 5.0, "save_interval_ps": 0.5, "timestep_fs": 1.0, "equilibration_ps": 10.0, "platform": "auto",
+    # the best validation NLL judges it on the whole run, not on its last block. hydrogen_mass_amu > 0:
+    # integrate with hydrogens of that mass (``systems.masses``, same ensemble; 3 amu runs stably at
+    # timestep_fs = 2); 0: the force field's masses.
+    "md": {"ns": 5.0, "save_interval_ps": 0.5, "timestep_fs": 1.0, "hydrogen_mass_amu": 0.0, "equilibration_ps": 10.0, "platform": "auto",
            "enhanced": "none", "metad_torsions": "phi1,psi1", "metad_bias_factor": 6.0, "metad_height_kJ": 1.2,
            "metad_width_rad": 0.35, "metad_deposition_ps": 1.0, "pt_replicas": 4,
            "pt_max_temperature_K": 600.0, "val_blocks": 10, "reference_ns": 0.0,
@@ -80,6 +82,9 @@ def validate(raw: dict, source: str = "config") -> dict:
                 raise ValueError(f"{source}: unknown key {key!r} in [{section}]; allowed: "
                                  f"{', '.join(SCHEMA[section])}")
             config[section][key] = _checked(value, SCHEMA[section][key], f"{source}: [{section}].{key}")
+    hm = config["md"]["hydrogen_mass_amu"]
+    if hm != 0 and not hm >= 1:
+        raise ValueError(f"{source}: [md].hydrogen_mass_amu must be 0 (the force field's masses) or >= 1 amu, got {hm}")
     mc = config["mc"]
     if mc["adapt_segments"] > 1 and mc["n_iterations"] % mc["adapt_segments"]:
         raise ValueError(f"{source}: [mc].n_iterations = {mc['n_iterations']} must be a multiple of "

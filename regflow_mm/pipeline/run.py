@@ -124,7 +124,7 @@ def _simulate_one(system_name: str, path: str, ns: float, save_interval_ps: floa
     simulate(get_system(system_name), path, ns=ns, save_interval_ps=save_interval_ps,
              timestep_fs=md["timestep_fs"], seed=seed, platform=md["platform"],
              equilibration_ps=md["equilibration_ps"], val_blocks=md["val_blocks"], progress=progress,
-             enhanced=enhanced)
+             enhanced=enhanced, hydrogen_mass_amu=md["hydrogen_mass_amu"] or None)
     return path
 
 
