@@ -114,3 +114,19 @@ def test_failed_background_stage_runs_again_in_the_caller(tmp_path):
     handle = run.start(Stage("bg", functools.partial(_background_work, fail_marker=str(marker)), {"x": 1}))
     assert run.wait(handle)["pid_file"].endswith("work.txt")  # the child failed; the caller ran it
     assert handle.process.exitcode != 0 and marker.exists()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "examples").glob("*.toml")), ids=lambda p: p.name)
+def test_every_example_config_passes_its_checks(path):
+    from regflow_mm.pipeline.config import train_settings
+
+    config = load_config(path)
+    train_settings(config)  # the settings the pipeline checks before any stage runs
+    if config["baseline"]["enabled"]:
+        train_settings(config, method=config["baseline"]["method"])
+
+
+def test_hydrogen_mass_must_be_off_or_at_least_one_amu():
+    assert validate({"md": {"hydrogen_mass_amu": 3}})["md"]["hydrogen_mass_amu"] == 3.0
+    with pytest.raises(ValueError, match="hydrogen_mass_amu must be 0"):
+        validate({"md": {"hydrogen_mass_amu": 0.5}})
