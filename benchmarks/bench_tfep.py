@@ -72,7 +72,7 @@ def main() -> None:
               f"{f['delta_f']:.3f} +- {f['ddelta_f']:.3f} (work ESS {f['work_ess']:.2%}, {f['n_outside']}/{f['n']} "
               f"outside B, W {f['work_mean']:.1f} +- {f['work_std']:.1f}); reverse EXP {b['delta_f']:.3f} +- "
               f"{b['ddelta_f']:.3f} (work ESS {b['work_ess']:.2%}, {b['n_outside']}/{b['n']} outside A, W "
-              f"{b['work_mean']:.1f} +- {b['work_std']:.1f}); map moves {r['n_moved']}/{r['dim']} coordinates; "
+              f"{b['work_mean']:.1f} +- {b['work_std']:.1f}); map moves {r['n_moved']}/{r['dim']} coordinates ({', '.join(r['moved_torsions'])}; reflected: {', '.join(r['reflected']) or 'none'}); "
               f"training {t['cpu_s']:.1f} CPU-s ({t['n_steps']} steps, OT {t['ot']['method']} on {t['ot']['n']} "
               f"pairs), {t['n_energy_calls']} energy calls; works {r['eval_cpu_s']:.1f} CPU-s, "
               f"{r['n_energy_calls_eval']} energy calls; {wall:.0f} s wall in all |")

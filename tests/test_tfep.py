@@ -105,7 +105,7 @@ def test_state_map_work_is_exact_in_internal_coordinates(aldp):
     w_r = u_a(back.numpy()) - u_b(mx.numpy()) - ld_back.numpy()
     result = tfep_estimate(w_f, w_r)
     assert abs(result["delta_f"] - c) < 1e-8 and abs(result["reverse"]["delta_f"] - c) < 1e-8
-    assert state_map.transform.layers[1].net.out[1].weight.abs().sum() > 0  # not the identity
+    assert state_map.transform.layers[2].net.out[1].weight.abs().sum() > 0  # not the identity
 
 
 def test_works_and_states_give_one_line_errors(aldp):

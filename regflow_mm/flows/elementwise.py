@@ -97,3 +97,24 @@ class CircularShift(Flow):
 
     def _inverse(self, y):
         return self._rotate(y, -1.0)
+
+
+class CircularReflection(Flow):
+    """Reflection of circle dimensions: y = (-x) mod 1 where ``reflect``, identity elsewhere; |det| = 1.
+
+    An orientation-reversing bijection of each reflected circle [0, 1) (fixing 0 and 1/2), its own inverse.
+    """
+
+    def __init__(self, reflect):
+        super().__init__()
+        reflect = torch.as_tensor(reflect, dtype=torch.bool)
+        self.dim = reflect.numel()
+        self.register_buffer("reflect", reflect)
+
+    def _forward(self, x):
+        if x.shape[1] != self.dim:
+            raise ValueError(f"CircularReflection of dimension {self.dim} got inputs of shape {tuple(x.shape)}")
+        return torch.where(self.reflect, torch.remainder(-x, 1.0), x), x.new_zeros(x.shape[0])
+
+    def _inverse(self, y):
+        return self._forward(y)

@@ -13,7 +13,9 @@ works. Both directions are combined by BAR (pymbar). For two states of one ensem
 
 The map (``StateMap``): M = R^-1 o T o R, with R the internal-coordinate representation fitted to
 both states (positions nm <-> unit box, wide torsions on circles) and T a bijection of the box:
-a rotation of each moved torsion circle that puts A's circular mean mid-box, circular
+a reflection u -> -u of the moved torsion circles on which B resembles the mirror image of A
+(chosen from the data: phi -> -phi, psi -> -psi between the two phi basins of a dipeptide), a
+rotation of each moved torsion circle that puts A's circular mean mid-box, circular
 rational-quadratic spline couplings (diffeomorphisms of each circle, conditioned on every other
 coordinate), and a rotation from mid-box to B's circular mean. So the map respects periodicity:
 torsions move around their circles, never through a cut. By default only the wide (circular)
@@ -40,12 +42,13 @@ import time
 from typing import Callable
 
 import numpy as np
+import ot
 import torch
 from torch import nn
 
 from regflow_mm.data.dataset import dihedrals
 from regflow_mm.flows.base import SequentialFlow
-from regflow_mm.flows.elementwise import CircularShift
+from regflow_mm.flows.elementwise import CircularReflection, CircularShift
 from regflow_mm.flows.nets import coupling_mask
 from regflow_mm.flows.splines import SplineCoupling
 from regflow_mm.importance import kish_ess, resample
@@ -87,7 +90,19 @@ def _exp_direction(work: np.ndarray) -> dict:
             "work_mean": float(work[finite].mean()), "work_std": float(work[finite].std())}
 
 
-def tfep_estimate(w_forward, w_reverse=None) -> dict:
+def _bar_bootstrap(w_f: np.ndarray, w_r: np.ndarray, n_bootstrap: int, seed: int) -> float:
+    """Std of BAR's Delta F over resamples of both work sets (``default_rng(seed)``)."""
+    rng = np.random.default_rng(seed)
+    estimates = []
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        for _ in range(int(n_bootstrap)):
+            f = w_f[rng.integers(0, w_f.size, w_f.size)]
+            r = w_r[rng.integers(0, w_r.size, w_r.size)]
+            estimates.append(_pymbar().bar(f, r, compute_uncertainty=False)["Delta_f"])
+    return float(np.std(estimates, ddof=1))
+
+
+def tfep_estimate(w_forward, w_reverse=None, n_bootstrap: int = 100, seed: int = 0) -> dict:
     """Delta F_{A->B} (kT) from generalised works: EXP in each direction given, BAR when both are.
 
     w_forward (N_A,): W_F of samples of A; w_reverse (N_B,): W_R of samples of B (+inf where the
@@ -96,7 +111,9 @@ def tfep_estimate(w_forward, w_reverse=None) -> dict:
     each direction holds its own EXP estimate of Delta F_{A->B}, the work ESS (fraction and count),
     and the number of samples mapped outside the target state. ``reliable`` is False when the
     estimate rests on fewer than ``MIN_STATE_ESS`` effective samples (the best direction's work ESS).
-    Errors are pymbar's, for independent samples.
+    Errors, for independent samples: pymbar's for EXP; for BAR the standard deviation over
+    ``n_bootstrap`` resamples of both work sets (heavy-tailed works make pymbar's analytical BAR
+    error NaN or optimistic; it is kept as "ddelta_f_pymbar").
     """
     w_f = _check_works(w_forward, "forward (A -> B)")
     forward = _exp_direction(w_f)
@@ -109,13 +126,11 @@ def tfep_estimate(w_forward, w_reverse=None) -> dict:
         w_r = _check_works(w_reverse, "reverse (B -> A)")
         reverse = _exp_direction(w_r)
         reverse["delta_f"] = -reverse["delta_f"]  # EXP of W_R estimates Delta F_{B->A}
-        with np.errstate(invalid="ignore"):  # constant works: see below
-            bar = _pymbar().bar(np.where(np.isfinite(w_f), w_f, _OUTSIDE_WORK),
-                                np.where(np.isfinite(w_r), w_r, _OUTSIDE_WORK))
-        ddelta_f = float(bar["dDelta_f"])
-        if not math.isfinite(ddelta_f) and max(forward["work_std"], reverse["work_std"]) < 1e-8:
-            ddelta_f = 0.0  # constant works (an exact map): pymbar's variance is 0 up to rounding, sqrt(-0) NaN
-        out.update(delta_f=float(bar["Delta_f"]), ddelta_f=ddelta_f, method="BAR", reverse=reverse)
+        w_f_bar, w_r_bar = (np.where(np.isfinite(w), w, _OUTSIDE_WORK) for w in (w_f, w_r))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            bar = _pymbar().bar(w_f_bar, w_r_bar)
+        out.update(delta_f=float(bar["Delta_f"]), ddelta_f=_bar_bootstrap(w_f_bar, w_r_bar, n_bootstrap, seed),
+                   ddelta_f_pymbar=float(bar["dDelta_f"]), method="BAR", reverse=reverse)
         best = max(forward["work_ess_count"], reverse["work_ess_count"])
     out["best_work_ess_count"] = best
     out["reliable"] = bool(best >= MIN_STATE_ESS and math.isfinite(out["ddelta_f"]))
@@ -130,16 +145,36 @@ def _circular_mean(y: torch.Tensor) -> torch.Tensor:
     return torch.remainder(torch.atan2(angle.sin().mean(0), angle.cos().mean(0)) / (2 * math.pi), 1.0)
 
 
+def _orientations(y_a: torch.Tensor, y_b: torch.Tensor, turn: torch.Tensor, n_max: int = 2000) -> torch.Tensor:
+    """(D,) bool: circles on which B looks more like the mirror image of A than like A turned.
+
+    For each ``turn`` circle, the circular W2 (POT ``wasserstein_circle``) between B and A rotated onto
+    B's circular mean, with A as is or reflected (u -> -u); True where the reflection is closer.
+    """
+    reflect = torch.zeros_like(turn)
+    a, b = y_a[:n_max].double(), y_b[:n_max].double()
+    for k in turn.nonzero().flatten().tolist():
+        costs = []
+        for sign in (1.0, -1.0):
+            ak = torch.remainder(sign * a[:, k], 1.0)
+            ak = torch.remainder(ak - _circular_mean(ak[:, None])[0] + _circular_mean(b[:, k:k + 1])[0], 1.0)
+            costs.append(float(np.ravel(ot.wasserstein_circle(ak.numpy(), b[:, k].numpy(), p=2))[0]))
+        reflect[k] = costs[1] < costs[0]
+    return reflect
+
+
 class StateMap(nn.Module):
     """M = R^-1 o T o R: a bijection of configurations (see the module docstring), float64.
 
     representation: a fitted ``InternalCoordinates``; moved (D,) bool: flow-space coordinates T
-    changes; y_a, y_b (N, D): flow-space samples of A and B that set the circle rotations.
+    changes; y_a, y_b (N, D): flow-space samples of A and B that set the circle rotations and, where
+    ``reflect`` is None, the orientation of each moved circle (``_orientations``: e.g. phi -> -phi
+    between the two phi basins of a dipeptide); reflect (D,) bool fixes them instead.
     ``forward(x, inverse=False)``: positions (B, n_atoms, 3) nm -> (M(x) nm, log|det dM/dx| (B,)).
     """
 
     def __init__(self, representation, moved, y_a: torch.Tensor, y_b: torch.Tensor, *, layers: int = 6,
-                 hidden: int = 64, blocks: int = 1, bins: int = 8):
+                 hidden: int = 64, blocks: int = 1, bins: int = 8, reflect=None):
         super().__init__()
         if representation.domain != "box":
             raise ValueError("StateMap needs a box representation (internal coordinates)")
@@ -151,8 +186,11 @@ class StateMap(nn.Module):
         if int(layers) < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
         turn = circular & moved
-        shift_in = torch.where(turn, 0.5 - _circular_mean(y_a.cpu()), torch.zeros(circular.shape, dtype=y_a.dtype))
-        shift_out = torch.where(turn, _circular_mean(y_b.cpu()) - 0.5, torch.zeros(circular.shape, dtype=y_b.dtype))
+        y_a, y_b = y_a.detach().cpu(), y_b.detach().cpu()
+        reflect = _orientations(y_a, y_b, turn) if reflect is None else torch.as_tensor(reflect, dtype=torch.bool) & turn
+        y_a = torch.where(reflect, torch.remainder(-y_a, 1.0), y_a)
+        shift_in = torch.where(turn, 0.5 - _circular_mean(y_a), torch.zeros(circular.shape, dtype=y_a.dtype))
+        shift_out = torch.where(turn, _circular_mean(y_b) - 0.5, torch.zeros(circular.shape, dtype=y_b.dtype))
         idx = moved.nonzero().flatten()
         couplings = []
         for i in range(int(layers)):
@@ -160,8 +198,10 @@ class StateMap(nn.Module):
             mask = torch.zeros_like(moved)
             mask[idx[sub]] = True
             couplings.append(SplineCoupling(mask, "box", circular, bins=bins, hidden=hidden, blocks=blocks))
-        self.transform = SequentialFlow([CircularShift(shift_in, turn), *couplings, CircularShift(shift_out, turn)])
+        self.transform = SequentialFlow([CircularReflection(reflect), CircularShift(shift_in, turn), *couplings,
+                                         CircularShift(shift_out, turn)])
         self.register_buffer("moved", moved)
+        self.register_buffer("reflect", reflect)
         self.register_buffer("circular", circular)
         self.to(torch.float64)
 
@@ -177,8 +217,10 @@ def train_tfep_map(transform, x_a, x_b, *, moved=None, circular=None, n_steps: i
                    seed: int = 0, progress: bool = False) -> dict:
     """RegFlow fit of a Flow ``transform`` on OT pairs of samples x_a, x_b (N, D) of A and B (equal N).
 
-    Pairs: OT (``ot_method`` "exact" or "minibatch", both bijective) on the ``moved`` coordinates
-    ((D,) bool, default all), torus cost on the ``circular`` ones ((D,) bool, circles of period 1);
+    Pairs: OT (``ot_method`` "exact" or "minibatch", both bijective) between B and the untrained
+    ``transform``'s image of A (its fixed reflections and rotations; the identity for a fresh
+    coupling flow) on the ``moved`` coordinates ((D,) bool, default all), torus cost on the
+    ``circular`` ones ((D,) bool, circles of period 1);
     targets: the B partner's moved coordinates, the A sample's own elsewhere; regression differences
     on the circles are wrapped. Adam with a cosine learning rate, batches from
     ``torch.Generator().manual_seed(seed)``. No energy is evaluated. Returns {"ot": pairing info,
@@ -193,7 +235,9 @@ def train_tfep_map(transform, x_a, x_b, *, moved=None, circular=None, n_steps: i
     moved = torch.ones(dim, dtype=torch.bool) if moved is None else torch.as_tensor(moved, dtype=torch.bool)
     circular = torch.zeros(dim, dtype=torch.bool) if circular is None else torch.as_tensor(circular, dtype=torch.bool)
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    src, ot_info = ot_pairing(x_a[:, moved], x_b[:, moved], method=ot_method, seed=seed, circular=circular[moved])
+    with torch.no_grad():  # pairs by OT between B and A as the untrained map (its fixed layers) places it
+        start = transform(x_a)[0]
+    src, ot_info = ot_pairing(start[:, moved], x_b[:, moved], method=ot_method, seed=seed, circular=circular[moved])
     x0 = x_a[torch.as_tensor(src)]
     x1 = torch.where(moved, x_b, x0)
     generator = torch.Generator().manual_seed(seed)
@@ -246,8 +290,9 @@ def map_works(state_map: StateMap, x, u_source, u_target: Callable[[np.ndarray],
 
 @dataclasses.dataclass
 class TFEPSettings:
-    """TFEP between torsion-defined states. Counts are frames per state; ``moved``: "circular" (wide
-    torsions only) or "all"; map size (layers, hidden, blocks, bins) and RegFlow training settings."""
+    """TFEP between torsion-defined states. Counts are frames per state (n_eval at most the Kish ESS of
+    the state's evaluation frames); ``moved``: "circular" (wide torsions only) or "all"; map size
+    (layers, hidden, blocks, bins) and RegFlow training settings."""
 
     n_train: int = 3000
     n_eval: int = 5000
@@ -299,6 +344,20 @@ def _torsions(system, positions) -> dict[str, np.ndarray]:
     return {k: angles[:, j] for j, k in enumerate(names)}
 
 
+def _torsion_names(system, rep, mask: torch.Tensor) -> list[str]:
+    """Names of the flow-space torsions selected by ``mask`` (D,): the system's torsion about the same bond
+    (e.g. phi1), else the four atoms."""
+    named = {frozenset(q[1:3]): name for name, q in system.torsions.items()}
+    first = rep.n_bonds + rep.n_angles
+    out = []
+    for k in mask.nonzero().flatten().tolist():
+        if k < first:
+            continue
+        i, j, kk, l = rep.torsion_atoms[k - first].tolist()
+        out.append(named.get(frozenset((j, kk)), f"torsion {i}-{j}-{kk}-{l}"))
+    return out
+
+
 def _membership(system, expression: str) -> Callable[[np.ndarray], np.ndarray]:
     """positions (B, n, 3) -> (B,) bool: inside the state (and L-chiral, when the system checks chirality)."""
     predicate = parse_torsion_predicate(expression, system.torsions)
@@ -309,13 +368,17 @@ def _membership(system, expression: str) -> Callable[[np.ndarray], np.ndarray]:
     return inside
 
 
-def _draw_state(positions, log_w, mask, n: int, rng, label: str, expr: str, what: str) -> tuple[np.ndarray, float]:
-    """n frames of one state resampled with their weights; returns (positions (n, ...), Kish ESS count)."""
+def _draw_state(positions, log_w, mask, n: int, rng, label: str, expr: str, what: str,
+                cap_at_ess: bool = False) -> tuple[np.ndarray, float]:
+    """n frames of one state resampled with their weights (at most its Kish ESS when ``cap_at_ess``, so
+    that the resampled set holds few repeats); returns (positions (m, ...), Kish ESS count)."""
     idx = np.flatnonzero(mask)
     lw = np.asarray(log_w, dtype=np.float64)[idx]
     if not np.isfinite(lw).any():
         raise ValueError(f"state {label} {expr!r}: every frame of {what} in it has weight 0")
     ess_count = kish_ess(lw)["ess"] * idx.size
+    if cap_at_ess:
+        n = max(1, min(n, int(ess_count)))
     return np.asarray(positions[idx[resample(lw, n, rng)]], dtype=np.float64), float(ess_count)
 
 
@@ -367,8 +430,8 @@ def tfep_between_states(system, train_positions, train_log_w, state_a: str, stat
         what = "the training data" if same_data else "the evaluation data"
         e_in_a, e_in_b = (in_a, in_b) if same_data else state_members(system, eval_positions, state_a, state_b, what)
         rng = np.random.default_rng(settings.seed + 1)
-        ea, eval_ess_a = _draw_state(eval_positions, eval_log_w, e_in_a, settings.n_eval, rng, "A", state_a, what)
-        eb, eval_ess_b = _draw_state(eval_positions, eval_log_w, e_in_b, settings.n_eval, rng, "B", state_b, what)
+        ea, eval_ess_a = _draw_state(eval_positions, eval_log_w, e_in_a, settings.n_eval, rng, "A", state_a, what, True)
+        eb, eval_ess_b = _draw_state(eval_positions, eval_log_w, e_in_b, settings.n_eval, rng, "B", state_b, what, True)
         calls0 = evaluator.stats.n_configurations
         cpu0 = time.process_time()
         u_a, u_b = evaluator.reduced_energy(ea), evaluator.reduced_energy(eb)
@@ -379,9 +442,10 @@ def tfep_between_states(system, train_positions, train_log_w, state_a: str, stat
     finally:
         if own:
             evaluator.close()
-    result = tfep_estimate(w_f, w_r)
+    result = tfep_estimate(w_f, w_r, seed=settings.seed)
     result.update(state_a=state_a, state_b=state_b, train=train, n_energy_calls_eval=int(n_calls),
                   eval_cpu_s=eval_cpu, n_moved=int(moved.sum()), dim=int(moved.numel()),
+                  moved_torsions=_torsion_names(system, rep, moved), reflected=_torsion_names(system, rep, state_map.reflect),
                   eval_data="training data (resampled again)" if same_data else "independent data",
                   frames_weight_ess={"train_a": ess_a, "train_b": ess_b, "eval_a": eval_ess_a, "eval_b": eval_ess_b},
                   settings=dataclasses.asdict(settings))
