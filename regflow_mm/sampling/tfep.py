@@ -92,14 +92,20 @@ def _exp_direction(work: np.ndarray) -> dict:
 
 def _bar_bootstrap(w_f: np.ndarray, w_r: np.ndarray, n_bootstrap: int, seed: int) -> float:
     """Std of BAR's Delta F over resamples of both work sets (``default_rng(seed)``)."""
+    if max(np.ptp(w_f), np.ptp(w_r)) < 1e-9:
+        return 0.0  # constant works (an exact map): every resample gives the same Delta F
+    pymbar = _pymbar()
     rng = np.random.default_rng(seed)
     estimates = []
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         for _ in range(int(n_bootstrap)):
             f = w_f[rng.integers(0, w_f.size, w_f.size)]
             r = w_r[rng.integers(0, w_r.size, w_r.size)]
-            estimates.append(_pymbar().bar(f, r, compute_uncertainty=False)["Delta_f"])
-    return float(np.std(estimates, ddof=1))
+            try:
+                estimates.append(pymbar.bar(f, r, compute_uncertainty=False)["Delta_f"])
+            except pymbar.utils.BoundsError:  # a resample without overlap: its BAR is unbounded
+                estimates.append(np.inf)
+    return float(np.std(estimates, ddof=1)) if np.isfinite(estimates).all() else math.inf
 
 
 def tfep_estimate(w_forward, w_reverse=None, n_bootstrap: int = 100, seed: int = 0) -> dict:
@@ -127,8 +133,13 @@ def tfep_estimate(w_forward, w_reverse=None, n_bootstrap: int = 100, seed: int =
         reverse = _exp_direction(w_r)
         reverse["delta_f"] = -reverse["delta_f"]  # EXP of W_R estimates Delta F_{B->A}
         w_f_bar, w_r_bar = (np.where(np.isfinite(w), w, _OUTSIDE_WORK) for w in (w_f, w_r))
+        pymbar = _pymbar()
         with np.errstate(invalid="ignore", divide="ignore"):
-            bar = _pymbar().bar(w_f_bar, w_r_bar)
+            try:
+                bar = pymbar.bar(w_f_bar, w_r_bar)
+            except pymbar.utils.BoundsError:
+                raise ValueError("BAR cannot bracket Delta F: the forward and reverse works do not overlap; use the "
+                                 "EXP estimates of each direction, a better map or more samples") from None
         out.update(delta_f=float(bar["Delta_f"]), ddelta_f=_bar_bootstrap(w_f_bar, w_r_bar, n_bootstrap, seed),
                    ddelta_f_pymbar=float(bar["dDelta_f"]), method="BAR", reverse=reverse)
         best = max(forward["work_ess_count"], reverse["work_ess_count"])
