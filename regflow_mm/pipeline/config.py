@@ -62,7 +62,7 @@ SCHEMA: dict[str, dict] = {
     # OT pairs of tfep_n_train weight-resampled training frames per state (tfep_steps regression steps, a
     # tfep_layers x tfep_hidden circular-spline coupling map moving the wide torsions, or every coordinate with
     # tfep_moved = "all"), works on tfep_n_eval frames per state of the reference run (else of the training run).
-    "free_energy": {"n_samples": 20000, "tfep": True, "tfep_n_train": 2000, "tfep_n_eval": 5000, "tfep_steps": 1500,
+    "free_energy": {"n_samples": 20000, "tfep": True, "tfep_n_train": 2000, "tfep_n_eval": 2000, "tfep_steps": 800,
                     "tfep_layers": 6, "tfep_hidden": 64, "tfep_moved": "circular"},
     "export": {"backend": "torch", "md_steps": 1000},
 }

@@ -306,13 +306,13 @@ class TFEPSettings:
     (layers, hidden, blocks, bins) and RegFlow training settings."""
 
     n_train: int = 3000
-    n_eval: int = 5000
+    n_eval: int = 2000
     moved: str = "circular"
     layers: int = 6
     hidden: int = 64
     blocks: int = 1
     bins: int = 8
-    n_steps: int = 1500
+    n_steps: int = 800
     batch_size: int = 256
     lr: float = 3e-3
     ot_method: str = "exact"
