@@ -251,7 +251,7 @@ def main() -> None:
             try:
                 tf = tfep_delta_f(mapper.transform, to_y(x_a[a_test]), u_a, u_b)
                 tf_line = (f"| TFEP (RegFlow map, OT pairs, {n_pair} per state) | {tf['delta_f']:.3f} | {tf['ddelta_f']:.3f} | "
-                           f"{tf['n']} | work ESS/N {tf['work_ess']:.4f}, {tf['n_nonfinite']} mapped outside B, "
+                           f"{tf['forward']['n']} | work ESS/N {tf['forward']['work_ess']:.4f}, {tf['forward']['n_outside']} mapped outside B, "
                            f"{time.perf_counter() - t:.0f} s |")
             except ValueError as err:
                 tf_line = f"| TFEP | n/a | | {a_test.size} | {err} |"

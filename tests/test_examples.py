@@ -141,3 +141,18 @@ def test_hybrid_mc_recipe_runs(flow_path, monkeypatch, capsys):
     (acceptance,) = numbers(r"acceptance {N}", out)
     (fraction,) = numbers(r"phi1 > 0 in {N} of 3 frames", out)
     assert "'n_proposed': 3" in out and 0 <= acceptance <= 1 and 0 <= fraction <= 1
+
+
+def test_free_energy_between_states_example_matches_the_api(aldp, flow_path, monkeypatch, capsys):
+    from regflow_mm.flows import load_flow
+    from regflow_mm.sampling.thermodynamic import delta_f_between
+
+    out = run_example("free_energy_between_states.py", [flow_path, "-n", 300, "--to-temperature", 350],
+                      monkeypatch, capsys)
+    assert "state B: amber99sbildn.xml + amber99_obc.xml at 350.0 K" in out
+    df, ddf = numbers(r"Delta f\(A -> B\) = {N} \+- {N} kT", out)
+    ref = delta_f_between(aldp.system, aldp.system, temperature_a=300.0, temperature_b=350.0,
+                          flow=load_flow(flow_path), n_flow_samples=300, seed=0, is_l=aldp.is_l,
+                          topologies=[aldp.topology, aldp.topology])
+    assert df == pytest.approx(ref["delta_f"], abs=1e-3) and ddf == pytest.approx(ref["ddelta_f"], abs=1e-3)
+    assert ("UNRELIABLE" in out) == (not ref["reliable"])

@@ -15,7 +15,8 @@ TINY = {
     "evaluate": {"n_samples": 200},
     "mc": {"n_iterations": 6, "md_steps_per_iteration": 20, "adapt_segments": 2, "finetune_steps": 3,
            "tempering_replicas": 2, "tempering_iterations": 2, "tempering_max_K": 400.0},
-    "free_energy": {"n_samples": 300},
+    "free_energy": {"n_samples": 300, "tfep_n_train": 50, "tfep_n_eval": 50, "tfep_steps": 5, "tfep_layers": 2,
+                    "tfep_hidden": 8},
     "export": {"md_steps": 20},
 }
 
@@ -39,6 +40,12 @@ def test_report_holds_this_runs_numbers(finished_run):
     assert stages["reference"]["reference_summary"]["n_frames"] == 300
     assert stages["evaluate"]["reference"] == "independent none run" and stages["evaluate"]["n_test_frames"] == 300
     assert "md_reference" in stages["free_energy"]
+    tfep = stages["free_energy"]["tfep"]  # 50 ps of plain MD stays in phi < 0: TFEP says why it has no estimate
+    if "error" in tfep:
+        assert "state B 'phi1 > 0' selects no frame of the training data" in tfep["error"]
+        assert f"| TFEP (RegFlow map) | - | - | not computed: {tfep['error']} |" in text
+    else:
+        assert tfep["train"]["n_energy_calls"] == 0 and "TFEP (RegFlow map, energy-free training)" in text
     from regflow_mm.systems.platforms import openmm_seed
 
     assert f"(seed 0, OpenMM random seed {openmm_seed(0)})" in text  # the seeds actually used, data and reference
@@ -109,6 +116,9 @@ def test_config_errors_are_one_line(tmp_path, capsys):
     bad.write_text("[mc]\nn_iterations = 10\nadapt_segments = 3\n")
     assert main(["pipeline", "--config", str(bad), "--out", str(tmp_path / "run")]) == 2
     assert "[mc].n_iterations = 10 must be a multiple of [mc].adapt_segments = 3" in capsys.readouterr().err
+    bad.write_text('[free_energy]\ntfep_moved = "bonds"\n')
+    assert main(["pipeline", "--config", str(bad), "--out", str(tmp_path / "run")]) == 2
+    assert "[free_energy].tfep_moved must be 'circular' or 'all', got 'bonds'" in capsys.readouterr().err
     bad.write_text("[mc]\ntempering_replicas = 1\n")
     assert main(["pipeline", "--config", str(bad), "--out", str(tmp_path / "run")]) == 2
     assert "[mc].tempering_replicas must be 0 (off) or >= 2, got 1" in capsys.readouterr().err

@@ -7,7 +7,7 @@
 from .autoregressive import AutoregressiveSpline
 from .base import Flow, SequentialFlow
 from .boltzmann import BoltzmannFlow
-from .elementwise import ElementwiseAffine, NormalCDF
+from .elementwise import CircularReflection, CircularShift, ElementwiseAffine, NormalCDF
 from .factory import (BUILTIN_ARCHITECTURES, architectures, build_flow, flow_from_config, get_architecture,
                       register_architecture)
 from .io import load_flow
@@ -19,7 +19,7 @@ from .priors import Prior, StandardNormal, UniformBox, prior_from_config
 from .realnvp import AffineCoupling
 from .splines import SplineCoupling, rq_spline
 
-__all__ = ["Flow", "SequentialFlow", "BoltzmannFlow", "ElementwiseAffine", "NormalCDF", "build_flow",
+__all__ = ["Flow", "SequentialFlow", "BoltzmannFlow", "CircularReflection", "CircularShift", "ElementwiseAffine", "NormalCDF", "build_flow",
            "register_architecture", "architectures", "get_architecture", "default_prior", "flow_from_config",
            "load_flow", "save_flow", "flow_file_hash", "require_flow_file", "BUILTIN_ARCHITECTURES",
            "as_numpy", "flow_device", "flow_dtype", "flow_log_prob", "sample_flow", "Prior", "StandardNormal", "UniformBox", "prior_from_config",

@@ -65,3 +65,56 @@ class NormalCDF(Flow):
     def _inverse(self, y):
         x = math.sqrt(2) * torch.erfinv(2 * y - 1)
         return x, (0.5 * x * x + self._LOG_SQRT_2PI).sum(-1)
+
+
+class CircularShift(Flow):
+    """Rotation of circle dimensions: y = (x + shift) mod 1 where ``circular``, identity elsewhere; logdet 0.
+
+    A bijection of the unit box whose circular dimensions are circles [0, 1) (internal-coordinate
+    torsions): it moves mass around a circle across the 0/1 seam, which a spline that fixes the seam
+    cannot. shift: (D,) in circle units (fractions of a turn); entries off ``circular`` are ignored.
+    """
+
+    def __init__(self, shift, circular):
+        super().__init__()
+        circular = torch.as_tensor(circular, dtype=torch.bool)
+        shift = torch.as_tensor(shift, dtype=torch.get_default_dtype()).reshape(-1)
+        if shift.shape != circular.shape:
+            raise ValueError(f"CircularShift: shift {tuple(shift.shape)} and circular {tuple(circular.shape)} "
+                             "must both be (D,)")
+        self.dim = circular.numel()
+        self.register_buffer("shift", torch.where(circular, shift, torch.zeros_like(shift)))
+        self.register_buffer("circular", circular)
+
+    def _rotate(self, x, sign):
+        if x.shape[1] != self.dim:
+            raise ValueError(f"CircularShift of dimension {self.dim} got inputs of shape {tuple(x.shape)}")
+        y = torch.where(self.circular, torch.remainder(x + sign * self.shift.to(x.dtype), 1.0), x)
+        return y, x.new_zeros(x.shape[0])
+
+    def _forward(self, x):
+        return self._rotate(x, 1.0)
+
+    def _inverse(self, y):
+        return self._rotate(y, -1.0)
+
+
+class CircularReflection(Flow):
+    """Reflection of circle dimensions: y = (-x) mod 1 where ``reflect``, identity elsewhere; |det| = 1.
+
+    An orientation-reversing bijection of each reflected circle [0, 1) (fixing 0 and 1/2), its own inverse.
+    """
+
+    def __init__(self, reflect):
+        super().__init__()
+        reflect = torch.as_tensor(reflect, dtype=torch.bool)
+        self.dim = reflect.numel()
+        self.register_buffer("reflect", reflect)
+
+    def _forward(self, x):
+        if x.shape[1] != self.dim:
+            raise ValueError(f"CircularReflection of dimension {self.dim} got inputs of shape {tuple(x.shape)}")
+        return torch.where(self.reflect, torch.remainder(-x, 1.0), x), x.new_zeros(x.shape[0])
+
+    def _inverse(self, y):
+        return self._forward(y)

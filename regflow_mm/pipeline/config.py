@@ -58,7 +58,12 @@ SCHEMA: dict[str, dict] = {
     "mc": {"n_iterations": 200, "md_steps_per_iteration": 500, "n_walkers": 2, "flow_moves_per_iteration": 1,
            "adapt_segments": 0, "finetune_steps": 300, "finetune_lr": 2e-4,
            "tempering_replicas": 0, "tempering_iterations": 50, "tempering_max_K": 600.0},
-    "free_energy": {"n_samples": 20000},
+    # tfep: also TFEP between phi < 0 and phi > 0 (``sampling.tfep``): a map trained energy-free by RegFlow on
+    # OT pairs of tfep_n_train weight-resampled training frames per state (tfep_steps regression steps, a
+    # tfep_layers x tfep_hidden circular-spline coupling map moving the wide torsions, or every coordinate with
+    # tfep_moved = "all"), works on tfep_n_eval frames per state of the reference run (else of the training run).
+    "free_energy": {"n_samples": 20000, "tfep": True, "tfep_n_train": 2000, "tfep_n_eval": 2000, "tfep_steps": 800,
+                    "tfep_layers": 6, "tfep_hidden": 64, "tfep_moved": "circular"},
     "export": {"backend": "torch", "md_steps": 1000},
 }
 
@@ -89,6 +94,9 @@ def validate(raw: dict, source: str = "config") -> dict:
     if mc["adapt_segments"] > 1 and mc["n_iterations"] % mc["adapt_segments"]:
         raise ValueError(f"{source}: [mc].n_iterations = {mc['n_iterations']} must be a multiple of "
                          f"[mc].adapt_segments = {mc['adapt_segments']} (equal segments with a frozen flow)")
+    if config["free_energy"]["tfep_moved"] not in ("circular", "all"):
+        raise ValueError(f"{source}: [free_energy].tfep_moved must be 'circular' or 'all', got "
+                         f"{config['free_energy']['tfep_moved']!r}")
     if mc["tempering_replicas"] == 1 or mc["tempering_replicas"] < 0:
         raise ValueError(f"{source}: [mc].tempering_replicas must be 0 (off) or >= 2, got {mc['tempering_replicas']}")
     return config

@@ -184,6 +184,19 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
             est = fe[key]
             rows.append((label + (" (reweighted)" if est.get("weighted") else " (counting)"), est,
                          note(est, "20-block bootstrap error")))
+    tfep = fe.get("tfep")
+    if tfep is not None:
+        if "error" in tfep:
+            rows.append(("TFEP (RegFlow map)", tfep, f"not computed: {tfep['error']}"))
+        else:
+            f, r, t = tfep["forward"], tfep["reverse"], tfep["train"]
+            text = (f"{tfep['method']} of both directions on {f['n']} + {r['n']} weight-resampled frames of the "
+                    f"{'reference run' if tfep['eval_data'] == 'independent data' else 'training run'}; work ESS "
+                    f"{f['work_ess']:.2%} forward, {r['work_ess']:.2%} reverse; map moves {tfep['n_moved']} of "
+                    f"{tfep['dim']} coordinates, trained in {t['cpu_s']:.0f} CPU-s with {t['n_energy_calls']} energy calls")
+            if not tfep["reliable"]:
+                text += f" - UNRELIABLE: fewer than {MIN_STATE_ESS:.0f} effective samples"
+            rows.append(("TFEP (RegFlow map, energy-free training)", tfep, text))
     lines += ["## Free energy", "",
               f"dF({fe['torsion']} < 0 -> {fe['torsion']} > 0) from {fe['n_samples']} reweighted flow samples "
               f"(ESS {_fmt(fe['ess'])}, {fe['n_zero_weight']} with zero weight):", "",

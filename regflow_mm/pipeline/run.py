@@ -350,8 +350,32 @@ def _free_energy(folder: Path, inputs: dict, settings: dict, seed: int, progress
             result[label] = {"error": str(err)}
         result[label]["weighted"] = dataset.weighted
         estimates.append(("MD reference run" if label == "md_reference" else "MD training run", result[label]))
+    if settings["tfep"]:
+        result["tfep"] = _tfep(runs, system, name, settings, seed, progress)
+        if "error" not in result["tfep"]:
+            estimates.append(("TFEP (RegFlow map)", result["tfep"]))
     free_energy_plot(folder / "free_energy.png", estimates, ylabel=f"dF({name}<0 -> {name}>0) (kT)")
     result["figure"] = "free_energy.png"
+    return result
+
+
+def _tfep(runs: dict, system, name: str, settings: dict, seed: int, progress: bool) -> dict:
+    """TFEP between {name} < 0 and {name} > 0: the map trained on the training run's weighted frames (no
+    energy calls), the works on the reference run's frames when there is one."""
+    from ..sampling.tfep import TFEPSettings, tfep_between_states
+
+    tfep = TFEPSettings(n_train=settings["tfep_n_train"], n_eval=settings["tfep_n_eval"], n_steps=settings["tfep_steps"],
+                        layers=settings["tfep_layers"], hidden=settings["tfep_hidden"], moved=settings["tfep_moved"],
+                        seed=seed)
+    train, held_out = runs["md"], runs.get("md_reference")
+    try:
+        result = tfep_between_states(system, train.positions, train.log_weights, f"{name} < 0", f"{name} > 0",
+                                     eval_positions=None if held_out is None else held_out.positions,
+                                     eval_log_w=None if held_out is None else held_out.log_weights, settings=tfep,
+                                     progress=progress)
+    except ValueError as err:
+        return {"error": str(err)}
+    result.pop("settings")
     return result
 
 

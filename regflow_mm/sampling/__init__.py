@@ -24,9 +24,10 @@ from .hybrid import SeededLangevinDynamicsMove, export_walker_trajectory, hybrid
 from .moves import FlowIndependenceMove
 from .reweighting import (WeightedSamples, draw_weighted_samples, log_ratio_of_means,
                           weighted_histogram, weighted_mean)
-from .tfep import tfep_delta_f, train_tfep_map
+from .thermodynamic import ThermodynamicState, delta_f_between, delta_f_states, mixture_system
+from .tfep import StateMap, TFEPSettings, tfep_between_states, tfep_delta_f, tfep_estimate, train_tfep_map
 
-__all__ = ["AdaptSchedule", "adaptive_summary", "run_adaptive_mc", "FlowIndependenceMove", "SeededLangevinDynamicsMove", "WeightedSamples", "delta_f_bar", "delta_f_exp",
+__all__ = ["ThermodynamicState", "delta_f_between", "delta_f_states", "mixture_system", "AdaptSchedule", "adaptive_summary", "run_adaptive_mc", "FlowIndependenceMove", "SeededLangevinDynamicsMove", "WeightedSamples", "delta_f_bar", "delta_f_exp",
            "draw_weighted_samples", "export_walker_trajectory", "flow_delta_f", "hybrid_summary",
            "log_ratio_of_means", "parse_torsion_predicate", "run_hybrid_mc",
-           "state_delta_f", "tfep_delta_f", "torsion_state", "train_tfep_map", "weighted_histogram", "weighted_mean"]
+           "state_delta_f", "StateMap", "TFEPSettings", "tfep_between_states", "tfep_delta_f", "tfep_estimate", "torsion_state", "train_tfep_map", "weighted_histogram", "weighted_mean"]

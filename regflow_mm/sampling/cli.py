@@ -8,6 +8,22 @@ from pathlib import Path
 
 import numpy as np
 
+from regflow_mm.sampling.free_energy import MIN_STATE_ESS
+from regflow_mm.sampling.tfep import TFEPSettings
+
+TFEP_DEFAULTS = TFEPSettings()
+
+_FREE_ENERGY_DOC = """Free-energy differences (kT), three ways:
+
+  between torsion-defined states of one ensemble, from importance-weighted flow samples:
+    regflow-mm free-energy aldp FLOW.pt --state-a "phi1 < 0" --state-b "phi1 > 0"
+  the same by TFEP with an energy-free RegFlow map trained on (weighted) MD frames of both states:
+    regflow-mm free-energy aldp --tfep-data md.h5 [--tfep-eval-data reference.h5]
+  between thermodynamic states (another temperature, force field or solvent; reduced units), by MBAR on
+  flow samples and/or MD frames of each state:
+    regflow-mm free-energy aldp FLOW.pt --to-temperature 350 [--data-a md300.h5 --data-b md350.h5]
+"""
+
 
 def _add_chain_options(p: argparse.ArgumentParser, per: str) -> None:
     """Options of a chain of Langevin MD + flow moves (``mc`` and ``mc-tempering``); ``per`` names the unit."""
@@ -67,9 +83,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     for name, helptext in (("reweight", "importance-reweighted observables from flow samples"),
                            ("free-energy", "free-energy difference between two torsion-defined states")):
-        q = subparsers.add_parser(name, help=helptext)
+        q = subparsers.add_parser(name, help=helptext, description=_FREE_ENERGY_DOC if name == "free-energy" else None,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
         q.add_argument("system", help="built-in system name or spec TOML")
-        q.add_argument("flow", help="saved flow file")
+        if name == "free-energy":
+            q.add_argument("flow", nargs="?", default=None, help="saved flow file (optional with --tfep-data or "
+                                                                   "--data-a/--data-b)")
+        else:
+            q.add_argument("flow", help="saved flow file")
         q.add_argument("-n", "--n-samples", type=int, default=100_000,
                        help="flow samples drawn, energies evaluated and importance-weighted")
         q.add_argument("--chunk-size", type=int, default=10_000, help="flow samples per streamed chunk")
@@ -89,6 +110,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                 q.add_argument(f"--state-{state}", default=default,
                                help=f"state {state.upper()}: a condition on the system's torsions in degrees, e.g. "
                                     f"\"(phi1 > -90) & (phi1 < 0)\" (single comparisons joined by &, |, ~; abs(...))")
+            t = q.add_argument_group("TFEP between the two states (energy-free RegFlow map, internal coordinates)")
+            t.add_argument("--tfep-data", default=None, help="dataset (HDF5, e.g. metadynamics with frame weights) whose "
+                                                             "frames of each state train the map")
+            t.add_argument("--tfep-eval-data", default=None, help="independent dataset for the works (default: "
+                                                                  "--tfep-data resampled with another seed)")
+            t.add_argument("--tfep-steps", type=int, default=TFEP_DEFAULTS.n_steps, help="regression steps of the map")
+            t.add_argument("--tfep-n-train", type=int, default=TFEP_DEFAULTS.n_train, help="frames per state for the OT pairs")
+            t.add_argument("--tfep-n-eval", type=int, default=TFEP_DEFAULTS.n_eval, help="frames per state for the works")
+            t.add_argument("--tfep-moved", choices=("circular", "all"), default=TFEP_DEFAULTS.moved,
+                           help="coordinates the map moves: the wide torsions (circles) or all")
+            h = q.add_argument_group("between thermodynamic states: SYSTEM -> --to / --to-temperature (reduced, kT)")
+            h.add_argument("--to", default=None, help="state B: a built-in system name or spec TOML over the same atoms "
+                                                      "(another force field or solvent model)")
+            h.add_argument("--to-temperature", type=float, default=None, help="temperature of state B, K (default: "
+                                                                             "that of its system)")
+            h.add_argument("--data-a", default=None, help="dataset of frames of state A (MD; subsampled to uncorrelated frames)")
+            h.add_argument("--data-b", default=None, help="dataset of frames of state B")
             q.set_defaults(func=_free_energy)
 
 
@@ -249,9 +287,19 @@ def _free_energy(args) -> int:
     from regflow_mm.systems import get_system
 
     system = get_system(args.system)
+    if args.to is not None or args.to_temperature is not None:
+        return _thermodynamic(args, system)
+    for option in ("data_a", "data_b"):
+        if getattr(args, option) is not None:
+            raise ValueError(f"--{option.replace('_', '-')} needs --to or --to-temperature (state B of a "
+                             "thermodynamic change)")
     # the states are checked before any sample is drawn
     state_a = parse_torsion_predicate(args.state_a, system.torsions)
     state_b = parse_torsion_predicate(args.state_b, system.torsions)
+    if args.tfep_data is not None:
+        return _tfep(args, system)
+    if args.flow is None:
+        raise ValueError("free-energy needs a FLOW file, or --tfep-data (TFEP from data), or --to/--to-temperature")
     system, samples = _weighted_samples(args, system)
     in_a = torsion_state(samples.torsions, state_a)
     in_b = torsion_state(samples.torsions, state_b)
@@ -268,6 +316,79 @@ def _free_energy(args) -> int:
     if low < MIN_STATE_ESS:
         print(f"regflow-mm free-energy: warning: UNRELIABLE: the +- rests on {low:.1f} effective samples in a state "
               f"(fewer than {MIN_STATE_ESS:.0f}): draw more samples (-n) or use a better flow", file=sys.stderr)
+    _write_json(args.json, result)
+    return 0
+
+
+def _tfep(args, system) -> int:
+    import sys
+
+    from regflow_mm.data import load_dataset
+    from regflow_mm.sampling.tfep import TFEPSettings, tfep_between_states
+
+    settings = TFEPSettings(n_train=args.tfep_n_train, n_eval=args.tfep_n_eval, n_steps=args.tfep_steps,
+                            moved=args.tfep_moved, seed=args.seed)
+    data = load_dataset(args.tfep_data, system)
+    ev = load_dataset(args.tfep_eval_data, system) if args.tfep_eval_data else None
+    result = tfep_between_states(system, data.positions, data.log_weights, args.state_a, args.state_b,
+                                 eval_positions=None if ev is None else ev.positions,
+                                 eval_log_w=None if ev is None else ev.log_weights, settings=settings,
+                                 progress=not args.quiet)
+    f, r, t = result["forward"], result["reverse"], result["train"]
+    print("| quantity | value |\n|---|---|")
+    print(f"| Delta F ({args.state_a} -> {args.state_b}), TFEP {result['method']} | {result['delta_f']:.4f} +- "
+          f"{result['ddelta_f']:.4f} kT |")
+    for label, d in (("forward A -> B", f), ("reverse B -> A", r)):
+        print(f"| {label}: EXP Delta F, work ESS / N (count), mapped outside | {d['delta_f']:.4f} +- {d['ddelta_f']:.4f} kT, "
+              f"{d['work_ess']:.4f} ({d['work_ess_count']:.0f}), {d['n_outside']} of {d['n']} |")
+    print(f"| map: moved coordinates, training CPU s, energy calls in training | {result['n_moved']} of {result['dim']}, "
+          f"{t['cpu_s']:.1f}, {t['n_energy_calls']} |")
+    print(f"| energy calls for the works | {result['n_energy_calls_eval']} |")
+    if not result["reliable"]:
+        print(f"regflow-mm free-energy: warning: UNRELIABLE: the TFEP estimate rests on {result['best_work_ess_count']:.1f} "
+              f"effective samples (fewer than {MIN_STATE_ESS:.0f}) {result.get('note', '')}".rstrip(), file=sys.stderr)
+    _write_json(args.json, {k: v for k, v in result.items() if k != "settings"})
+    return 0
+
+
+def _thermodynamic(args, system) -> int:
+    import sys
+
+    from regflow_mm.data import load_dataset
+    from regflow_mm.flows import load_flow
+    from regflow_mm.sampling.thermodynamic import ThermodynamicState, check_same_molecule, delta_f_between
+    from regflow_mm.systems import get_system
+
+    other = get_system(args.to) if args.to is not None else system
+    a = ThermodynamicState.of(system, name=f"A ({system.name}, {system.temperature:g} K)")
+    t_b = args.to_temperature if args.to_temperature is not None else other.temperature
+    b = ThermodynamicState.of(other, t_b, name=f"B ({other.name}, {t_b:g} K)")
+    topologies = [system.topology, other.topology]
+    check_same_molecule([a, b], topologies)  # before any file is read
+    samples = []
+    for option, label in (("data_a", "A"), ("data_b", "B")):
+        path = getattr(args, option)
+        samples.append(None if path is None else load_dataset(path).positions)
+    flow = load_flow(args.flow, system=system) if args.flow is not None else None
+    if flow is None and samples == [None, None]:
+        raise ValueError("a thermodynamic Delta F needs samples: a FLOW file and/or --data-a / --data-b")
+    result = delta_f_between(a, b, samples_a=samples[0], samples_b=samples[1], flow=flow,
+                             n_flow_samples=args.n_samples, seed=args.seed, is_l=system.is_l, topologies=topologies,
+                             n_workers=args.workers or 0, platform=args.platform)
+    print("| quantity | value |\n|---|---|")
+    print(f"| Delta f ({a.name} -> {b.name}), {result['method']} | {result['delta_f']:.4f} +- {result['ddelta_f']:.4f} "
+          f"(reduced, kT) |")
+    for key in ("bar", "flow_only"):
+        if key in result:
+            print(f"| {key.replace('_', ' ')} | {result[key]['delta_f']:.4f} +- {result[key]['ddelta_f']:.4f} |")
+    print(f"| samples per source | {result['n_samples']} |")
+    print(f"| MBAR effective samples in A, B | {result['ess'][0]:.1f}, {result['ess'][1]:.1f} |")
+    if result["flow"]:
+        print(f"| flow: Kish ESS / N per state | " + ", ".join(f"{k} {v:.4f}" for k, v in result["flow"]["ess"].items())
+              + f" ({result['flow']['n_dropped']} of {result['flow']['n_drawn']} dropped) |")
+    if not result["reliable"]:
+        print(f"regflow-mm free-energy: warning: UNRELIABLE: fewer than {MIN_STATE_ESS:.0f} effective samples in a "
+              "state", file=sys.stderr)
     _write_json(args.json, result)
     return 0
 

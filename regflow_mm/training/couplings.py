@@ -192,8 +192,12 @@ def generate_reflow_pairs(cnf: TeacherCNF, prior, n_pairs: int, path: str | Path
 
 
 def ot_pairing(x0: np.ndarray | torch.Tensor, x1: np.ndarray | torch.Tensor, *, method: str = "exact",
-               block_size: int = 4096, reg: float = 0.05, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+               block_size: int = 4096, reg: float = 0.05, seed: int = 0,
+               circular=None) -> tuple[np.ndarray, dict[str, Any]]:
     """Pair prior points x0 (n, D) with data x1 (n, D) under squared-Euclidean cost.
+
+    ``circular`` (D,) bool: dimensions that are circles of period 1 (flow-space torsions); their
+    term of the cost is the squared torus distance min(|d|, 1 - |d|)^2 (``pairing_cost``).
 
     Returns ``(src, info)`` with pairs (x0[src[j]], x1[j]). ``method``: "exact" (POT emd on the
     full n x n problem: src is the optimal permutation), "minibatch" (random blocks of
@@ -206,10 +210,14 @@ def ot_pairing(x0: np.ndarray | torch.Tensor, x1: np.ndarray | torch.Tensor, *, 
     if x0.shape != x1.shape or x0.ndim != 2:
         raise ValueError(f"x0 and x1 must both be (n, D) with equal shapes, got {x0.shape} and {x1.shape}")
     n = x0.shape[0]
+    circ = np.zeros(x0.shape[1], dtype=bool) if circular is None else np.asarray(
+        circular.cpu() if torch.is_tensor(circular) else circular, dtype=bool)
+    if circ.shape != (x0.shape[1],):
+        raise ValueError(f"circular must have one entry per dimension ({x0.shape[1]}), got shape {circ.shape}")
     rng = np.random.default_rng(seed)
-    info: dict[str, Any] = {"method": method, "n": n, "approximate": method != "exact"}
+    info: dict[str, Any] = {"method": method, "n": n, "approximate": method != "exact", "n_circular": int(circ.sum())}
     if method == "exact":
-        src = _exact_permutation(x0, x1)
+        src = _exact_permutation(x0, x1, circ)
     elif method == "minibatch":
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
@@ -217,10 +225,10 @@ def ot_pairing(x0: np.ndarray | torch.Tensor, x1: np.ndarray | torch.Tensor, *, 
         order0, order1 = rng.permutation(n), rng.permutation(n)
         for i in range(0, n, block_size):
             b0, b1 = order0[i:i + block_size], order1[i:i + block_size]
-            src[b1] = b0[_exact_permutation(x0[b0], x1[b1])]
+            src[b1] = b0[_exact_permutation(x0[b0], x1[b1], circ)]
         info["block_size"] = int(block_size)
     elif method == "sinkhorn":
-        cost = ot.dist(x0, x1)
+        cost = pairing_cost(x0, x1, circ)
         scale = float(np.median(cost))
         plan, log = ot.sinkhorn(np.full(n, 1.0 / n), np.full(n, 1.0 / n), cost / scale, reg,
                                 method="sinkhorn_log", numItermax=10_000, stopThr=1e-9, log=True, warn=False)
@@ -231,13 +239,28 @@ def ot_pairing(x0: np.ndarray | torch.Tensor, x1: np.ndarray | torch.Tensor, *, 
                     n_distinct_sources=int(np.unique(src).size))
     else:
         raise ValueError(f"unknown OT method {method!r}; use 'exact', 'minibatch' or 'sinkhorn'")
-    info["mean_cost"] = float(((x0[src] - x1) ** 2).sum(1).mean())
+    d = np.abs(x0[src] - x1)
+    d = np.where(circ, np.minimum(d % 1.0, 1.0 - d % 1.0), d)
+    info["mean_cost"] = float((d ** 2).sum(1).mean())
     return src, info
 
 
-def _exact_permutation(x0: np.ndarray, x1: np.ndarray) -> np.ndarray:
+def pairing_cost(x0: np.ndarray, x1: np.ndarray, circular: np.ndarray | None = None) -> np.ndarray:
+    """(n, m) squared cost: Euclidean on ordinary dimensions, torus distance min(|d|, 1 - |d|) on the
+    ``circular`` ones (period 1, flow-space units)."""
+    if circular is None or not np.any(circular):
+        return ot.dist(x0, x1)  # squared Euclidean, float64
+    circular = np.asarray(circular, dtype=bool)
+    cost = ot.dist(x0[:, ~circular], x1[:, ~circular]) if (~circular).any() else np.zeros((len(x0), len(x1)))
+    for k in np.flatnonzero(circular):
+        d = np.abs(x0[:, None, k] - x1[None, :, k]) % 1.0
+        cost += np.minimum(d, 1.0 - d) ** 2
+    return cost
+
+
+def _exact_permutation(x0: np.ndarray, x1: np.ndarray, circular: np.ndarray | None = None) -> np.ndarray:
     n = x0.shape[0]
-    cost = ot.dist(x0, x1)  # squared Euclidean, float64
+    cost = pairing_cost(x0, x1, circular)
     plan, log = ot.emd(np.full(n, 1.0 / n), np.full(n, 1.0 / n), cost, numItermax=max(100_000, 100 * n * n),
                        log=True)
     if log.get("result_code", 1) != 1:

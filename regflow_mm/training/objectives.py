@@ -8,7 +8,8 @@ part: ...}``), with no host synchronisation, so that ``torch.compile`` captures 
 - ``regflow_loss``: RegFlow regression E||f(x0) - x1||^2 + lambda_r R on fixed pairs, targets
   noised x1 + lambda_n eps; R = "none" | "logdet" ((log|det J_f(x0)|)^2, reuses the forward
   log-det) | "fwd_bwd" (||f^-1(f(x0)) - x0||^2, about twice the cost). The norm is summed over
-  the D flow-space dimensions and averaged over the batch, exactly as written.
+  the D flow-space dimensions and averaged over the batch, exactly as written; on ``circular``
+  dimensions (circles [0, 1)) the difference is taken on the circle, wrapped into [-1/2, 1/2).
 - ``nll_loss``: maximum likelihood, -E log q(y) with log q(y) = log p_prior(f^-1(y)) + log|det J_f^-1(y)|.
 - ``force_matching_loss``: E||F/kT - grad_x log q(x)||^2 on Cartesian coordinates (kT/nm).
 - ``reverse_kl_loss``: E_q[log q(x) + u(x)] (kT) with reparameterised flow samples and
@@ -34,11 +35,13 @@ def regflow_loss(transform, x0: torch.Tensor, x1: torch.Tensor, **options) -> tu
 
 def regflow_terms(transform, x0: torch.Tensor, x1: torch.Tensor, *, regularizer: str = "none",
                   lambda_r: float = 0.0, lambda_n: float = 0.0, noise: torch.Tensor | None = None,
-                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                  generator: torch.Generator | None = None,
+                  circular: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """RegFlow loss and its parts as scalar tensors, on pairs x0 (B, D) latent, x1 (B, D) targets.
 
     ``transform`` is a Flow (latent -> flow space). ``noise`` (B, D) is eps for the target noise;
-    drawn from ``generator`` when omitted and ``lambda_n > 0``.
+    drawn from ``generator`` when omitted and ``lambda_n > 0``. ``circular`` (D,) bool: dimensions
+    that are circles of period 1, where y - x1 is wrapped into [-1/2, 1/2) (the torus distance).
     """
     if regularizer not in REGULARIZERS:
         raise ValueError(f"regularizer must be one of {REGULARIZERS}, got {regularizer!r}")
@@ -49,7 +52,10 @@ def regflow_terms(transform, x0: torch.Tensor, x1: torch.Tensor, *, regularizer:
             noise = torch.randn(x1.shape, generator=generator, dtype=x1.dtype).to(x1.device)
         x1 = x1 + lambda_n * noise
     y, logdet = transform(x0)
-    regression = (y - x1).pow(2).sum(1).mean()
+    diff = y - x1
+    if circular is not None and bool(circular.any()):
+        diff = torch.where(circular.to(diff.device), torch.remainder(diff + 0.5, 1.0) - 0.5, diff)
+    regression = diff.pow(2).sum(1).mean()
     terms = {"regression": regression.detach()}
     loss = regression
     if regularizer == "logdet":
