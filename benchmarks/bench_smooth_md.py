@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -53,11 +52,20 @@ def train(name: str, args, workdir: Path) -> tuple[object, float]:
     else:
         config = TrainConfig(**common, architecture="nsf", dtype="float32",
                              hyper={"layers": args.spline_layers, "hidden": args.spline_hidden})
-    started = time.process_time()
-    run_training(config, workdir / name, progress=False)
-    cpu = time.process_time() - started
+    run_training(config, workdir / name, progress=False)  # a finished run in workdir is reused
     info = json.loads((workdir / name / "run_info.json").read_text())
-    return load_flow(workdir / name / "flow.pt"), cpu, info
+    return load_flow(workdir / name / "flow.pt"), info["train"]["cpu_time_s"], info
+
+
+def cached(workdir: Path, name: str, compute):
+    """The JSON result of one phase: computed once, then read from ``workdir/phase_<name>.json``
+    (so an interrupted benchmark resumes at the phase it stopped in)."""
+    path = workdir / f"phase_{name}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    result = compute()
+    path.write_text(json.dumps(result, indent=2, default=str))
+    return result
 
 
 def main(argv=None) -> int:
@@ -94,7 +102,7 @@ def main(argv=None) -> int:
 
     flows, rows = {}, []
     for name in ("smooth", "spline"):
-        flow, cpu, info = train(name, args, args.workdir)
+        flow, cpu, info = train(name, args, args.workdir)  # cpu: the trainer's CPU seconds
         flows[name] = flow
         f = force_rmse(flow, data.positions[test], data.forces[test])
         steps = info.get("train", {}).get("step")
@@ -111,26 +119,35 @@ def main(argv=None) -> int:
         print(f"| {name} | {support} | {cpu:.0f} | {steps} | {nll:.2f} | {f['rmse']:.1f} | {f['reference_rms']:.1f} "
               f"| {f['n_outside']} / {f['n_frames'] + f['n_outside']} |")
 
-    started = time.perf_counter()
-    result = check_flow_dynamics(flows["smooth"], aldp, start, md_angles=dihedrals(
-        np.asarray(data.positions, dtype=np.float64), [aldp.torsions["phi1"], aldp.torsions["psi1"]]),
-        md_log_w=data.log_weights if data.weighted else None, nve_ps=args.nve_ps, langevin_ps=args.langevin_ps,
-        langevin_timestep_fs=args.langevin_timestep_fs, hydrogen_mass_amu=args.hydrogen_mass, backend=args.backend,
-        seed=args.seed, figure=args.figure, progress=lambda text: print(f"  {text}", flush=True))
-    print(f"  dynamics wall time {time.perf_counter() - started:.0f} s")
+    md_angles = dihedrals(np.asarray(data.positions, dtype=np.float64), [aldp.torsions["phi1"], aldp.torsions["psi1"]])
+    say = lambda text: print(f"  {text}", flush=True)  # noqa: E731
+    common = dict(md_angles=md_angles, md_log_w=data.log_weights if data.weighted else None,
+                  langevin_timestep_fs=args.langevin_timestep_fs, hydrogen_mass_amu=args.hydrogen_mass,
+                  backend=args.backend, seed=args.seed, figure=args.figure, progress=say)
+    result = cached(args.workdir, "nve", lambda: check_flow_dynamics(flows["smooth"], aldp, start, nve_ps=args.nve_ps,
+                                                                     langevin_ps=0.0, bias_ps=0.0, **common))
     eq = int(round(1.0 / 1e-3))
-    spline_nve = run_md(aldp, start, flows["spline"], mode="flow", integrator="verlet",
-                        steps=int(round(args.nve_ps / 1e-3)), equilibrate_steps=eq, backend=args.backend, seed=args.seed)
-    # both backends on the same 200 Verlet steps: the same trajectory to round-off
-    other = "python" if args.backend == "torch" else "torch"
-    short = {b: run_md(aldp, start, flows["smooth"], mode="flow", integrator="verlet", steps=200, backend=b,
-                       seed=args.seed) for b in (args.backend, other)}
+    spline_nve = cached(args.workdir, "spline_nve", lambda: run_md(
+        aldp, start, flows["spline"], mode="flow", integrator="verlet", steps=int(round(args.nve_ps / 1e-3)),
+        equilibrate_steps=eq, backend=args.backend, seed=args.seed).summary())
+
+    def backends():
+        # both backends on the same 200 Verlet steps: the same trajectory to round-off
+        other = "python" if args.backend == "torch" else "torch"
+        runs = {b: run_md(aldp, start, flows["smooth"], mode="flow", integrator="verlet", steps=200, backend=b,
+                          seed=args.seed) for b in (args.backend, other)}
+        return {"backends": [args.backend, other], "ms_per_step": [runs[b].summary()["ms_per_step"] for b in runs],
+                "max_total_energy_difference": float(np.max(np.abs(runs[args.backend].total - runs[other].total)))}
+
+    short = cached(args.workdir, "backends", backends)
+    result.update(cached(args.workdir, "langevin", lambda: check_flow_dynamics(
+        flows["smooth"], aldp, start, nve_ps=0.0, langevin_ps=args.langevin_ps, bias_ps=1.0, **common)))
 
     print(f"\n### NVE from the same test frame: 1 ps Langevin (300 K, 1/ps), then {args.nve_ps} ps Verlet at 1 fs\n")
     print("| potential | finite | steps done | std E_tot / DOF (kJ/mol) | E_tot drift (kJ/mol) | ms per step | failure |")
     print("|---|---|---|---|---|---|---|")
     for label, s in (("smooth flow alone", result["nve_flow"]), ("force field", result["nve_forcefield"]),
-                     ("spline flow alone", spline_nve.summary())):
+                     ("spline flow alone", spline_nve)):
         fl = s.get("energy_fluctuation_per_dof")
         print(f"| {label} | {s['finite']} | {s['steps_done']} | {'-' if fl is None else f'{fl:.2e}'} | "
               f"{s.get('total_energy_drift', float('nan')):.3g} | {s['ms_per_step']:.2f} | "
@@ -138,10 +155,9 @@ def main(argv=None) -> int:
     ratio = result["nve_ratio"]
     print(f"\nsmooth / force field fluctuation: {'-' if ratio is None else f'{ratio:.2f}'} (issue: <= 2). "
           f"Paper (GPU, 10 epochs on 1 us): 8e-4 smooth, 6e-4 force field, spline flows blew up.")
-    diff = np.max(np.abs(short[args.backend].total - short[other].total))
-    print(f"\nBackends: 200 Verlet steps on the smooth flow potential, {args.backend} {short[args.backend].summary()['ms_per_step']:.2f} "
-          f"ms/step vs {other} {short[other].summary()['ms_per_step']:.2f} ms/step; max |E_tot difference| over the "
-          f"reports {diff:.2e} kJ/mol")
+    (b1, b2), (ms1, ms2) = short["backends"], short["ms_per_step"]
+    print(f"\nBackends: 200 Verlet steps on the smooth flow potential, {b1} {ms1:.2f} ms/step vs {b2} {ms2:.2f} "
+          f"ms/step; max |E_tot difference| over the reports {short['max_total_energy_difference']:.2e} kJ/mol")
 
     lang = result.get("langevin")
     if lang:
@@ -158,7 +174,7 @@ def main(argv=None) -> int:
               f"{bias['ms_per_step']:.2f} ms per step")
     (args.workdir / "result.json").write_text(json.dumps(
         {"train": [(n, c, s, f, nll) for n, c, s, f, nll in rows], "dynamics": result,
-         "spline_nve": spline_nve.summary()}, indent=2, default=str))
+         "spline_nve": spline_nve, "backends": short}, indent=2, default=str))
     return 0
 
 

@@ -77,7 +77,7 @@ def check_flow_dynamics(flow, system, start: np.ndarray, *, md_angles: np.ndarra
                         progress=None) -> dict:
     """Dynamics on the exported flow potential (module docstring); ``system`` the MolecularSystem.
 
-    NVE: ``equilibrate_ps`` of Langevin then ``nve_ps`` of Verlet at ``nve_timestep_fs`` (force-field
+    NVE (skipped for ``nve_ps = 0``): ``equilibrate_ps`` of Langevin then ``nve_ps`` of Verlet at ``nve_timestep_fs`` (force-field
     masses), on the flow potential alone and on the force field, both from ``start`` (n_atoms, 3) nm
     with the same velocity seed. Langevin: ``langevin_ps`` at ``langevin_timestep_fs`` with hydrogens of
     ``hydrogen_mass_amu`` (same ensemble), frames every ``save_interval_ps``; with ``md_angles`` (M, 2)
@@ -94,13 +94,15 @@ def check_flow_dynamics(flow, system, start: np.ndarray, *, md_angles: np.ndarra
     out = {}
     nve_steps = int(round(nve_ps / (nve_timestep_fs * 1e-3)))
     eq_steps = int(round(equilibrate_ps / (nve_timestep_fs * 1e-3)))
-    for name, mode in (("nve_flow", "flow"), ("nve_forcefield", "forcefield")):
+    for name, mode in (("nve_flow", "flow"), ("nve_forcefield", "forcefield")) if nve_steps > 0 else ():
         say(f"NVE on the {mode} potential: {eq_steps} Langevin + {nve_steps} Verlet steps at {nve_timestep_fs} fs")
         run = run_md(system, start, flow, mode=mode, integrator="verlet", steps=nve_steps, timestep_fs=nve_timestep_fs,
                      equilibrate_steps=eq_steps, backend=backend, report_every=10, seed=seed)
         out[name] = run.summary()
-    fl, ff = out["nve_flow"].get("energy_fluctuation_per_dof"), out["nve_forcefield"].get("energy_fluctuation_per_dof")
-    out["nve_ratio"] = fl / ff if fl is not None and ff else None
+    if nve_steps > 0:
+        fl = out["nve_flow"].get("energy_fluctuation_per_dof")
+        ff = out["nve_forcefield"].get("energy_fluctuation_per_dof")
+        out["nve_ratio"] = fl / ff if fl is not None and ff else None
     if langevin_ps > 0:
         steps = int(round(langevin_ps / (langevin_timestep_fs * 1e-3)))
         save = max(int(round(save_interval_ps / (langevin_timestep_fs * 1e-3))), 1)

@@ -70,16 +70,16 @@ SCHEMA: dict[str, dict] = {
     # nats, so w_fm = 1e-3 (the smooth-flows paper's Table 1) puts them on a similar footing.
     # data_weight_power / reweight_fraction: as in [train] (frame weights of enhanced-sampling data).
     # Then, with the exported force (backend): force RMSE against held-out MD forces (n_test_frames of the
-    # test split), 1 ps Langevin + nve_ps of Verlet NVE at 1 fs on the flow potential and on the force field
-    # side by side, langevin_ps of Langevin at langevin_timestep_fs with hydrogens of hydrogen_mass_amu on the
+    # test split), nve_equilibrate_ps of Langevin + nve_ps of Verlet NVE at 1 fs on the flow potential and
+    # on the force field side by side, langevin_ps of Langevin at langevin_timestep_fs with hydrogens of hydrogen_mass_amu on the
     # flow potential alone (T-W2 of (phi, psi) against the training frames, Ramachandran plot), and bias_ps
     # of Langevin on the force field with the flow force in its own group. Off by default (~5 min of
     # training plus the MD: examples/aldp_cpu_smooth.toml).
     "smooth": {"enabled": False, "layers": 4, "components": 8, "hidden": 64, "open_width": 1.0,
                "time_budget_s": 300.0, "batch_size": 64, "lr": 1e-3, "w_nll": 1.0, "w_fm": 1e-3,
                "data_weight_power": 0.0, "reweight_fraction": 0.0, "backend": "torch", "n_test_frames": 2000,
-               "nve_ps": 5.0, "langevin_ps": 100.0, "langevin_timestep_fs": 2.0, "hydrogen_mass_amu": 3.0,
-               "bias_ps": 1.0},
+               "nve_equilibrate_ps": 1.0, "nve_ps": 5.0, "langevin_ps": 100.0, "langevin_timestep_fs": 2.0,
+               "hydrogen_mass_amu": 3.0, "bias_ps": 1.0},
 }
 
 _TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
@@ -113,7 +113,7 @@ def validate(raw: dict, source: str = "config") -> dict:
     for key in ("time_budget_s", "nve_ps", "langevin_timestep_fs", "lr", "open_width"):
         if not sm[key] > 0:
             raise ValueError(f"{source}: [smooth].{key} must be > 0, got {sm[key]}")
-    for key in ("langevin_ps", "bias_ps", "w_nll", "w_fm"):
+    for key in ("langevin_ps", "bias_ps", "w_nll", "w_fm", "nve_equilibrate_ps"):
         if not sm[key] >= 0:
             raise ValueError(f"{source}: [smooth].{key} must be >= 0, got {sm[key]}")
     if sm["hydrogen_mass_amu"] != 0 and not sm["hydrogen_mass_amu"] >= 1:

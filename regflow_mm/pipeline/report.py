@@ -225,7 +225,7 @@ def _smooth_lines(sm: dict, settings: dict, figure) -> list[str]:
     for name, r in sm["force_rmse"].items():
         lines.append(f"| {name} | {_fmt(r.get('cpu_s'))} | {_fmt(r['rmse'])} | {_fmt(r['reference_rms'])} | "
                      f"{r['n_outside']} |")
-    lines += ["", f"NVE (1 ps Langevin, then {settings['nve_ps']} ps Verlet at 1 fs, same start, steps and timestep):",
+    lines += ["", f"NVE ({settings['nve_equilibrate_ps']} ps Langevin, then {settings['nve_ps']} ps Verlet at 1 fs, same start, steps and timestep):",
               "", "| potential | finite | std E_tot / DOF (kJ/mol) | ms per step | failure |", "|---|---|---|---|---|"]
     for label, key in (("smooth flow alone", "nve_flow"), ("force field", "nve_forcefield")):
         r = dyn[key]

@@ -402,7 +402,8 @@ def _smooth(folder: Path, inputs: dict, *, settings: dict, smooth: dict, flows: 
     say = (lambda text: log.info("smooth: %s", text)) if progress else None
     dynamics = check_flow_dynamics(flow, data.system, np.asarray(data.positions[test[0]], dtype=np.float64),
                                    md_angles=angles[:, [i, j]], md_log_w=data.log_weights if data.weighted else None,
-                                   nve_ps=smooth["nve_ps"], langevin_ps=smooth["langevin_ps"],
+                                   nve_ps=smooth["nve_ps"], equilibrate_ps=smooth["nve_equilibrate_ps"],
+                                   langevin_ps=smooth["langevin_ps"],
                                    langevin_timestep_fs=smooth["langevin_timestep_fs"],
                                    hydrogen_mass_amu=smooth["hydrogen_mass_amu"] or None, bias_ps=smooth["bias_ps"],
                                    backend=smooth["backend"], seed=seed, figure=folder / "ramachandran.png",
