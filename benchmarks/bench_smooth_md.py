@@ -1,143 +1,194 @@
-"""Benchmarks (b) and (c) of the smooth-flows issue on alanine dipeptide (internal coordinates).
+"""Flow potentials you can run dynamics on (issue 12): a smooth flow trained with forces, exported to
+OpenMM, run in NVE and Langevin MD, against a spline flow trained on the same data for the same CPU time.
 
-(b) smooth flow trained by NLL + force matching vs spline flow ('nsf') trained by NLL: test NLL (nats),
-    force RMSE on test data (kT/nm, per Cartesian component), Kish ESS (% of N) of flow samples.
-(c) NVE molecular dynamics in OpenMM (VerletIntegrator, 1 fs) with each flow's energy -kT log q as the
-    only potential (openmm.PythonForce via regflow_mm.export.flow_force) and with the force field:
-    standard deviation of the total energy per degree of freedom (kJ/mol), or 'exploded'.
+On alanine dipeptide, internal coordinates, both flows trained by ``regflow_mm.training.run_training``
+for the same CPU-second budget:
 
-The MD data are generated here (Langevin, 300 K, 1 fs) unless --dataset is given. CPU-sized defaults
-train for minutes, not the paper's 10 epochs on 1 us of data: read the numbers as a smoke-scale
-comparison. Prints a markdown table.
+- smooth: architecture 'smooth' (C-infinity mixture couplings), support 'open' (bonds, angles and narrow
+  torsions mapped from their physical domains by smooth bijections; no hard wall), float64, trained by
+  'nll+fm' (w_nll NLL + w_fm force matching on the dataset's forces);
+- spline: architecture 'nsf' (rational-quadratic splines, C1), support 'box' (the demo's flows), float32,
+  trained by NLL ('mle', as in the paper and the demo; ``--spline-method nll+fm`` for the smooth flow's
+  objective, which diverged here).
 
-    .venv/bin/python benchmarks/bench_smooth_md.py [--train-steps 300] [--nve-ps 5] [--dataset aldp.h5]
+Then, with the exported force (openmm-torch TorchForce; ``--backend python`` for openmm.PythonForce):
+force RMSE against held-out MD forces (test split), NVE (1 ps Langevin, then Verlet) on each flow
+potential alone and on the force field from the same frame with the same steps and timestep
+(total-energy fluctuation per DOF), cost per step, a long Langevin run on the smooth flow potential
+alone (hydrogen mass repartitioning, same ensemble) with the (phi, psi) T-W2 against the MD data and a
+Ramachandran figure, and a short Langevin run with the smooth flow as a bias on the force field.
+Prints markdown.
+
+    python benchmarks/bench_smooth_md.py --dataset md.h5 [--budget-s 300] [--nve-ps 5] [--langevin-ps 100]
 """
 from __future__ import annotations
 
 import argparse
-import math
-import time
+import json
 from pathlib import Path
 
 import numpy as np
-import openmm
 import torch
-from openmm import unit
 
 from regflow_mm.data import load_dataset
-from regflow_mm.data.simulate import simulate
-from regflow_mm.energy import EnergyEvaluator
-from regflow_mm.export.forces import flow_force
-from regflow_mm.flows.factory import build_flow
-from regflow_mm.systems import get_system
-from regflow_mm.training.objectives import force_matching_loss
+from regflow_mm.data.dataset import dihedrals
+from regflow_mm.export.check import check_flow_dynamics
+from regflow_mm.export.dynamics import run_md
+from regflow_mm.flows import load_flow
+from regflow_mm.training.metrics import force_rmse
+from regflow_mm.training.runner import run_training
+from regflow_mm.training.trainer import TrainConfig
 
 
-def train(flow, positions, forces_kT, steps, batch, w_force, lr, seed):
-    """Adam on w_n NLL + w_f FM (w_n = 1); positions (T, n, 3) nm, forces (T, n, 3) kT/nm."""
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(flow.transform.parameters(), lr=lr)
-    for _ in range(steps):
-        idx = torch.randint(len(positions), (batch,), generator=gen)
-        x = positions[idx]
-        loss = -flow.log_prob(x).mean()
-        if w_force > 0:
-            loss = loss + w_force * force_matching_loss(flow, x, forces_kT[idx])[0]
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(flow.transform.parameters(), 100.0)
-        opt.step()
-    return flow
-
-
-def metrics(flow, x_test, f_test_kT, evaluator, n_samples):
-    nll = float(-flow.log_prob(x_test).mean())
-    _, f_flow = flow.energy_and_forces(x_test)
-    rmse = float(((f_flow / flow.kT - f_test_kT) ** 2).mean().sqrt())
-    with torch.no_grad():
-        x, log_q = flow.sample(n_samples)
-    u = torch.as_tensor(evaluator.reduced_energy(x.double().numpy()))
-    log_w = -u - log_q.double()
-    log_w = log_w[torch.isfinite(log_w)]
-    ess = float(torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0))) / n_samples
-    return nll, rmse, ess
-
-
-def nve(system, positions, force, kT_temperature, ps, seed):
-    """Std of the total energy per DOF (kJ/mol) over ``ps`` of Verlet NVE at 1 fs; None if it blew up."""
-    md = openmm.System()
-    for i in range(system.getNumParticles()):
-        md.addParticle(system.getParticleMass(i))
-    if force is None:
-        md = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(system))
+def train(name: str, args, workdir: Path) -> tuple[object, float]:
+    """Train one flow (see the module docstring); returns (flow, CPU seconds of training)."""
+    common = dict(system="aldp", data=str(args.dataset), representation="internal", method="nll+fm",
+                  w_nll=1.0, w_fm=args.w_fm, time_budget_s=args.budget_s, epochs=100000, batch_size=args.batch,
+                  lr=args.lr, lr_schedule="cosine", val_samples=0, val_every_epochs=1000, seed=args.seed,
+                  device="cpu", log_every=100, checkpoint_every=100000)
+    if name == "smooth":
+        config = TrainConfig(**common, architecture="smooth", dtype="float64",
+                             representation_options={"support": "open"},
+                             hyper={"n_layers": args.layers, "n_components": args.components,
+                                    "hidden": [args.hidden, args.hidden]})
     else:
-        md.addForce(force)
-    integrator = openmm.VerletIntegrator(1.0 * unit.femtoseconds)
-    context = openmm.Context(md, integrator, openmm.Platform.getPlatformByName("Reference"))
-    context.setPositions(positions)
-    context.setVelocitiesToTemperature(kT_temperature * unit.kelvin, seed)
-    n_dof = 3 * system.getNumParticles() - 6
-    energies = []
-    for _ in range(int(round(ps * 100))):
-        integrator.step(10)
-        state = context.getState(getEnergy=True)
-        e = (state.getPotentialEnergy() + state.getKineticEnergy()).value_in_unit(unit.kilojoule_per_mole)
-        if not math.isfinite(e) or (energies and abs(e - energies[0]) > 1e3 * n_dof):
-            return None
-        energies.append(e)
-    return float(np.std(energies)) / n_dof
+        # NLL only, as in the smooth-flows paper and the demo: the same NSF trained by NLL + 1e-3 FM (lr 1e-3,
+        # float32) diverged here (non-finite loss at step 481; BENCHMARKS.md)
+        config = TrainConfig(**{**common, "method": args.spline_method}, architecture="nsf", dtype="float32",
+                             hyper={"layers": args.spline_layers, "hidden": args.spline_hidden})
+    folder = workdir / (name if name == "smooth" else f"spline_{config.method}")
+    run_training(config, folder, progress=False)  # a finished run in workdir is reused
+    info = json.loads((folder / "run_info.json").read_text())
+    return load_flow(folder / "flow.pt"), info["train"]["cpu_time_s"], info
+
+
+def cached(workdir: Path, name: str, compute):
+    """The JSON result of one phase: computed once, then read from ``workdir/phase_<name>.json``
+    (so an interrupted benchmark resumes at the phase it stopped in)."""
+    path = workdir / f"phase_{name}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    result = compute()
+    path.write_text(json.dumps(result, indent=2, default=str))
+    return result
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", type=Path, default=None, help="aldp HDF5 dataset (default: simulate one)")
-    parser.add_argument("--data-ns", type=float, default=0.2, help="ns of MD to generate when no dataset")
+    parser.add_argument("--dataset", type=Path, required=True, help="aldp HDF5 dataset with forces (simulate)")
     parser.add_argument("--workdir", type=Path, default=Path("bench_smooth_md_work"))
-    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--budget-s", type=float, default=300.0, help="training CPU seconds per flow")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--w-force", type=float, default=1e-3, help="FM weight (paper Table 1: 0.001)")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--w-fm", type=float, default=1e-3, help="force-matching weight (paper Table 1: 0.001)")
+    parser.add_argument("--layers", type=int, default=4, help="smooth coupling layers")
+    parser.add_argument("--components", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--spline-layers", type=int, default=6)
+    parser.add_argument("--spline-hidden", type=int, default=128)
+    parser.add_argument("--spline-method", choices=("mle", "nll+fm"), default="mle")
+    parser.add_argument("--test-frames", type=int, default=2000)
     parser.add_argument("--nve-ps", type=float, default=5.0)
+    parser.add_argument("--langevin-ps", type=float, default=100.0)
+    parser.add_argument("--langevin-timestep-fs", type=float, default=2.0)
+    parser.add_argument("--hydrogen-mass", type=float, default=3.0)
+    parser.add_argument("--backend", choices=("torch", "python"), default="torch")
+    parser.add_argument("--figure", type=Path, default=Path("benchmarks/results/smooth_md_ramachandran.png"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    torch.manual_seed(args.seed)
-    aldp = get_system("aldp")
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    path = args.dataset or simulate(aldp, args.workdir / "aldp_md.h5", ns=args.data_ns, save_interval_ps=0.1,
-                                    seed=args.seed, progress=False)
-    data = load_dataset(path)
-    x_train = torch.as_tensor(data.split("train"), dtype=torch.float64)
-    f_train = torch.as_tensor(data.forces[data.splits["train"]], dtype=torch.float64) / aldp.kT
-    x_test = torch.as_tensor(data.split("test"), dtype=torch.float64)[:500]
-    f_test = torch.as_tensor(data.forces[data.splits["test"]], dtype=torch.float64)[:500] / aldp.kT
-    evaluator = EnergyEvaluator(aldp, n_workers=1, platform="Reference")
-    flows = {
-        "smooth (NLL + FM)": (build_flow(aldp, "internal", "smooth", n_layers=args.layers, seed=args.seed,
-                                         fit_to=x_train, dtype=torch.float64), args.w_force),
-        "spline (NLL)": (build_flow(aldp, "internal", "nsf", seed=args.seed, fit_to=x_train,
-                                    dtype=torch.float64), 0.0),
-    }
-    print(f"aldp, {len(x_train)} training frames from {path}, {args.train_steps} Adam steps, batch {args.batch}, "
-          f"NVE {args.nve_ps} ps at 1 fs (Reference platform), 2-core CPU\n")
-    print("| potential | train (s) | test NLL (nats) | force RMSE (kT/nm) | ESS (%) | NVE std E_tot / DOF (kJ/mol) |")
-    print("|---|---|---|---|---|---|")
-    start = x_test[0].numpy()
-    for name, (flow, w_force) in flows.items():
-        t0 = time.perf_counter()
-        train(flow, x_train, f_train, args.train_steps, args.batch, w_force, args.lr, args.seed)
-        t_train = time.perf_counter() - t0
-        nll, rmse, ess = metrics(flow, x_test, f_test, evaluator, args.samples)
-        fluct = nve(aldp.system, start, flow_force(flow, backend="python"), aldp.temperature, args.nve_ps, args.seed)
-        fl = "exploded" if fluct is None else f"{fluct:.2e}"
-        print(f"| {name} | {t_train:.0f} | {nll:.2f} | {rmse:.1f} | {100 * ess:.2f} | {fl} |", flush=True)
-    fluct = nve(aldp.system, start, None, aldp.temperature, args.nve_ps, args.seed)
-    print(f"| force field | - | - | 0 | - | {'exploded' if fluct is None else f'{fluct:.2e}'} |")
-    print("\nPaper (GPU, 10 epochs on 1 us): ESS 42% smooth vs 25% spline; force RMSE 25 kT/nm (test); "
-          "NVE 8e-4 (smooth), exploding (spline), 6e-4 (force field) kJ/mol per DOF.")
-    evaluator.close()
+    data = load_dataset(args.dataset)
+    aldp = data.system
+    test = data.split_indices("test")[:: max(len(data.split_indices("test")) // args.test_frames, 1)]
+    start = np.asarray(data.positions[data.split_indices("test")[0]], dtype=np.float64)
+    print(f"aldp, {len(data.split_indices('train'))} training frames of {args.dataset} "
+          f"({'weighted' if data.weighted else 'plain MD'}), {len(test)} test frames; training: NLL + {args.w_fm} x FM, "
+          f"{args.budget_s:.0f} CPU-s per flow, batch {args.batch}; OpenMM Reference platform, backend "
+          f"{args.backend}; 2-core x86_64 VM, shared, 1 thread\n", flush=True)
+
+    flows, rows = {}, []
+
+    def trained(name):
+        flow, cpu, info = train(name, args, args.workdir)  # cpu: the trainer's CPU seconds
+        flows[name] = flow
+        f = force_rmse(flow, data.positions[test], data.forces[test])
+        steps = info.get("train", {}).get("step")
+        with torch.no_grad():
+            nll = float(-flow.log_prob(torch.as_tensor(np.asarray(data.positions[test][:500]),
+                                                       dtype=next(flow.parameters()).dtype)).mean())
+        rows.append((name, cpu, steps, f, nll))
+        print(f"trained {name}: {cpu:.0f} CPU-s, {steps} steps, force RMSE {f['rmse']:.1f} kJ/mol/nm", flush=True)
+
+    md_angles = dihedrals(np.asarray(data.positions, dtype=np.float64), [aldp.torsions["phi1"], aldp.torsions["psi1"]])
+    say = lambda text: print(f"  {text}", flush=True)  # noqa: E731
+    common = dict(md_angles=md_angles, md_log_w=data.log_weights if data.weighted else None,
+                  langevin_timestep_fs=args.langevin_timestep_fs, hydrogen_mass_amu=args.hydrogen_mass,
+                  backend=args.backend, seed=args.seed, figure=args.figure, progress=say)
+    # phases in order of need (each cached in the workdir): the smooth flow and its NVE first
+    trained("smooth")
+    result = cached(args.workdir, "nve", lambda: check_flow_dynamics(flows["smooth"], aldp, start, nve_ps=args.nve_ps,
+                                                                     langevin_ps=0.0, bias_ps=0.0, **common))
+    say(f"NVE std E_tot/DOF: smooth {result['nve_flow'].get('energy_fluctuation_per_dof')}, force field "
+        f"{result['nve_forcefield'].get('energy_fluctuation_per_dof')} kJ/mol (ratio {result.get('nve_ratio')})")
+    trained("spline")
+
+    print("\n### Force RMSE against held-out MD forces (test split)\n")
+    print("| flow | support | training CPU-s | steps | test NLL (nats) | force RMSE (kJ/mol/nm) | RMS of MD forces | frames outside support |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, cpu, steps, f, nll in rows:
+        support = "open (smooth bijections)" if name == "smooth" else "box (fitted, hard walls)"
+        print(f"| {name} | {support} | {cpu:.0f} | {steps} | {nll:.2f} | {f['rmse']:.1f} | {f['reference_rms']:.1f} "
+              f"| {f['n_outside']} / {f['n_frames'] + f['n_outside']} |")
+
+    eq = int(round(1.0 / 1e-3))
+    spline_nve = cached(args.workdir, "spline_nve", lambda: run_md(
+        aldp, start, flows["spline"], mode="flow", integrator="verlet", steps=int(round(args.nve_ps / 1e-3)),
+        equilibrate_steps=eq, backend=args.backend, seed=args.seed).summary())
+
+    def backends():
+        # both backends on the same 200 Verlet steps: the same trajectory to round-off
+        other = "python" if args.backend == "torch" else "torch"
+        runs = {b: run_md(aldp, start, flows["smooth"], mode="flow", integrator="verlet", steps=200, backend=b,
+                          seed=args.seed) for b in (args.backend, other)}
+        return {"backends": [args.backend, other], "ms_per_step": [runs[b].summary()["ms_per_step"] for b in runs],
+                "max_total_energy_difference": float(np.max(np.abs(runs[args.backend].total - runs[other].total)))}
+
+    short = cached(args.workdir, "backends", backends)
+    result.update(cached(args.workdir, "langevin", lambda: check_flow_dynamics(
+        flows["smooth"], aldp, start, nve_ps=0.0, langevin_ps=args.langevin_ps, bias_ps=1.0, **common)))
+
+    print(f"\n### NVE from the same test frame: 1 ps Langevin (300 K, 1/ps), then {args.nve_ps} ps Verlet at 1 fs\n")
+    print("| potential | finite | steps done | std E_tot / DOF (kJ/mol) | E_tot drift (kJ/mol) | ms per step | failure |")
+    print("|---|---|---|---|---|---|---|")
+    for label, s in (("smooth flow alone", result["nve_flow"]), ("force field", result["nve_forcefield"]),
+                     ("spline flow alone", spline_nve)):
+        fl = s.get("energy_fluctuation_per_dof")
+        print(f"| {label} | {s['finite']} | {s['steps_done']} | {'-' if fl is None else f'{fl:.2e}'} | "
+              f"{s.get('total_energy_drift', float('nan')):.3g} | {s['ms_per_step']:.2f} | "
+              f"{'-' if not s['failure'] else 'step %d: %s' % (s['failure']['step'], s['failure']['reason'])} |")
+    ratio = result["nve_ratio"]
+    print(f"\nsmooth / force field fluctuation: {'-' if ratio is None else f'{ratio:.2f}'} (issue: <= 2). "
+          f"Paper (GPU, 10 epochs on 1 us): 8e-4 smooth, 6e-4 force field, spline flows blew up.")
+    (b1, b2), (ms1, ms2) = short["backends"], short["ms_per_step"]
+    print(f"\nBackends: 200 Verlet steps on the smooth flow potential, {b1} {ms1:.2f} ms/step vs {b2} {ms2:.2f} "
+          f"ms/step; max |E_tot difference| over the reports {short['max_total_energy_difference']:.2e} kJ/mol")
+
+    lang = result.get("langevin")
+    if lang:
+        print(f"\n### Langevin on the smooth flow potential alone: {args.langevin_ps} ps at {args.langevin_timestep_fs} fs, "
+              f"300 K, 1/ps, hydrogens {args.hydrogen_mass} amu\n")
+        print(f"finite: {lang['finite']}, steps done {lang['steps_done']} of {lang['steps']} ({lang['ps']:.1f} ps), "
+              f"{lang['ms_per_step']:.2f} ms per step ({lang['seconds']:.0f} s), {lang['n_frames']} frames; "
+              f"(phi, psi) T-W2 against the MD data: {lang.get('t_w2', float('nan')):.3f} rad (issue: <= 0.5); "
+              f"failure: {lang['failure']}; figure {lang.get('figure')}")
+    bias = result.get("bias")
+    if bias:
+        print(f"\nBias: force field + smooth flow in force group 1, Langevin {bias['ps']:.1f} ps at "
+              f"{bias['timestep_fs']} fs: finite {bias['finite']}, flow energy mean {bias['flow_energy_mean']} kJ/mol, "
+              f"{bias['ms_per_step']:.2f} ms per step")
+    (args.workdir / "result.json").write_text(json.dumps(
+        {"train": [(n, c, s, f, nll) for n, c, s, f, nll in rows], "dynamics": result,
+         "spline_nve": spline_nve, "backends": short}, indent=2, default=str))
     return 0
 
 

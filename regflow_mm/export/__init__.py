@@ -4,6 +4,8 @@
     >>> system.addForce(flow_force(flow, backend="torch", force_group=1))
 """
 from .check import check_flow_force
-from .forces import BACKENDS, FlowEnergyModule, export_torchscript, flow_force
+from .dynamics import MDRun, run_md
+from .forces import BACKENDS, FlowEnergyModule, SupportWarning, export_torchscript, flow_force
 
-__all__ = ["BACKENDS", "FlowEnergyModule", "check_flow_force", "export_torchscript", "flow_force"]
+__all__ = ["BACKENDS", "FlowEnergyModule", "MDRun", "SupportWarning", "check_flow_force", "export_torchscript",
+           "flow_force", "run_md"]

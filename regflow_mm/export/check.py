@@ -3,9 +3,16 @@
 ``check_flow_force(flow, system, positions, backend, md_steps, seed, model_path=None)`` builds a
 System of the molecule's masses holding only the flow force (``forces.flow_force``), compares its
 energies on ``positions`` (B, n_atoms, 3) nm with ``flow.energy`` (kJ/mol), then runs ``md_steps``
-Langevin steps (1 fs, 1/ps, the system's temperature, Reference platform) from ``positions[0]``.
-Returns max_rel_energy_error, md_steps, md_seconds, md_finite, first_nonfinite_step,
-flow_energy_mean / _std (kJ/mol) and ns_per_day.
+Langevin steps (1 fs, 1/ps, the system's temperature, Reference platform) from ``positions[0]``
+with ``dynamics.run_md``. Returns max_rel_energy_error, md_steps (done), md_seconds, md_finite,
+first_nonfinite_step and md_failure (the step and the reason: the coordinate that left the flow's
+support, non-finite positions or energies), flow_energy_mean / _std (kJ/mol) and ns_per_day.
+
+``check_flow_dynamics(flow, system, start, ...)``: the dynamics assessment of a flow potential
+(smooth-flows paper): NVE on the flow potential alone beside NVE on the force field (same start, steps
+and timestep; total-energy fluctuation per degree of freedom), a long Langevin run on the flow
+potential alone (finite? (phi, psi) T-W2 against MD frames, Ramachandran figure), a short Langevin run
+with the flow as a bias in its own force group, and the cost per step of each.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import openmm
 import torch
 from openmm import unit
 
+from .dynamics import run_md
 from .forces import flow_force
 
 
@@ -49,19 +57,81 @@ def check_flow_force(flow, system, positions: np.ndarray, backend: str, md_steps
     if np.isfinite(exported[~inside]).any():
         rel = float("inf")  # the exported force is finite where the flow's density is zero: a mismatch
 
-    context.setPositions(test[0])
-    context.setVelocitiesToTemperature(system.temperature, seed)
-    energies, started = [], time.perf_counter()
-    for _ in range(max(md_steps // 10, 1)):
-        integrator.step(10)
-        energies.append(_potential_energy(context))
-    seconds = time.perf_counter() - started
-    energies = np.array(energies)
-    finite = energies[np.isfinite(energies)]
-    first_bad = np.flatnonzero(~np.isfinite(energies))
-    return {"max_rel_energy_error": rel, "md_steps": int(len(energies) * 10), "md_seconds": seconds,
-            "md_finite": bool(finite.size == energies.size),
-            "first_nonfinite_step": int((first_bad[0] + 1) * 10) if first_bad.size else None,
-            "flow_energy_mean": float(finite.mean()) if finite.size else None,
-            "flow_energy_std": float(finite.std()) if finite.size else None,
-            "ns_per_day": len(energies) * 10 * 1e-6 * 86400 / seconds}
+    del context
+    run = run_md(system, test[0], flow, mode="flow", integrator="langevin", steps=md_steps, timestep_fs=1.0,
+                 friction_per_ps=1.0, backend=backend, report_every=10, seed=seed, model_path=model_path)
+    energies = run.flow_energy[np.isfinite(run.flow_energy)]
+    return {"max_rel_energy_error": rel, "md_steps": run.steps_done, "md_seconds": run.seconds,
+            "md_finite": run.finite, "first_nonfinite_step": run.failure["step"] if run.failure else None,
+            "md_failure": run.failure["reason"] if run.failure else None,
+            "flow_energy_mean": float(energies.mean()) if energies.size else None,
+            "flow_energy_std": float(energies.std()) if energies.size else None,
+            "ns_per_day": run.steps_done * 1e-6 * 86400 / max(run.seconds, 1e-9)}
+
+
+def check_flow_dynamics(flow, system, start: np.ndarray, *, md_angles: np.ndarray | None = None,
+                        md_log_w: np.ndarray | None = None, nve_ps: float = 5.0, nve_timestep_fs: float = 1.0,
+                        equilibrate_ps: float = 1.0, langevin_ps: float = 100.0, langevin_timestep_fs: float = 2.0,
+                        hydrogen_mass_amu: float | None = 3.0, bias_ps: float = 1.0, save_interval_ps: float = 0.1,
+                        backend: str = "torch", n_torsion: int = 5000, seed: int = 0, figure: str | Path | None = None,
+                        progress=None) -> dict:
+    """Dynamics on the exported flow potential (module docstring); ``system`` the MolecularSystem.
+
+    NVE (skipped for ``nve_ps = 0``): ``equilibrate_ps`` of Langevin then ``nve_ps`` of Verlet at ``nve_timestep_fs`` (force-field
+    masses), on the flow potential alone and on the force field, both from ``start`` (n_atoms, 3) nm
+    with the same velocity seed. Langevin: ``langevin_ps`` at ``langevin_timestep_fs`` with hydrogens of
+    ``hydrogen_mass_amu`` (same ensemble), frames every ``save_interval_ps``; with ``md_angles`` (M, 2)
+    (phi, psi) rad of MD frames (log-weights ``md_log_w``) its T-W2 against them (``n_torsion`` MD frames
+    at most) and, with ``figure``, a Ramachandran PNG of both. ``bias_ps``: Langevin on the force field
+    plus the flow force (group 1), 0 to skip. ``progress``: a callable(str) told when each run starts.
+    Returns a dict of ``MDRun.summary()`` dicts plus ``nve_ratio`` (flow / force-field fluctuation) and
+    ``langevin["t_w2"]``.
+    """
+    from ..data.dataset import dihedrals
+    from ..training.metrics import torsion_w2
+
+    say = progress or (lambda text: None)
+    out = {}
+    nve_steps = int(round(nve_ps / (nve_timestep_fs * 1e-3)))
+    eq_steps = int(round(equilibrate_ps / (nve_timestep_fs * 1e-3)))
+    for name, mode in (("nve_flow", "flow"), ("nve_forcefield", "forcefield")) if nve_steps > 0 else ():
+        say(f"NVE on the {mode} potential: {eq_steps} Langevin + {nve_steps} Verlet steps at {nve_timestep_fs} fs")
+        run = run_md(system, start, flow, mode=mode, integrator="verlet", steps=nve_steps, timestep_fs=nve_timestep_fs,
+                     equilibrate_steps=eq_steps, backend=backend, report_every=10, seed=seed)
+        out[name] = run.summary()
+    if nve_steps > 0:
+        fl = out["nve_flow"].get("energy_fluctuation_per_dof")
+        ff = out["nve_forcefield"].get("energy_fluctuation_per_dof")
+        out["nve_ratio"] = fl / ff if fl is not None and ff else None
+    if langevin_ps > 0:
+        steps = int(round(langevin_ps / (langevin_timestep_fs * 1e-3)))
+        save = max(int(round(save_interval_ps / (langevin_timestep_fs * 1e-3))), 1)
+        say(f"Langevin on the flow potential: {steps} steps at {langevin_timestep_fs} fs")
+        run = run_md(system, start, flow, mode="flow", integrator="langevin", steps=steps,
+                     timestep_fs=langevin_timestep_fs, hydrogen_mass_amu=hydrogen_mass_amu, backend=backend,
+                     report_every=save, save_every=save, seed=seed)
+        lang = run.summary()
+        pair = [system.torsions[k] for k in ("phi1", "psi1")] if {"phi1", "psi1"} <= set(system.torsions) else \
+            list(system.torsions.values())[:2]
+        angles = dihedrals(run.positions, pair) if len(run.positions) else np.zeros((0, 2))
+        lang["n_frames"] = int(len(angles))
+        lang["flow_energy_mean"] = float(np.mean(run.flow_energy)) if run.finite else None
+        if md_angles is not None and len(angles):
+            n = int(min(n_torsion, len(md_angles)))
+            lang["t_w2"] = torsion_w2(md_angles, angles, None, max_md=n, seed=seed, md_log_w=md_log_w)["t_w2"]
+            if figure is not None:
+                from ..training.plots import ramachandran_panels
+
+                ramachandran_panels(figure, [("MD data", md_angles, md_log_w),
+                                             (f"Langevin on the flow potential ({run.steps_done * run.timestep_ps:.0f} ps)",
+                                              angles, None)])
+                lang["figure"] = str(figure)
+        out["langevin"] = lang
+    if bias_ps > 0:
+        steps = int(round(bias_ps / (langevin_timestep_fs * 1e-3)))
+        say(f"Langevin on the force field + flow bias (group 1): {steps} steps")
+        run = run_md(system, start, flow, mode="bias", integrator="langevin", steps=steps,
+                     timestep_fs=langevin_timestep_fs, hydrogen_mass_amu=hydrogen_mass_amu, backend=backend,
+                     report_every=50, seed=seed)
+        out["bias"] = {**run.summary(), "flow_energy_mean": float(np.mean(run.flow_energy)) if run.finite else None}
+    return out

@@ -18,6 +18,13 @@ holding a ``TorchForce`` segfaults, and so does everything that copies a System 
 (``CustomCVForce`` wrapping, openmmtools ``ThermodynamicState`` copies). Build the TorchForce into the
 System you run; where a System must be copied or serialised, use the ``python`` backend.
 
+Support: a flow on a fitted box (internal coordinates with ``support="box"``, e.g. the spline flows of
+the demo) has zero density outside the box, a hard wall that molecular dynamics on U_flow crosses
+within tens of steps; ``flow_force`` warns (:class:`SupportWarning`) with the remedy: train the flow with
+``representation_options={"support": "open"}`` (smooth bijections from the physical domains, density
+positive everywhere) and the C-infinity ``smooth`` architecture. ``export.dynamics.run_md`` reports the
+step and the coordinate where a trajectory leaves a support.
+
 Use the force as the whole potential (a System of massive particles and this force only) or add
 it to an existing System in its own force group (``force_group``) to bias or analyse a simulation.
 """
@@ -38,6 +45,22 @@ from regflow_mm.flows.sampling import flow_dtype, sample_flow
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "python")
+
+
+class SupportWarning(UserWarning):
+    """An exported flow potential has hard walls: dynamics on it may leave the flow's support."""
+
+
+def support_warning_text(flow) -> str | None:
+    """The warning for a flow whose density is zero outside a fitted box, else None."""
+    if not getattr(flow.representation, "hard_walls", False):
+        return None
+    return ("this flow's support is a fitted box (internal coordinates, support='box'): its density is zero "
+            "outside the box, so MD on the flow potential may leave the support within tens of steps (energy "
+            "+inf, then NaN forces). For dynamics, train with representation_options={'support': 'open'} "
+            "(smooth bijections of bonds/angles from their physical domains) and architecture 'smooth' "
+            "(C-infinity forces), e.g. the pipeline's [smooth] stage; regflow_mm.export.dynamics.run_md reports "
+            "the step and coordinate where a trajectory leaves the support")
 
 
 class FlowEnergyModule(nn.Module):
@@ -174,6 +197,9 @@ def flow_force(flow, backend: str = "torch", force_group: int = 0, path: str | P
 
         flow = load_flow(flow)
     flow = flow.eval()
+    text = support_warning_text(flow)
+    if text is not None:
+        warnings.warn(text, SupportWarning, stacklevel=2)
     if backend == "torch":
         openmmtorch = import_openmmtorch()
 

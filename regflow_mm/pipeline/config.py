@@ -65,6 +65,26 @@ SCHEMA: dict[str, dict] = {
     "free_energy": {"n_samples": 20000, "tfep": True, "tfep_n_train": 2000, "tfep_n_eval": 2000, "tfep_steps": 800,
                     "tfep_layers": 6, "tfep_hidden": 64, "tfep_moved": "circular"},
     "export": {"backend": "torch", "md_steps": 1000},
+    # A flow potential for dynamics (``export.check.check_flow_dynamics``): a C-infinity 'smooth' flow on
+    # internal coordinates with support 'open' (bonds, angles, narrow torsions mapped from their physical
+    # domains by smooth bijections, torsions on the circle: the density is positive and smooth on every
+    # configuration, no hard wall), float64, trained for time_budget_s CPU seconds by
+    #   w_nll * NLL + w_fm * FM,
+    # NLL = -E log q(x) (nats) on the training frames and FM = E ||F/kT - grad_x log q||^2 ((kT/nm)^2, summed
+    # over the 3N components) on the forces stored with them. FM is ~1e5-1e6 (kT/nm)^2 where NLL is ~-100
+    # nats, so w_fm = 1e-3 (the smooth-flows paper's Table 1) puts them on a similar footing.
+    # data_weight_power / reweight_fraction: as in [train] (frame weights of enhanced-sampling data).
+    # Then, with the exported force (backend): force RMSE against held-out MD forces (n_test_frames of the
+    # test split), nve_equilibrate_ps of Langevin + nve_ps of Verlet NVE at 1 fs on the flow potential and
+    # on the force field side by side, langevin_ps of Langevin at langevin_timestep_fs with hydrogens of hydrogen_mass_amu on the
+    # flow potential alone (T-W2 of (phi, psi) against the training frames, Ramachandran plot), and bias_ps
+    # of Langevin on the force field with the flow force in its own group. Off by default (~5 min of
+    # training plus the MD: examples/aldp_cpu_smooth.toml).
+    "smooth": {"enabled": False, "layers": 4, "components": 8, "hidden": 64, "open_width": 1.0,
+               "time_budget_s": 300.0, "batch_size": 64, "lr": 1e-3, "w_nll": 1.0, "w_fm": 1e-3,
+               "data_weight_power": 0.0, "reweight_fraction": 0.0, "backend": "torch", "n_test_frames": 2000,
+               "nve_equilibrate_ps": 1.0, "nve_ps": 5.0, "langevin_ps": 100.0, "langevin_timestep_fs": 2.0,
+               "hydrogen_mass_amu": 3.0, "bias_ps": 1.0},
 }
 
 _TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
@@ -97,6 +117,18 @@ def validate(raw: dict, source: str = "config") -> dict:
     if config["free_energy"]["tfep_moved"] not in ("circular", "all"):
         raise ValueError(f"{source}: [free_energy].tfep_moved must be 'circular' or 'all', got "
                          f"{config['free_energy']['tfep_moved']!r}")
+    sm = config["smooth"]
+    for key in ("time_budget_s", "nve_ps", "langevin_timestep_fs", "lr", "open_width"):
+        if not sm[key] > 0:
+            raise ValueError(f"{source}: [smooth].{key} must be > 0, got {sm[key]}")
+    for key in ("langevin_ps", "bias_ps", "w_nll", "w_fm", "nve_equilibrate_ps"):
+        if not sm[key] >= 0:
+            raise ValueError(f"{source}: [smooth].{key} must be >= 0, got {sm[key]}")
+    if sm["hydrogen_mass_amu"] != 0 and not sm["hydrogen_mass_amu"] >= 1:
+        raise ValueError(f"{source}: [smooth].hydrogen_mass_amu must be 0 (the force field's masses) or >= 1 amu, "
+                         f"got {sm['hydrogen_mass_amu']}")
+    if sm["backend"] not in ("torch", "python"):
+        raise ValueError(f"{source}: [smooth].backend must be 'torch' or 'python', got {sm['backend']!r}")
     if mc["tempering_replicas"] == 1 or mc["tempering_replicas"] < 0:
         raise ValueError(f"{source}: [mc].tempering_replicas must be 0 (off) or >= 2, got {mc['tempering_replicas']}")
     return config
@@ -135,6 +167,25 @@ def train_settings(config: dict, method: str | None = None) -> dict:
     settings = {**train, "representation": flow["representation"], "architecture": flow["architecture"],
                 "hyper": {"layers": flow["layers"], "hidden": flow["hidden"]}, "seed": config["run"]["seed"],
                 "device": config["run"]["device"], "system": config["system"]["name"]}
+    TrainConfig.from_dict(settings)
+    return settings
+
+
+def smooth_settings(config: dict) -> dict:
+    """``TrainConfig`` settings (flat names) of the [smooth] stage's flow (see SCHEMA["smooth"]), checked."""
+    from ..training.trainer import TrainConfig
+
+    sm = config["smooth"]
+    settings = {"system": config["system"]["name"], "representation": "internal",
+                "representation_options": {"support": "open", "open_width": sm["open_width"]},
+                "architecture": "smooth",
+                "hyper": {"n_layers": sm["layers"], "n_components": sm["components"],
+                          "hidden": [sm["hidden"], sm["hidden"]]},
+                "method": "nll+fm", "w_nll": sm["w_nll"], "w_fm": sm["w_fm"], "time_budget_s": sm["time_budget_s"],
+                "epochs": 100000, "batch_size": sm["batch_size"], "lr": sm["lr"], "lr_schedule": "cosine",
+                "data_weight_power": sm["data_weight_power"], "reweight_fraction": sm["reweight_fraction"],
+                "dtype": "float64", "val_samples": 0, "val_every_epochs": 1000, "checkpoint_every": 100000,
+                "seed": config["run"]["seed"], "device": config["run"]["device"]}
     TrainConfig.from_dict(settings)
     return settings
 

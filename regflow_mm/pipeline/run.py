@@ -1,5 +1,6 @@
 """The end-to-end job: MD -> RegFlow (teacher CNF, reflow pairs, student) and an MLE baseline ->
-evaluation -> hybrid MD/flow Monte Carlo -> reweighted free energy -> exported OpenMM force -> report.
+evaluation -> hybrid MD/flow Monte Carlo -> reweighted free energy -> exported OpenMM force -> (optional)
+smooth flow potential for dynamics -> report.
 
 Orchestration only: each stage calls the layer that does the work (``data.simulate``,
 ``training.run_training``, ``training.evaluation``, ``sampling``, ``export.check``) and its figures
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import output_dir
-from .config import load_config, train_settings
+from .config import load_config, smooth_settings, train_settings
 from .stages import Stage, StagedRun
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
     regflow = train_settings(config)
     # The baseline shares architecture, optimiser and budget (not the RegFlow-only settings).
     baseline = train_settings(config, method=config["baseline"]["method"]) if config["baseline"]["enabled"] else None
+    smooth = smooth_settings(config) if config["smooth"]["enabled"] else None
     run = StagedRun(out)  # the folder is made only once the config passed every check
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
@@ -91,6 +93,11 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
                   {**config["free_energy"], "seed": seed}, needs=("md", *held_out, "evaluate")))
     run.run(Stage("export", lambda f, i: _export(f, i, config["export"], seed),
                   {**config["export"], "seed": seed}, needs=("md", "evaluate")))
+    if smooth is not None:
+        run.run(Stage("smooth", functools.partial(_smooth, settings=smooth, smooth=config["smooth"], flows=flows,
+                                                  seed=seed, threads=threads, progress=progress),
+                      {**config["smooth"], "train": smooth, "code_version": TRAIN_CODE_VERSION},
+                      needs=("md", *flows.values())))
     from .report import write_report
 
     return write_report(out, config, run.records)
@@ -391,6 +398,44 @@ def _export(folder: Path, inputs: dict, settings: dict, seed: int) -> dict:
     result = check_flow_force(flow, data.system, data.split("train")[::997][:8], settings["backend"], settings["md_steps"],
                               seed, model_path=folder / "model.pt")
     return {"backend": settings["backend"], "model": str(folder / "model.pt") if torch_backend else None, **result}
+
+
+def _smooth(folder: Path, inputs: dict, *, settings: dict, smooth: dict, flows: dict, seed: int, threads: int,
+            progress: bool) -> dict:
+    """The smooth flow potential: NLL + force matching training, then its dynamics in OpenMM
+    (``export.check.check_flow_dynamics``) and the force RMSE of it and of the run's other flows."""
+    from ..data import load_dataset
+    from ..export.check import check_flow_dynamics
+    from ..flows import load_flow
+    from ..training.evaluation import backbone_torsions, ramachandran_pair
+    from ..training.metrics import force_rmse
+
+    trained = _train(folder / "train", inputs, settings=settings, progress=progress, threads=threads)
+    data = load_dataset(inputs["md"]["dataset"])
+    flow = load_flow(trained["flow"], system=data.system)
+    test = data.split_indices("test")
+    test = test[:: max(len(test) // smooth["n_test_frames"], 1)]
+    rmse = {"smooth": force_rmse(flow, data.positions[test], data.forces[test])}
+    for name, stage in flows.items():
+        rmse[name] = force_rmse(load_flow(inputs[stage]["flow"], system=data.system), data.positions[test],
+                                data.forces[test])
+        rmse[name]["cpu_s"] = inputs[stage].get("cpu_s_this_run")
+    rmse["smooth"]["cpu_s"] = trained["cpu_s_this_run"]
+    angles, names = backbone_torsions(data.system, data.positions)
+    i, j = ramachandran_pair(names)
+    say = (lambda text: log.info("smooth: %s", text)) if progress else None
+    dynamics = check_flow_dynamics(flow, data.system, np.asarray(data.positions[test[0]], dtype=np.float64),
+                                   md_angles=angles[:, [i, j]], md_log_w=data.log_weights if data.weighted else None,
+                                   nve_ps=smooth["nve_ps"], equilibrate_ps=smooth["nve_equilibrate_ps"],
+                                   langevin_ps=smooth["langevin_ps"],
+                                   langevin_timestep_fs=smooth["langevin_timestep_fs"],
+                                   hydrogen_mass_amu=smooth["hydrogen_mass_amu"] or None, bias_ps=smooth["bias_ps"],
+                                   backend=smooth["backend"], seed=seed, figure=folder / "ramachandran.png",
+                                   progress=say)
+    if "figure" in dynamics.get("langevin", {}):
+        dynamics["langevin"]["figure"] = "ramachandran.png"
+    return {"flow": trained["flow"], "train": trained["train"], "cpu_s": trained["cpu_s_this_run"],
+            "force_rmse": rmse, "n_test_frames": int(len(test)), "dynamics": dynamics}
 
 
 def _phi_name(system, md: dict | None = None) -> str:

@@ -20,6 +20,23 @@ J(x) = r01^2 r12^2 sin(theta012) prod_rows r_i^2 sin(theta_i)  (the Jacobian of 
 seeds included), logdet_to = -log J - sum log(hi - lo) over bonds, angles and torsions (hi - lo = 2 pi
 for a circle).
 ``from_flow_space`` puts the seeds in the reference frame s0 = 0, s1 on +x, s2 in the xy plane (y > 0).
+
+Support (``support``): ``"box"`` (above) gives the flow a density that is zero outside the fitted box,
+a hard wall that molecular dynamics on the flow potential -kT log q crosses within a few steps.
+``"open"`` maps bonds, angles and narrow torsions from their whole physical domains onto (0, 1) with
+C-infinity bijections, so the density is positive and smooth on every configuration and only a
+physically impossible one (a bond of length 0 or infinity, an angle of 0 or pi, a narrow torsion at
+its antipode) sits at zero density (infinite flow energy):
+
+    t = log r (bonds, r in (0, inf)), t = logit(theta / pi) (angles, (0, pi)),
+    t = logit((d + pi) / (2 pi)) (narrow torsions, centred d in (-pi, pi)),
+    u = sigmoid((t - m) / s),
+
+with m the mean of t over the training data and s = ``open_width`` x its standard deviation.
+log|du/dv| = log sigmoid'(z) - log s + log|dt/dv| replaces -log(hi - lo) of the box in logdet_to.
+Outside the data the map's log-density falls linearly in |t - m| / s: the flow energy rises like
+kT |t - m| / s (it confines like the log-density of a logistic distribution, with no wall); circle
+torsions are the same in both supports.
 """
 from __future__ import annotations
 
@@ -62,6 +79,14 @@ def place_atom(xj, xk, xl, r, theta, phi):
     return xj + d
 
 
+SUPPORTS = ("box", "open")
+
+
+def _log_sigmoid_grad(z):
+    """log sigmoid'(z) = -softplus(-z) - softplus(z), finite for every finite z."""
+    return -torch.nn.functional.softplus(-z) - torch.nn.functional.softplus(z)
+
+
 def _wrap(angle):
     """Angles (rad) wrapped into [-pi, pi)."""
     return torch.remainder(angle + math.pi, 2 * math.pi) - math.pi
@@ -77,19 +102,30 @@ class InternalCoordinates(Representation):
             (circle unless the data's spread around its circular mean is below ``narrow_span_rad``).
         narrow_span_rad: spread (max - min of the centred torsion, rad) below which ``fit`` makes a
             torsion an interval; 0 keeps every torsion a circle.
+        support: ``"box"`` (fitted affine box: zero density outside it) or ``"open"`` (smooth bijections
+            from the physical domains; the flow density is positive on every configuration, see the
+            module docstring). ``margin`` applies to ``"box"`` only.
+        open_width: ``"open"`` only: the width s of the logistic map in units of the data's standard
+            deviation of t (larger: more of (0, 1) spent on the tails).
     """
 
     name = "internal"
     domain = "box"
 
     def __init__(self, zmatrix: ZMatrix, margin: float = 0.25, circular_torsions=None,
-                 narrow_span_rad: float = math.pi / 2):
+                 narrow_span_rad: float = math.pi / 2, support: str = "box", open_width: float = 1.0):
         n = zmatrix.n_atoms
         if n < 3:
             raise ValueError(f"internal coordinates need >= 3 atoms, got {n}")
         super().__init__(n, 3 * n - 6)
         if not margin >= 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
+        if support not in SUPPORTS:
+            raise ValueError(f"support must be one of {SUPPORTS} (internal coordinates), got {support!r}")
+        if not open_width > 0:
+            raise ValueError(f"open_width must be > 0 (logistic width in data standard deviations), got {open_width}")
+        self.support = support
+        self.open_width = float(open_width)
         self.zmatrix = zmatrix
         self.margin = float(margin)
         s0, s1, s2 = zmatrix.seeds
@@ -114,6 +150,12 @@ class InternalCoordinates(Representation):
         # Bounds of the centred torsions (rad); (-pi, pi) for circles.
         self.register_buffer("torsion_lo", torch.full((n - 3,), -math.pi, dtype=dtype))
         self.register_buffer("torsion_hi", torch.full((n - 3,), math.pi, dtype=dtype))
+        # support "open": centre m and width s of u = sigmoid((t - m) / s) for every coordinate (only the
+        # bonds, angles and narrow torsions use them); unfitted: bonds 0.12 nm, angles 1.9 rad, torsion 0.
+        self.register_buffer("open_centre", torch.cat([torch.full((n - 1,), math.log(0.12)),
+                                                       torch.full((n - 2,), math.log(1.9 / (math.pi - 1.9))),
+                                                       torch.zeros(n - 3)]).to(dtype))
+        self.register_buffer("open_scale", torch.ones(3 * n - 6, dtype=dtype))
         if not narrow_span_rad >= 0:
             raise ValueError(f"narrow_span_rad must be >= 0, got {narrow_span_rad}")
         self.narrow_span_rad = float(narrow_span_rad)
@@ -136,6 +178,8 @@ class InternalCoordinates(Representation):
     def get_config(self):
         config = {"type": self.name, "n_atoms": self.n_atoms, "zmatrix": self.zmatrix.to_config(),
                   "margin": self.margin, "narrow_span_rad": self.narrow_span_rad}
+        if self.support != "box":
+            config.update(support=self.support, open_width=self.open_width)
         if not self._choose_circular:
             config["circular_torsions"] = [bool(c) for c in self.circular_torsions.tolist()]
         return config
@@ -145,7 +189,8 @@ class InternalCoordinates(Representation):
         # Files written before narrow torsions existed have no circular_torsions: all circles.
         return cls(ZMatrix.from_config(config["zmatrix"]), margin=config.get("margin", 0.25),
                    circular_torsions=config.get("circular_torsions"),
-                   narrow_span_rad=config.get("narrow_span_rad", 0.0))
+                   narrow_span_rad=config.get("narrow_span_rad", 0.0), support=config.get("support", "box"),
+                   open_width=config.get("open_width", 1.0))
 
     @property
     def torsion_atoms(self) -> torch.Tensor:
@@ -186,13 +231,68 @@ class InternalCoordinates(Representation):
             span = (vmax - vmin).clamp_min(min_range)
             lo.copy_((vmin - self.margin * span).clamp_min(floor))
             hi.copy_((vmax + self.margin * span).clamp_max(ceil))
+        t = self._open_t(bonds, angles, centred)
+        self.open_centre.copy_(t.mean(0))
+        self.open_scale.copy_(self.open_width * t.std(0).clamp_min(1e-3))
         return self
+
+    @property
+    def hard_walls(self) -> bool:
+        """True when the flow density is zero outside a fitted box (support "box"): dynamics on the
+        flow potential can leave the support."""
+        return self.support == "box"
+
+    def _open_t(self, bonds, angles, centred):
+        """The unbounded coordinates t (B, D) of support "open" (module docstring); circle columns: centred."""
+        # circle columns take p = 1/2 inside the unused branch, so its gradient stays finite
+        p = torch.where(self.circular_torsions, 0.5, (centred + math.pi) / (2 * math.pi))
+        torsions = torch.where(self.circular_torsions, centred, torch.log(p) - torch.log1p(-p))
+        return torch.cat([bonds.log(), angles.log() - (math.pi - angles).log(), torsions], dim=-1)
+
+    def _open_log_dt(self, bonds, angles, centred):
+        """log |dt/dv| (B, D) of ``_open_t`` (0 for circle columns)."""
+        p = torch.where(self.circular_torsions, 0.5, (centred + math.pi) / (2 * math.pi))
+        torsions = torch.where(self.circular_torsions, torch.zeros_like(p),
+                               -math.log(2 * math.pi) - torch.log(p) - torch.log1p(-p))
+        return torch.cat([-bonds.log(), math.log(math.pi) - angles.log() - (math.pi - angles).log(), torsions], -1)
+
+    def describe_outside(self, x) -> str | None:
+        """None if every configuration of positions (B, N, 3) nm lies in the flow's support; else which
+        coordinate of the first one outside it leaves, its value and the bounds (one line)."""
+        x = self.positions(x)
+        with torch.no_grad():
+            u, _ = self.to_flow_space(x)
+        bad = ~((u >= 0) & (u <= 1)) | ~torch.isfinite(u)
+        if not bad.any():
+            return None
+        frame, col = [int(v) for v in bad.nonzero()[0]]
+        bonds, angles, torsions = self.internal(x[frame: frame + 1])
+        nb, na = self.n_bonds, self.n_angles
+        if col < nb:
+            atoms, value, lo, hi, unit_ = (int(self._bond_i[col]), int(self._bond_j[col])), bonds[0, col], \
+                self.bond_lo[col], self.bond_hi[col], "nm"
+            kind = "bond"
+        elif col < nb + na:
+            k = col - nb
+            atoms = (int(self._angle_i[k]), int(self._angle_j[k]), int(self._angle_k[k]))
+            value, lo, hi, unit_, kind = angles[0, k], self.angle_lo[k], self.angle_hi[k], "rad", "angle"
+        else:
+            k = col - nb - na
+            atoms = tuple(int(a) for a in self._rows[k])
+            value = torsions[0, k]
+            lo, hi = self.torsion_offset[k] + self.torsion_lo[k], self.torsion_offset[k] + self.torsion_hi[k]
+            unit_, kind = "rad", "torsion"
+        return (f"configuration {frame}: {kind} of atoms {'-'.join(map(str, atoms))} = {float(value):.4f} {unit_} "
+                f"outside the flow's support [{float(lo):.4f}, {float(hi):.4f}] {unit_}")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Flow files saved before torsion offsets existed keep their meaning: offset 0.
         state_dict.setdefault(prefix + "torsion_offset", torch.zeros_like(self.torsion_offset))
         state_dict.setdefault(prefix + "torsion_lo", torch.full_like(self.torsion_lo, -math.pi))
         state_dict.setdefault(prefix + "torsion_hi", torch.full_like(self.torsion_hi, math.pi))
+        # Files saved before support "open" existed are box flows, which do not read these.
+        state_dict.setdefault(prefix + "open_centre", self.open_centre.clone())
+        state_dict.setdefault(prefix + "open_scale", self.open_scale.clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _jacobian_log(self, bonds, angles):
@@ -206,18 +306,57 @@ class InternalCoordinates(Representation):
     def to_flow_space(self, x):
         x = self.positions(x)
         bonds, angles, torsions = self.internal(x)
+        if self.support == "open":
+            centred = _wrap(torsions - self.torsion_offset)
+            z = (self._open_t(bonds, angles, centred) - self.open_centre) / self.open_scale
+            nb_na = self.n_bonds + self.n_angles
+            circ = torch.cat([torch.zeros(nb_na, dtype=torch.bool, device=z.device), self.circular_torsions])
+            u = torch.where(circ, torch.cat([z[:, :nb_na], (centred + math.pi) / (2 * math.pi)], -1), torch.sigmoid(z))
+            log_du = torch.where(circ, torch.full_like(z, -math.log(2 * math.pi)),
+                                 _log_sigmoid_grad(z) - self.open_scale.log()
+                                 + self._open_log_dt(bonds, angles, centred))
+            return u, log_du.sum(-1) - self._jacobian_log(bonds, angles)
         u = torch.cat([(bonds - self.bond_lo) / (self.bond_hi - self.bond_lo),
                        (angles - self.angle_lo) / (self.angle_hi - self.angle_lo),
                        (_wrap(torsions - self.torsion_offset) - self.torsion_lo)
                        / (self.torsion_hi - self.torsion_lo)], dim=-1)
         return u, -self._jacobian_log(bonds, angles) - self._scale_log()
 
+    def _open_internal(self, u):
+        """support "open": (bonds, angles, torsions) of flow-space u (B, D), inverse of to_flow_space."""
+        nb, na = self.n_bonds, self.n_angles
+        # u = 0 or 1 exactly (a bond of length 0 or infinity) is clipped to the nearest representable
+        # interior point: a set of zero measure, reached only by rounding.
+        eps = torch.finfo(u.dtype).eps
+        uc = u.clamp(eps, 1 - eps)
+        t = self.open_centre + self.open_scale * (torch.log(uc) - torch.log1p(-uc))
+        bonds = t[:, :nb].exp()
+        angles = math.pi * torch.sigmoid(t[:, nb:nb + na])
+        centred = torch.where(self.circular_torsions, 2 * math.pi * u[:, nb + na:] - math.pi,
+                              2 * math.pi * torch.sigmoid(t[:, nb + na:]) - math.pi)
+        return bonds, angles, centred
+
     def from_flow_space(self, y):
         u = self._check_flow(y)
         nb, na = self.n_bonds, self.n_angles
+        if self.support == "open":
+            bonds, angles, centred = self._open_internal(u)
+            torsions = self.torsion_offset + centred
+            x = self._place(u, bonds, angles, torsions)
+            nb_na = nb + na
+            circ = torch.cat([torch.zeros(nb_na, dtype=torch.bool, device=u.device), self.circular_torsions])
+            z = (self._open_t(bonds, angles, centred) - self.open_centre) / self.open_scale
+            log_du = torch.where(circ, torch.full_like(z, -math.log(2 * math.pi)),
+                                 _log_sigmoid_grad(z) - self.open_scale.log()
+                                 + self._open_log_dt(bonds, angles, centred))
+            return x, self._jacobian_log(bonds, angles) - log_du.sum(-1)
         bonds = self.bond_lo + (self.bond_hi - self.bond_lo) * u[:, :nb]
         angles = self.angle_lo + (self.angle_hi - self.angle_lo) * u[:, nb:nb + na]
         torsions = self.torsion_offset + self.torsion_lo + (self.torsion_hi - self.torsion_lo) * u[:, nb + na:]
+        return self._place(u, bonds, angles, torsions), self._jacobian_log(bonds, angles) + self._scale_log()
+
+    def _place(self, u, bonds, angles, torsions):
+        """Positions (B, N, 3) nm of internal coordinates, seeds in the reference frame."""
         batch = u.shape[0]
         zeros = u.new_zeros(batch)
         s0, s1, s2 = self.zmatrix.seeds
@@ -227,5 +366,4 @@ class InternalCoordinates(Representation):
                                          zeros], -1)
         for row, (i, j, k, l) in enumerate(self.zmatrix.rows):
             pos[i] = place_atom(pos[j], pos[k], pos[l], bonds[:, row + 2], angles[:, row + 1], torsions[:, row])
-        x = torch.stack([pos[a] for a in range(self.n_atoms)], dim=1)
-        return x, self._jacobian_log(bonds, angles) + self._scale_log()
+        return torch.stack([pos[a] for a in range(self.n_atoms)], dim=1)

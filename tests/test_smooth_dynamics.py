@@ -1,0 +1,212 @@
+"""Flow potentials for dynamics: open support of internal coordinates, the exported smooth-flow force
+along an MD trajectory (finite differences), support warnings and reports, the [smooth] pipeline settings."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import openmm
+import pytest
+import torch
+from openmm import unit
+
+from regflow_mm.export import SupportWarning, flow_force, run_md
+from regflow_mm.flows import build_flow
+from regflow_mm.pipeline.config import smooth_settings, validate
+from regflow_mm.representations.internal import InternalCoordinates
+
+
+@pytest.fixture(scope="module")
+def frames(aldp):
+    """64 configurations near the minimised structure (nm): the 'data' the representations are fitted to."""
+    rng = np.random.default_rng(1)
+    return aldp.positions[None] + 0.004 * rng.standard_normal((64, aldp.n_atoms, 3))
+
+
+def _perturbed(flow, scale=0.05, seed=0):
+    with torch.no_grad():  # off the near-identity initialisation, so the test sees a non-trivial flow
+        g = torch.Generator().manual_seed(seed)
+        for p in flow.transform.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return flow.eval()
+
+
+@pytest.fixture(scope="module")
+def smooth_flow(aldp, frames):
+    """A small float64 smooth flow on the open support (2 layers, 4 components, 16 hidden)."""
+    flow = build_flow(aldp, "internal", "smooth", fit_to=frames, dtype=torch.float64, seed=0,
+                      representation_options={"support": "open"}, n_layers=2, n_components=4, hidden=[16])
+    return _perturbed(flow)
+
+
+def test_open_support_round_trip_and_log_det(aldp, frames):
+    rep = InternalCoordinates.from_topology(aldp.topology, support="open").double().fit(frames)
+    x = torch.as_tensor(frames[:8])
+    u, logdet_to = rep.to_flow_space(x)
+    assert ((u > 0) & (u < 1)).all()
+    x_back, logdet_from = rep.from_flow_space(u)
+    u_back, _ = rep.to_flow_space(x_back)
+    torch.testing.assert_close(u_back, u, atol=1e-10, rtol=0)
+    torch.testing.assert_close(logdet_from, -logdet_to, atol=1e-9, rtol=0)
+    # the element-wise map internal coordinate v -> u: its log-derivative by autograd equals the analytic one
+    bonds, angles, torsions = rep.internal(x)
+    from regflow_mm.representations.internal import _wrap
+
+    centred = _wrap(torsions - rep.torsion_offset)
+    v = [t.detach().clone().requires_grad_(True) for t in (bonds, angles, centred)]
+    z = (rep._open_t(*v) - rep.open_centre) / rep.open_scale
+    circ = torch.cat([torch.zeros(rep.n_bonds + rep.n_angles, dtype=torch.bool), rep.circular_torsions])
+    u_v = torch.where(circ, torch.cat([z[:, :-rep.n_torsions], (v[2] + math.pi) / (2 * math.pi)], -1), torch.sigmoid(z))
+    grads = torch.cat(torch.autograd.grad(u_v.sum(), v), -1)
+    expected = -rep._jacobian_log(bonds, angles) + grads.log().sum(-1)
+    torch.testing.assert_close(logdet_to, expected, atol=1e-9, rtol=0)
+
+
+def test_open_support_density_is_positive_far_outside_the_data(aldp, frames):
+    """A bond stretched by 50% and an angle bent to 3.1 rad: zero density (energy +inf) in the fitted
+    box, finite in the open support, with the box flow's export warning and none for the open one."""
+    far = np.array(frames[:2], dtype=np.float64)
+    far[0, 1] = far[0, 0] + 1.5 * (far[0, 1] - far[0, 0])  # bond 0-1 (a C-H of the Ace methyl)
+    energies = {}
+    for support in ("box", "open"):
+        flow = build_flow(aldp, "internal", "smooth", fit_to=frames, dtype=torch.float64, seed=0,
+                          representation_options={"support": support}, n_layers=2, n_components=4, hidden=[16])
+        energies[support] = flow.energy(torch.as_tensor(far)).detach().numpy()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            flow_force(flow, backend="python")
+        assert [w.category for w in caught if issubclass(w.category, SupportWarning)] == \
+            ([SupportWarning] if support == "box" else [])
+        if support == "box":
+            assert "{'support': 'open'}" in str(caught[0].message)
+            assert "bond of atoms 1-0" in flow.representation.describe_outside(far)
+            assert flow.representation.describe_outside(frames) is None
+    assert math.isinf(energies["box"][0]) and np.isfinite(energies["box"][1])
+    assert np.isfinite(energies["open"]).all()
+    # the open map confines without a wall: the energy keeps rising as the bond stretches, and stays finite
+    stretched = np.repeat(np.array(frames[1:2], dtype=np.float64), 5, axis=0)
+    factors = np.array([1.0, 1.25, 1.5, 2.0, 4.0])
+    stretched[:, 1] = stretched[:, 0] + factors[:, None] * (stretched[:, 1] - stretched[:, 0])
+    e = flow.energy(torch.as_tensor(stretched)).detach().numpy()
+    assert np.isfinite(e).all() and (np.diff(e) > 0).all() and e[-1] - e[0] > 20 * aldp.kT
+
+
+def _fd_forces(context, x: np.ndarray, h: float = 1e-5) -> np.ndarray:
+    """Fourth-order central finite differences of the context's potential energy, kJ/mol/nm."""
+    out = np.zeros_like(x)
+    for i in range(x.shape[0]):
+        for k in range(3):
+            e = {}
+            for step in (2, 1, -1, -2):
+                y = x.copy()
+                y[i, k] += step * h
+                context.setPositions(y)
+                e[step] = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+            out[i, k] = -(-e[2] + 8 * e[1] - 8 * e[-1] + e[-2]) / (12 * h)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "python"])
+def test_exported_forces_match_finite_differences_along_a_1000_step_trajectory(aldp, frames, smooth_flow, backend):
+    run = run_md(aldp, frames[0], smooth_flow, mode="flow", integrator="langevin", steps=1000, timestep_fs=1.0,
+                 backend=backend, save_every=250, report_every=100, seed=2)
+    assert run.finite and run.failure is None and run.steps_done == 1000
+    assert len(run.positions) == 5  # steps 0, 250, ..., 1000
+    system = openmm.System()
+    for i in range(aldp.n_atoms):
+        system.addParticle(aldp.system.getParticleMass(i))
+    system.addForce(flow_force(smooth_flow, backend=backend))
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    for x in run.positions[1:]:
+        context.setPositions(x)
+        analytic = context.getState(getForces=True).getForces(asNumpy=True).value_in_unit(
+            unit.kilojoule_per_mole / unit.nanometer)
+        fd = _fd_forces(context, x)
+        scale = np.abs(analytic).max()
+        assert scale > 1.0
+        np.testing.assert_allclose(fd, analytic, rtol=0, atol=1e-5 * scale + 1e-3)
+
+
+def test_nve_on_the_smooth_flow_and_the_force_field_side_by_side(aldp, frames, smooth_flow):
+    runs = {mode: run_md(aldp, frames[0], smooth_flow if mode == "flow" else None, mode=mode, integrator="verlet",
+                         steps=200, timestep_fs=0.5, report_every=10, seed=0) for mode in ("flow", "forcefield")}
+    for run in runs.values():
+        assert run.finite and len(run.total) == 21
+        # energy conserved to a small fraction of the kinetic energy (kT/2 per DOF)
+        assert run.energy_fluctuation_per_dof() < 0.02 * aldp.kT
+    assert runs["flow"].n_dof == runs["forcefield"].n_dof == 3 * aldp.n_atoms - 6
+
+
+def test_bias_runs_the_flow_in_its_own_force_group(aldp, frames, smooth_flow):
+    run = run_md(aldp, frames[0], smooth_flow, mode="bias", integrator="langevin", steps=20, backend="python",
+                 flow_group=5, report_every=10, seed=0)
+    assert run.finite
+    energy = smooth_flow.energy(torch.as_tensor(frames[:1])).item()
+    assert np.isfinite(run.flow_energy).all() and abs(run.flow_energy[0] - energy) < 1e-6 * max(abs(energy), 1.0)
+    assert not np.allclose(run.potential, run.flow_energy)  # the force field is there too
+    with pytest.raises(ValueError, match="force group 0 is already used by the force field"):
+        run_md(aldp, frames[0], smooth_flow, mode="bias", flow_group=0, steps=1)
+
+
+def test_a_trajectory_leaving_a_box_support_is_reported_with_step_and_coordinate(aldp, frames):
+    """Box with no margin around near-identical frames: Langevin leaves it within a few steps."""
+    flow = build_flow(aldp, "internal", "smooth", fit_to=frames[:4], dtype=torch.float64, seed=0,
+                      representation_options={"support": "box", "margin": 0.0}, n_layers=1, n_components=2,
+                      hidden=[8])
+    with pytest.warns(SupportWarning):
+        run = run_md(aldp, frames[0], flow, mode="flow", integrator="langevin", steps=500, backend="python",
+                     report_every=10, seed=0)
+    assert not run.finite and run.failure is not None
+    assert 1 <= run.failure["step"] <= 500 and run.steps_done == run.failure["step"]
+    assert "left the flow's support" in run.failure["reason"]
+    assert any(kind in run.failure["reason"] for kind in ("bond of atoms", "angle of atoms", "torsion of atoms"))
+    assert "outside the flow's support [" in run.failure["reason"]
+    assert np.isfinite(run.potential).all()  # stopped before any non-finite energy was integrated
+
+
+def test_smooth_pipeline_settings():
+    config = validate({"smooth": {"enabled": True, "time_budget_s": 5, "w_fm": 0.01}})
+    settings = smooth_settings(config)
+    assert settings["representation_options"]["support"] == "open" and settings["architecture"] == "smooth"
+    assert settings["method"] == "nll+fm" and settings["w_fm"] == 0.01 and settings["dtype"] == "float64"
+    assert validate({})["smooth"]["enabled"] is False
+    from pathlib import Path
+
+    from regflow_mm.pipeline.config import load_config
+
+    example = load_config(Path(__file__).parents[1] / "examples" / "aldp_cpu_smooth.toml")
+    assert example["smooth"]["enabled"] and example["smooth"]["time_budget_s"] == example["train"]["time_budget_s"]
+    smooth_settings(example)
+    with pytest.raises(ValueError, match=r"\[smooth\].backend must be 'torch' or 'python'"):
+        validate({"smooth": {"backend": "jax"}})
+    with pytest.raises(ValueError, match=r"\[smooth\].nve_ps must be > 0"):
+        validate({"smooth": {"nve_ps": 0.0}})
+    with pytest.raises(ValueError, match="support must be one of"):
+        InternalCoordinates.from_topology(__import__("regflow_mm.systems", fromlist=["get_system"])
+                                          .get_system("aldp").topology, support="walls")
+
+
+def test_smooth_stage_trains_runs_md_and_reports(tmp_path, aldp):
+    """The [smooth] stage on 100 frames, 2 CPU-s of training and a few hundred MD steps: every number
+    of the report is there and comes from the stage."""
+    from regflow_mm.data import simulate
+    from regflow_mm.pipeline import run as pipeline_run
+    from regflow_mm.pipeline.report import _smooth_lines
+
+    path = simulate(aldp, tmp_path / "md.h5", ns=0.01, save_interval_ps=0.1, equilibration_ps=0.5, progress=False)
+    config = validate({"smooth": {"enabled": True, "time_budget_s": 2.0, "layers": 2, "components": 4, "hidden": 16,
+                                  "nve_equilibrate_ps": 0.05, "nve_ps": 0.1, "langevin_ps": 0.2, "bias_ps": 0.02, "n_test_frames": 10}})
+    inputs = {"md": {"dataset": str(path)}}
+    result = pipeline_run._smooth(tmp_path / "smooth", inputs, settings=smooth_settings(config),
+                                  smooth=config["smooth"], flows={}, seed=0, threads=1, progress=False)
+    dyn = result["dynamics"]
+    assert dyn["nve_flow"]["finite"] and dyn["nve_forcefield"]["finite"]
+    assert dyn["nve_flow"]["steps_done"] == 100 and dyn["nve_flow"]["equilibrate_steps"] == 50
+    assert dyn["nve_ratio"] == pytest.approx(dyn["nve_flow"]["energy_fluctuation_per_dof"]
+                                             / dyn["nve_forcefield"]["energy_fluctuation_per_dof"])
+    assert dyn["langevin"]["finite"] and dyn["langevin"]["n_frames"] == 3 and 0 <= dyn["langevin"]["t_w2"] < math.pi
+    assert (tmp_path / "smooth" / "ramachandran.png").is_file()
+    assert result["force_rmse"]["smooth"]["n_frames"] == 10 and result["force_rmse"]["smooth"]["rmse"] > 0
+    text = "\n".join(_smooth_lines(result, config["smooth"], lambda stage, name: f"figures/{stage}_{name}"))
+    assert f"{result['force_rmse']['smooth']['rmse']:.3g}" in text and "figures/smooth_ramachandran.png" in text
