@@ -16,7 +16,6 @@ with the flow as a bias in its own force group, and the cost per step of each.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np

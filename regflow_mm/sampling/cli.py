@@ -384,7 +384,7 @@ def _thermodynamic(args, system) -> int:
     print(f"| samples per source | {result['n_samples']} |")
     print(f"| MBAR effective samples in A, B | {result['ess'][0]:.1f}, {result['ess'][1]:.1f} |")
     if result["flow"]:
-        print(f"| flow: Kish ESS / N per state | " + ", ".join(f"{k} {v:.4f}" for k, v in result["flow"]["ess"].items())
+        print("| flow: Kish ESS / N per state | " + ", ".join(f"{k} {v:.4f}" for k, v in result["flow"]["ess"].items())
               + f" ({result['flow']['n_dropped']} of {result['flow']['n_drawn']} dropped) |")
     if not result["reliable"]:
         print(f"regflow-mm free-energy: warning: UNRELIABLE: fewer than {MIN_STATE_ESS:.0f} effective samples in a "
