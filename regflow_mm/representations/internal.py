@@ -244,17 +244,29 @@ class InternalCoordinates(Representation):
 
     def _open_t(self, bonds, angles, centred):
         """The unbounded coordinates t (B, D) of support "open" (module docstring); circle columns: centred."""
+        return self._open_t_log_dt(bonds, angles, centred)[0]
+
+    def _open_t_log_dt(self, bonds, angles, centred):
+        """t (B, D) of ``_open_t`` and log |dt/dv| (B, D) (0 for circle columns), from one set of logs."""
         # circle columns take p = 1/2 inside the unused branch, so its gradient stays finite
         p = torch.where(self.circular_torsions, 0.5, (centred + math.pi) / (2 * math.pi))
-        torsions = torch.where(self.circular_torsions, centred, torch.log(p) - torch.log1p(-p))
-        return torch.cat([bonds.log(), angles.log() - (math.pi - angles).log(), torsions], dim=-1)
+        log_p, log_1mp = torch.log(p), torch.log1p(-p)
+        log_b, log_a, log_pi_a = bonds.log(), angles.log(), (math.pi - angles).log()
+        t = torch.cat([log_b, log_a - log_pi_a, torch.where(self.circular_torsions, centred, log_p - log_1mp)], -1)
+        log_dt = torch.cat([-log_b, math.log(math.pi) - log_a - log_pi_a,
+                            torch.where(self.circular_torsions, torch.zeros_like(p),
+                                        -math.log(2 * math.pi) - log_p - log_1mp)], -1)
+        return t, log_dt
 
-    def _open_log_dt(self, bonds, angles, centred):
-        """log |dt/dv| (B, D) of ``_open_t`` (0 for circle columns)."""
-        p = torch.where(self.circular_torsions, 0.5, (centred + math.pi) / (2 * math.pi))
-        torsions = torch.where(self.circular_torsions, torch.zeros_like(p),
-                               -math.log(2 * math.pi) - torch.log(p) - torch.log1p(-p))
-        return torch.cat([-bonds.log(), math.log(math.pi) - angles.log() - (math.pi - angles).log(), torsions], -1)
+    def _open_z(self, bonds, angles, centred):
+        """z = (t - m) / s (B, D), the circle mask (D,), and log |du/dv| (B, D) of support "open"."""
+        t, log_dt = self._open_t_log_dt(bonds, angles, centred)
+        z = (t - self.open_centre) / self.open_scale
+        circ = torch.cat([torch.zeros(self.n_bonds + self.n_angles, dtype=torch.bool, device=z.device),
+                          self.circular_torsions])
+        log_du = torch.where(circ, torch.full_like(z, -math.log(2 * math.pi)),
+                             _log_sigmoid_grad(z) - self.open_scale.log() + log_dt)
+        return z, circ, log_du
 
     def describe_outside(self, x) -> str | None:
         """None if every configuration of positions (B, N, 3) nm lies in the flow's support; else which
@@ -308,13 +320,9 @@ class InternalCoordinates(Representation):
         bonds, angles, torsions = self.internal(x)
         if self.support == "open":
             centred = _wrap(torsions - self.torsion_offset)
-            z = (self._open_t(bonds, angles, centred) - self.open_centre) / self.open_scale
+            z, circ, log_du = self._open_z(bonds, angles, centred)
             nb_na = self.n_bonds + self.n_angles
-            circ = torch.cat([torch.zeros(nb_na, dtype=torch.bool, device=z.device), self.circular_torsions])
             u = torch.where(circ, torch.cat([z[:, :nb_na], (centred + math.pi) / (2 * math.pi)], -1), torch.sigmoid(z))
-            log_du = torch.where(circ, torch.full_like(z, -math.log(2 * math.pi)),
-                                 _log_sigmoid_grad(z) - self.open_scale.log()
-                                 + self._open_log_dt(bonds, angles, centred))
             return u, log_du.sum(-1) - self._jacobian_log(bonds, angles)
         u = torch.cat([(bonds - self.bond_lo) / (self.bond_hi - self.bond_lo),
                        (angles - self.angle_lo) / (self.angle_hi - self.angle_lo),
@@ -343,12 +351,7 @@ class InternalCoordinates(Representation):
             bonds, angles, centred = self._open_internal(u)
             torsions = self.torsion_offset + centred
             x = self._place(u, bonds, angles, torsions)
-            nb_na = nb + na
-            circ = torch.cat([torch.zeros(nb_na, dtype=torch.bool, device=u.device), self.circular_torsions])
-            z = (self._open_t(bonds, angles, centred) - self.open_centre) / self.open_scale
-            log_du = torch.where(circ, torch.full_like(z, -math.log(2 * math.pi)),
-                                 _log_sigmoid_grad(z) - self.open_scale.log()
-                                 + self._open_log_dt(bonds, angles, centred))
+            _, _, log_du = self._open_z(bonds, angles, centred)
             return x, self._jacobian_log(bonds, angles) - log_du.sum(-1)
         bonds = self.bond_lo + (self.bond_hi - self.bond_lo) * u[:, :nb]
         angles = self.angle_lo + (self.angle_hi - self.angle_lo) * u[:, nb:nb + na]
