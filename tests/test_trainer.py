@@ -340,3 +340,31 @@ def test_nan_before_any_checkpoint_names_no_checkpoint(tmp_path):
                               "checkpoint was written yet. Train again into another output folder with a lower "
                               "learning rate (now 0.003) or a larger regularisation")
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_init_flow_starts_from_the_saved_weights_and_refuses_another_kind(tmp_path, tiny_aldp):
+    from regflow_mm.systems import get_system
+    from regflow_mm.training.runner import run_training
+
+    common = dict(system="aldp", data=str(tiny_aldp), method="mle", representation="internal", architecture="resnvp",
+                  hyper={"layers": 2, "hidden": 16}, batch_size=64, device="cpu", val_samples=0, seed=3)
+    run_training(TrainConfig(**common, epochs=2), tmp_path / "first", progress=False)
+    start = tmp_path / "first" / "flow.pt"
+    # lr ~ 0: the warm-started flow is the saved one (weights and normalisation), not a fresh initialisation
+    info = run_training(TrainConfig(**common, epochs=1, lr=1e-12, ema_decay=0.0, init_flow=str(start)),
+                        tmp_path / "warm", progress=False)
+    x, _ = load_flow(start).sample(64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(load_flow(tmp_path / "warm" / "flow.pt").log_prob(x), load_flow(start).log_prob(x),
+                               rtol=0, atol=1e-4)
+    assert info["init_flow_sha256"] == __import__("regflow_mm.flows", fromlist=["x"]).flow_file_hash(start)
+    cold = run_training(TrainConfig(**common, epochs=1, lr=1e-12, ema_decay=0.0), tmp_path / "cold", progress=False)
+    assert "init_flow_sha256" not in cold
+    assert not torch.allclose(load_flow(tmp_path / "cold" / "flow.pt").log_prob(x), load_flow(start).log_prob(x),
+                              atol=1e-2)
+    with pytest.raises(ValueError, match="init_flow .* not a flow of this run's kind.*hyper"):
+        run_training(TrainConfig(**{**common, "hyper": {"layers": 3, "hidden": 16}}, epochs=1, init_flow=str(start)),
+                     tmp_path / "other", progress=False)
+    with pytest.raises(ValueError, match="made for|spec"):
+        from regflow_mm.training.runner import build_student
+        build_student(TrainConfig(**{**common, "system": "al3"}, init_flow=str(start)), get_system("al3"),
+                      np.zeros((4, 33, 3)))

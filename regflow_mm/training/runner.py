@@ -85,11 +85,25 @@ def load_training_data(config: TrainConfig, min_train: int | None = None):
 
 
 def build_student(config: TrainConfig, system, train_positions: np.ndarray):
-    from ..flows import build_flow
+    """The flow to train: built and fitted to the training positions, or the ``init_flow`` file's weights."""
+    from ..flows import build_flow, load_flow
 
-    return build_flow(system, config.representation, config.architecture, fit_to=train_positions,
+    flow = build_flow(system, config.representation, config.architecture, fit_to=train_positions,
                       representation_options=config.representation_options, seed=config.seed,
                       dtype=config.torch_dtype, **config.hyper)
+    if not config.init_flow:
+        return flow
+    start = load_flow(config.init_flow, system=system)
+    if start.config != flow.config:
+        differ = sorted(k for k in set(start.config) | set(flow.config) if start.config.get(k) != flow.config.get(k))
+        raise ValueError(f"init_flow {config.init_flow} is not a flow of this run's kind (differs in {differ}); "
+                         f"train with the representation and architecture it was built with, or start from scratch")
+    try:
+        flow.load_state_dict(start.state_dict(), strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"init_flow {config.init_flow}: its weights do not fit this run's flow "
+                         f"({str(err).splitlines()[0]})") from None
+    return flow
 
 
 def prepare_pairs(config: TrainConfig, flow, y_train: torch.Tensor, out_dir: Path, info: dict,
@@ -167,6 +181,9 @@ def run_training(config: TrainConfig, out_dir: str | Path, *, progress: bool = T
         info.update(regflow_mm=__version__, torch=torch.__version__, device=str(dist.device),
                     world_size=dist.world_size, dataset=str(config.data), dataset_frames=len(dataset),
                     train_frames=int(train.shape[0]), dataset_hash=tensor_hash(train))
+        if config.init_flow:
+            from ..flows.io import flow_file_hash
+            info["init_flow_sha256"] = flow_file_hash(config.init_flow)
 
         with torch.no_grad():
             y_train = flow.to_flow_space(torch.as_tensor(train, dtype=config.torch_dtype))[0].cpu()

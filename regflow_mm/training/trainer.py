@@ -156,6 +156,10 @@ class TrainConfig:
     architecture: str = "nsf"
     hyper: dict = field(default_factory=dict)
     method: str = "regflow"
+    # Warm start: a flow file (same system, representation and architecture) whose weights, normalisation
+    # included, are the starting point, e.g. a RegFlow student fine-tuned by MLE, or an MLE flow fine-tuned
+    # with lambda_kl > 0. Empty: random initialisation (seeded).
+    init_flow: str = ""
     # objective
     regularizer: str = "logdet"
     lambda_r: float = 1e-6
