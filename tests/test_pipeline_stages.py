@@ -130,3 +130,13 @@ def test_hydrogen_mass_must_be_off_or_at_least_one_amu():
     assert validate({"md": {"hydrogen_mass_amu": 3}})["md"]["hydrogen_mass_amu"] == 3.0
     with pytest.raises(ValueError, match="hydrogen_mass_amu must be 0"):
         validate({"md": {"hydrogen_mass_amu": 0.5}})
+
+
+def test_md_keys_added_later_keep_cached_simulations_at_their_default():
+    from regflow_mm.pipeline.config import SCHEMA
+    from regflow_mm.pipeline.run import _MD_KEYS_ADDED_LATER, _md_key_settings
+
+    md = dict(SCHEMA["md"])
+    assert all(md[k] == v for k, v in _MD_KEYS_ADDED_LATER.items())  # the defaults are the old behaviour
+    assert set(_md_key_settings(md)) == set(md) - set(_MD_KEYS_ADDED_LATER)
+    assert _md_key_settings({**md, "metad_grid_points": 36})["metad_grid_points"] == 36
