@@ -186,3 +186,25 @@ def test_training_data_joins_the_fine_tuning(aldp, tmp_path):
     with pytest.raises(ValueError, match="other settings"):
         run_adaptive_mc(aldp, flow_path, tmp_path / "mc.h5", 8, schedule=AdaptSchedule(3), n_walkers=2, md_steps=5,
                         flow_moves=1, batch_size=4, finetune_steps=3, finetune_batch_size=8, progress=False)
+
+
+def test_importance_weighted_proposals_fit_the_target_without_chain_frames(harmonic_oscillator, tmp_path):
+    """finetune_proposal_mass = 1: the flow is refit on its own samples weighted by exp(-u - log q) only; from a
+    flow 1 sigma off and twice too wide, two updates bring it to the exact Gaussian (mean 0, std sigma)."""
+    ho = harmonic_oscillator
+    sigma = ho.sigma()
+    path = tmp_path / "poor.pt"
+    ho.gaussian_flow([sigma, -sigma, sigma], 2.0 * sigma).save(path)
+    summary = _run(ho, path, tmp_path / "chain.h5", 12, schedule=AdaptSchedule(4), finetune_steps=150,
+                   finetune_lr=0.05, finetune_proposals=4000, finetune_proposal_mass=1.0)
+    versions = summary["flow_versions"]
+    assert len(versions) == 3 and summary["settings"]["finetune_proposals"] == 4000
+    # ESS of the proposals rises as the flow improves (the first set is from the poor flow)
+    assert versions[1]["proposal_ess"] < 0.5 * 4000 < versions[2]["proposal_ess"]
+    final = load_flow(flow_versions_dir(tmp_path / "chain.h5") / versions[-1]["file"])
+    np.testing.assert_allclose(final.transform.shift.detach().numpy(), 0.0, atol=0.15 * sigma)
+    np.testing.assert_allclose(final.transform.log_scale.exp().detach().numpy(), sigma, rtol=0.1)
+    # the chain is refused with a proposal mass outside (0, 1]
+    with pytest.raises(ValueError, match="finetune_proposal_mass in \\(0, 1\\]"):
+        _run(ho, path, tmp_path / "bad.h5", 4, schedule=AdaptSchedule(2), finetune_proposals=10,
+             finetune_proposal_mass=0.0)

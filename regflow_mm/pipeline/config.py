@@ -53,12 +53,14 @@ SCHEMA: dict[str, dict] = {
     "evaluate": {"n_samples": 5000, "downstream_flow": "best", "n_bootstrap": 200, "n_torsion": 5000},
     # adapt_segments > 1: after the hybrid chain, an adaptive one (``sampling.adaptive``) of the same length and
     # settings, its proposal flow fine-tuned between adapt_segments equal segments (finetune_steps Adam steps at
-    # finetune_lr, weighted NLL on the chain's frames + the training data's train split with its frame weights).
+    # finetune_lr, weighted NLL on the chain's frames + the training data's train split with its frame weights,
+    # and, with finetune_proposals > 0, on that many flow samples weighted by their importance weights, at half the
+    # mass of the batches).
     # tempering_replicas >= 2: also openmmtools parallel tempering (``sampling.tempering``) with the same MD
     # segment and flow moves in every replica, on a geometric ladder up to tempering_max_K, for
     # tempering_iterations exchange iterations.
     "mc": {"n_iterations": 200, "md_steps_per_iteration": 500, "n_walkers": 2, "flow_moves_per_iteration": 1,
-           "adapt_segments": 0, "finetune_steps": 300, "finetune_lr": 2e-4,
+           "adapt_segments": 0, "finetune_steps": 300, "finetune_lr": 2e-4, "finetune_proposals": 0,
            "tempering_replicas": 0, "tempering_iterations": 50, "tempering_max_K": 600.0},
     # tfep: also TFEP between phi < 0 and phi > 0 (``sampling.tfep``): a map trained energy-free by RegFlow on
     # OT pairs of tfep_n_train weight-resampled training frames per state (tfep_steps regression steps, a

@@ -322,6 +322,7 @@ def _adaptive_mc(folder: Path, inputs: dict, system, mc: dict, seed: int, progre
     summary = run_adaptive_mc(system, inputs["evaluate"]["downstream"]["flow"], folder / "adaptive.h5", n,
                               schedule=AdaptSchedule(n // mc["adapt_segments"]), train_data=inputs["md"]["dataset"],
                               finetune_steps=mc["finetune_steps"], finetune_lr=mc["finetune_lr"],
+                              finetune_proposals=mc["finetune_proposals"],
                               n_walkers=mc["n_walkers"], md_steps=mc["md_steps_per_iteration"],
                               flow_moves=mc["flow_moves_per_iteration"], seed=seed,
                               platform=resolve_platform("auto", system.n_atoms, system.system), progress=progress)

@@ -65,6 +65,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--finetune-steps", type=int, default=None, help="Adam steps per update (default 200)")
     a.add_argument("--finetune-batch-size", type=int, default=None, help="frames per Adam step (default 256)")
     a.add_argument("--finetune-lr", type=float, default=None, help="Adam learning rate (default 1e-3)")
+    a.add_argument("--finetune-proposals", type=int, default=None,
+                   help="flow samples, importance-weighted by their energies, drawn at each update (default 0)")
+    a.add_argument("--finetune-proposal-mass", type=float, default=None,
+                   help="share of the fine-tuning batches drawn from those proposals (default 0.5)")
     p.set_defaults(func=_mc)
 
     t = subparsers.add_parser("mc-tempering", help="parallel tempering with flow moves in every replica (resumable)",
@@ -131,7 +135,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 _ADAPT_OPTIONS = ("segment_iterations", "adapt_every", "adapt_at", "max_updates", "train_data", "finetune_steps",
-                  "finetune_batch_size", "finetune_lr")
+                  "finetune_batch_size", "finetune_lr", "finetune_proposals", "finetune_proposal_mass")
 
 
 def _mc(args) -> int:
@@ -179,7 +183,8 @@ def _adaptive_mc(args) -> int:
     schedule = AdaptSchedule(args.segment_iterations, adapt_every=args.adapt_every, adapt_at=adapt_at,
                              max_updates=args.max_updates)
     tune = {k: v for k, v in (("finetune_steps", args.finetune_steps), ("finetune_batch_size", args.finetune_batch_size),
-                              ("finetune_lr", args.finetune_lr)) if v is not None}
+                              ("finetune_lr", args.finetune_lr), ("finetune_proposals", args.finetune_proposals),
+                              ("finetune_proposal_mass", args.finetune_proposal_mass)) if v is not None}
     summary = run_adaptive_mc(get_system(args.system), args.flow, args.out, args.iterations, schedule=schedule,
                               train_data=args.train_data, n_walkers=args.walkers, md_steps=args.md_steps,
                               timestep_fs=args.timestep_fs, friction_per_ps=args.friction,
