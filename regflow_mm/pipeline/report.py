@@ -149,9 +149,12 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
               f"{mc['cpu_s']:.0f} CPU-s; benchmarks/bench_crossings.py compares with plain MD at equal CPU time).", "", f"![MC]({figure('mc', mc['figure'])})", ""]
     if "adaptive" in mc:
         ad, phi = mc["adaptive"], md["phi_name"]
+        proposals = (f" and on {ad['finetune_proposals']} of its own samples weighted by exp(-u - log q) (Kish ESS "
+                     + ", ".join(f"{e:.0f}" for e in ad["proposal_ess"]) + " of them at the updates)"
+                     if ad.get("finetune_proposals") else "")
         lines += [f"Adaptive flow MC (the same chain, its flow fine-tuned on the chain's frames and the weighted "
-                  f"training data between {len(ad['segments'])} segments; each segment is an exact chain with a frozen "
-                  f"flow): acceptance **{ad['acceptance_first_quarter']:.2%} in the first quarter, "
+                  f"training data{proposals} between {len(ad['segments'])} segments; each segment is an exact chain "
+                  f"with a frozen flow): acceptance **{ad['acceptance_first_quarter']:.2%} in the first quarter, "
                   f"{ad['acceptance_last_quarter']:.2%} in the last** (per segment: "
                   + ", ".join(f"{s['acceptance']:.2%}" for s in ad["segments"]) +
                   f"); {phi} > 0 population {_fmt(ad.get(phi + '_positive_fraction'))} "

@@ -328,6 +328,10 @@ def _adaptive_mc(folder: Path, inputs: dict, system, mc: dict, seed: int, progre
                               platform=resolve_platform("auto", system.n_atoms, system.system), progress=progress)
     keep = ("acceptance", "acceptance_first_quarter", "acceptance_last_quarter", "segments", "md_cpu_s", "flow_cpu_s",
             "finetune_cpu_s")
+    if mc["finetune_proposals"]:
+        summary.update(finetune_proposals=mc["finetune_proposals"],
+                       proposal_ess=[v["proposal_ess"] for v in summary["flow_versions"][1:]])
+        keep += ("finetune_proposals", "proposal_ess")
     return {**{k: summary[k] for k in keep}, "n_versions": len(summary["flow_versions"]),
             **{k: v for k, v in summary.items() if k.startswith("phi")}}
 
