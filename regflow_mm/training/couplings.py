@@ -151,6 +151,10 @@ def _chunk_prior(prior, n: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
 
 def _reflow_chunk(cnf: TeacherCNF, x0: torch.Tensor, solver: SolverOptions, prior) -> tuple[np.ndarray, np.ndarray]:
     x1 = cnf.generate(x0, prior, solver=solver)
+    bad = int((~torch.isfinite(x1).all(1)).sum())
+    if bad:  # never written as pairs: the chunk fails, the store keeps only committed chunks
+        raise FloatingPointError(f"{bad} of {x1.shape[0]} teacher ODE solutions are non-finite; use an adaptive "
+                                 f"solver (ode_method = 'dopri5') or more ode_steps, or retrain the teacher")
     return x0.cpu().numpy(), x1.cpu().numpy()
 
 
