@@ -76,6 +76,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="directory for metrics.json and plots (default: evaluate-SPLIT beside "
                                                "the flow; never a training run's folder, whose metrics.json is the "
                                                "training's)")
+    p.add_argument("--teacher", default=None, help="evaluate this reflow teacher (teacher.pt) instead of the flow, on "
+                                                   "the flow space of FLOW (the student it was trained for)")
+    p.add_argument("--ode-method", default="rk4", help="teacher ODE solver with --teacher (default rk4)")
+    p.add_argument("--ode-steps", type=int, default=8, help="steps of a fixed-step teacher solver (default 8)")
     p.set_defaults(func=_evaluate)
 
 
@@ -170,6 +174,13 @@ def _evaluate(args) -> int:
     dataset = load_dataset(args.data)
     system = dataset.system
     flow = load_flow(args.flow, system=system, map_location=device)
+    if args.teacher is not None:
+        from ..files import require_file
+        from .cnf import SolverOptions, TeacherCNF, teacher_flow
+
+        cnf = TeacherCNF.load(require_file(args.teacher, "teacher file"), map_location=device)
+        cnf.solver = SolverOptions(args.ode_method, n_steps=args.ode_steps)
+        flow = teacher_flow(cnf, flow, args.teacher)
     if args.split == "all":
         frames = np.arange(len(dataset))
     elif args.split in dataset.splits:
@@ -187,6 +198,8 @@ def _evaluate(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     res["flow"], res["data"], res["split"], res["n_reference_frames"] = (str(args.flow), str(args.data), args.split,
                                                                          int(len(frames)))
+    if args.teacher is not None:
+        res["teacher"], res["ode_solver"] = str(args.teacher), f"{args.ode_method} {args.ode_steps}"
     (out / "metrics.json").write_text(json.dumps(res, indent=2, default=float))
     print(_table(scalar_metrics(res)))
     print(f"wrote {out / 'metrics.json'} and {out / 'plots'}")

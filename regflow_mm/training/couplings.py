@@ -1,6 +1,7 @@
 """Fixed noise-data pairs (x0, x1) for RegFlow, stored on disk in chunks and resumable.
 
-- ``generate_reflow_pairs``: x0 ~ prior, x1 = teacher CNF ODE solution f*(x0). Chunk k draws its
+- ``generate_reflow_pairs``: x0 ~ prior, x1 = teacher CNF ODE solution f*(x0) (``TeacherCNF.generate``:
+  through the teacher's coordinates and base when it has them). Chunk k draws its
   x0 under a seed derived from (seed, k) and holds ``chunk_size`` pairs (the last one the
   remainder), so the pairs do not depend on how the work was split (resume, executor sharding).
   Rerunning is idempotent: a store for ``n_pairs`` keeps its whole chunks and redraws only a final
@@ -9,7 +10,12 @@
   optimal transport (POT ``emd``, squared Euclidean cost, uniform weights: the optimal plan is a
   permutation) or, flagged as approximations, by exact OT within random minibatches
   ("minibatch", a bijection) or by entropic OT ("sinkhorn", pairs drawn from the plan's
-  columns: not a bijection).
+  columns: not a bijection). ``circular`` dims (circles of period 1) enter the cost by their torus
+  distance min(|d|, 1 - |d|).
+
+Every store's settings name what made its pairs, so a store made otherwise is refused, never reused:
+the teacher's weight-and-coordinates hash, the solver, the prior, the circular mask (reflow); the data
+hash, method, prior and circular mask (OT).
 
 Memory of exact OT: the dense cost matrix and the dense plan are n^2 float64 each, and POT's
 network simplex keeps per-arc state for all n^2 arcs. Measured on this 2-core, 24 GiB machine
@@ -143,9 +149,19 @@ def _chunk_prior(prior, n: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
         return prior_sample(prior, n).to(dtype)
 
 
-def _reflow_chunk(cnf: TeacherCNF, x0: torch.Tensor, solver: SolverOptions) -> tuple[np.ndarray, np.ndarray]:
-    x1 = cnf.transport(x0, solver=solver)
+def _reflow_chunk(cnf: TeacherCNF, x0: torch.Tensor, solver: SolverOptions, prior) -> tuple[np.ndarray, np.ndarray]:
+    x1 = cnf.generate(x0, prior, solver=solver)
+    bad = int((~torch.isfinite(x1).all(1)).sum())
+    if bad:  # never written as pairs: the chunk fails, the store keeps only committed chunks
+        raise FloatingPointError(f"{bad} of {x1.shape[0]} teacher ODE solutions are non-finite; use an adaptive "
+                                 f"solver (ode_method = 'dopri5') or more ode_steps, or retrain the teacher")
     return x0.cpu().numpy(), x1.cpu().numpy()
+
+
+def _mask_text(circular, dim: int) -> str:
+    if circular is None:
+        return "0" * dim
+    return "".join("1" if bool(c) else "0" for c in (circular.tolist() if torch.is_tensor(circular) else circular))
 
 
 def generate_reflow_pairs(cnf: TeacherCNF, prior, n_pairs: int, path: str | Path, *, chunk_size: int = 10_000,
@@ -161,11 +177,14 @@ def generate_reflow_pairs(cnf: TeacherCNF, prior, n_pairs: int, path: str | Path
     if n_pairs < 1 or chunk_size < 1:
         raise ValueError(f"n_pairs and chunk_size must be positive, got {n_pairs} and {chunk_size}")
     solver = solver or cnf.solver
+    with torch.random.fork_rng(devices=[]):
+        dim = prior_sample(prior, 1).shape[1]
+    # module_hash(cnf) covers the velocity weights and the teacher coordinates (shift, scale, circular)
     settings = {"kind": "reflow", "seed": int(seed), "chunk_size": int(chunk_size), "solver": vars(solver).copy(),
                 "teacher_hash": module_hash(cnf), "dtype": str(dtype), "prior": repr(prior)[:200],
                 **(extra_settings or {})}
-    with torch.random.fork_rng(devices=[]):
-        dim = prior_sample(prior, 1).shape[1]
+    if cnf.coords is not None:
+        settings["teacher_coords"] = cnf.coords.describe()
     store = PairStore.open(path, "reflow", settings, n_pairs, dim, chunk_size)
     keep = reusable_pairs(store.n_done, n_pairs, chunk_size)
     if keep < store.n_done:
@@ -175,14 +194,14 @@ def generate_reflow_pairs(cnf: TeacherCNF, prior, n_pairs: int, path: str | Path
     bar = progress_bar(total=n_pairs, initial=store.n_done, desc="reflow pairs", disable=not progress)
     if executor is None:
         for k, m in chunks:
-            store.append(*_reflow_chunk(cnf, _chunk_prior(prior, m, derived_seed(seed, k), dtype), solver))
+            store.append(*_reflow_chunk(cnf, _chunk_prior(prior, m, derived_seed(seed, k), dtype), solver, prior))
             bar.update(m)
     else:
         window = max(2, 2 * getattr(executor, "_max_workers", 2))
         pending = []
         for k, m in chunks:
             x0 = _chunk_prior(prior, m, derived_seed(seed, k), dtype)
-            pending.append((m, executor.submit(_reflow_chunk, cnf, x0, solver)))
+            pending.append((m, executor.submit(_reflow_chunk, cnf, x0, solver, prior)))
             while len(pending) >= window or (pending and k == chunks[-1][0]):
                 m0, fut = pending.pop(0)
                 store.append(*fut.result())
@@ -273,9 +292,10 @@ def _exact_permutation(x0: np.ndarray, x1: np.ndarray, circular: np.ndarray | No
 
 def generate_ot_pairs(data: torch.Tensor, prior, path: str | Path, *, method: str = "exact", seed: int = 0,
                       block_size: int = 4096, reg: float = 0.05, chunk_size: int = 10_000,
-                      extra_settings: dict | None = None, progress: bool = True) -> Path:
+                      extra_settings: dict | None = None, progress: bool = True, circular=None) -> Path:
     """Draw len(data) prior points (seeded), pair them with the flow-space ``data`` (n, D) by
-    ``ot_pairing`` and write the pairs to the store at ``path`` (pairing info in the settings).
+    ``ot_pairing`` (torus cost on ``circular`` dims) and write the pairs to the store at ``path``
+    (pairing info in the settings).
 
     The pairing is a deterministic function of (data, seed, method): an interrupted write is
     completed by rerunning, which recomputes the pairing and appends the missing chunks.
@@ -287,13 +307,16 @@ def generate_ot_pairs(data: torch.Tensor, prior, path: str | Path, *, method: st
                 "block_size": int(block_size) if method == "minibatch" else None,
                 "reg": float(reg) if method == "sinkhorn" else None, "approximate": method != "exact",
                 "prior": repr(prior)[:200], **(extra_settings or {})}
+    if circular is not None and bool(torch.as_tensor(circular).any()):  # stores without circles keep their settings
+        settings["circular"] = _mask_text(circular, data.shape[1])
     store = PairStore.open(path, "ot", settings, n, data.shape[1], chunk_size)
     if store.n_done >= n:
         return store.path
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derived_seed(seed, 0))
         x0 = prior_sample(prior, n).to(data.dtype)
-    src, info = ot_pairing(x0, data, method=method, block_size=block_size, reg=reg, seed=seed)
+    src, info = ot_pairing(x0, data, method=method, block_size=block_size, reg=reg, seed=seed,
+                           circular=circular)
     with h5py.File(store.path, "a") as f:
         f.attrs["pairing_info"] = json.dumps(info)
     x0p, x1 = x0.cpu().numpy()[src], data.cpu().numpy()

@@ -28,7 +28,8 @@ import torch
 from .. import __version__
 from ..energy.worker import watch_parent
 from ..files import check_resume_settings, output_dir, require_file
-from .cnf import FlowMatchingConfig, SolverOptions, TeacherCNF, VelocityMLP, train_flow_matching
+from .cnf import (FlowMatchingConfig, SolverOptions, TeacherCNF, TeacherCoordinates, VelocityMLP,
+                  check_teacher_matches, representation_hash, train_flow_matching)
 from .couplings import generate_ot_pairs, generate_reflow_pairs, load_pairs, tensor_hash
 from .distributed import DistInfo, barrier, init_distributed, shutdown
 from .evaluation import evaluate_flow, scalar_metrics
@@ -106,36 +107,78 @@ def build_student(config: TrainConfig, system, train_positions: np.ndarray):
     return flow
 
 
+def _circular_mask(flow) -> torch.Tensor | None:
+    circ = getattr(flow.representation, "circular", None)
+    return circ.cpu() if circ is not None and bool(circ.any()) else None
+
+
+def train_teacher(teacher, flow, y_train: torch.Tensor, solver: SolverOptions, *, seed: int = 0,
+                  train_log_weights: np.ndarray | None = None, progress: bool = True) -> TeacherCNF:
+    """Train the reflow teacher of ``flow`` (TeacherSettings ``teacher``) on its flow-space training points
+    y_train (N, D); the returned CNF's ``metadata`` names the system and flow space (saved with it)."""
+    standardised = teacher.teacher_coordinates == "standardised"
+    device = flow.device
+    coords = TeacherCoordinates.fit(y_train, _circular_mask(flow)).to(device) if standardised else None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        velocity = VelocityMLP(y_train.shape[1], teacher.teacher_hidden, teacher.teacher_layers,
+                               circular=None if coords is None else coords.circular)
+    velocity = velocity.to(device=device, dtype=y_train.dtype)
+    fm = FlowMatchingConfig(n_steps=teacher.teacher_steps, batch_size=teacher.teacher_batch_size,
+                            lr=teacher.teacher_lr, coupling=teacher.teacher_coupling, seed=seed)
+    row_log_w = None
+    if teacher.teacher_weight_power and train_log_weights is not None:
+        row_log_w = teacher.teacher_weight_power * torch.as_tensor(train_log_weights, dtype=torch.float64)
+    y = y_train.to(device)
+    if coords is None:
+        log = train_flow_matching(velocity, y, flow.prior, fm, progress=progress, row_log_weights=row_log_w)
+    else:
+        log = train_flow_matching(velocity, coords.standardise(y), coords.base(), fm, progress=progress,
+                                  circular=coords.circular, row_log_weights=row_log_w)
+    cnf = TeacherCNF(velocity, solver, coords)
+    cnf.metadata = {"flow_matching": vars(fm), "log": log, "spec_hash": flow.spec_hash,
+                    "representation_hash": representation_hash(flow.representation),
+                    "teacher_coordinates": teacher.teacher_coordinates,
+                    "teacher_weight_power": teacher.teacher_weight_power}
+    return cnf
+
+
 def prepare_pairs(config: TrainConfig, flow, y_train: torch.Tensor, out_dir: Path, info: dict,
-                  progress: bool = True) -> Path:
-    """Teacher + reflow pairs, or OT pairs, cached in ``out_dir``; returns the pair store path."""
+                  progress: bool = True, train_log_weights: np.ndarray | None = None) -> Path:
+    """Teacher + reflow pairs, or OT pairs, cached in ``out_dir``; returns the pair store path.
+
+    ``train_log_weights`` (N,): log-weights of the training frames (enhanced sampling), used by the teacher's
+    batches with ``teacher_weight_power``.
+    """
     prior = flow.prior
+    circular = _circular_mask(flow)
     if config.target == "ot":
         t = time.perf_counter()
         pairs = config.couplings
         path = generate_ot_pairs(y_train, prior, out_dir / "pairs_ot.h5", method=pairs.ot_method, seed=config.seed,
                                  block_size=pairs.ot_block_size, chunk_size=pairs.pair_chunk_size,
-                                 progress=progress)
+                                 progress=progress, circular=circular)
         info.setdefault("pairs_s", time.perf_counter() - t)
         return path
     teacher_path = out_dir / "teacher.pt"
     pairs, teacher = config.couplings, config.teacher
     solver = SolverOptions(pairs.ode_method, pairs.ode_rtol, pairs.ode_atol, pairs.ode_steps)
     device = flow.device
+    standardised = teacher.teacher_coordinates == "standardised"
     if teacher_path.exists():
         cnf = TeacherCNF.load(teacher_path, map_location=device).to(y_train.dtype)
+        if standardised != (cnf.coords is not None):
+            raise ValueError(f"{teacher_path} is a {'raw' if cnf.coords is None else 'standardised'}-coordinate teacher "
+                             f"(older regflow-mm, or another teacher_coordinates), the run asks for "
+                             f"{teacher.teacher_coordinates!r}: delete it to train the teacher again")
+        if cnf.metadata.get("representation_hash") is not None or standardised:
+            check_teacher_matches(cnf, flow, teacher_path)
         cnf.solver = solver
     else:
         t = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            velocity = VelocityMLP(y_train.shape[1], teacher.teacher_hidden, teacher.teacher_layers)
-        velocity = velocity.to(device=device, dtype=y_train.dtype)
-        fm = FlowMatchingConfig(n_steps=teacher.teacher_steps, batch_size=teacher.teacher_batch_size,
-                                lr=teacher.teacher_lr, coupling=teacher.teacher_coupling, seed=config.seed)
-        log = train_flow_matching(velocity, y_train.to(device), prior, fm, progress=progress)
-        cnf = TeacherCNF(velocity, solver)
-        cnf.save(teacher_path, extra={"flow_matching": vars(fm), "log": log})
+        cnf = train_teacher(teacher, flow, y_train, solver, seed=config.seed, train_log_weights=train_log_weights,
+                            progress=progress)
+        cnf.save(teacher_path, extra=cnf.metadata)
         info["teacher_train_s"] = time.perf_counter() - t
     n_pairs = pairs.n_pairs if pairs.n_pairs is not None else y_train.shape[0]
     t = time.perf_counter()
@@ -189,7 +232,8 @@ def run_training(config: TrainConfig, out_dir: str | Path, *, progress: bool = T
             y_train = flow.to_flow_space(torch.as_tensor(train, dtype=config.torch_dtype))[0].cpu()
         if config.method == "regflow":
             if dist.is_main:
-                prepare_pairs(config, flow, y_train, out_dir, info, progress)
+                prepare_pairs(config, flow, y_train, out_dir, info, progress,
+                              train_log_weights=dataset.log_weights[dataset.split_indices("train")])
             barrier(dist)
             x0, x1, pair_info = load_pairs(out_dir / f"pairs_{config.target}.h5")
             data = (x0.to(config.torch_dtype), x1.to(config.torch_dtype))

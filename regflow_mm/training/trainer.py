@@ -65,6 +65,18 @@ class TeacherSettings:
     teacher_batch_size: int = 256
     teacher_lr: float = 1e-3
     teacher_coupling: str = "minibatch_ot"
+    # "standardised": the CNF runs on per-dimension standardised coordinates against N(0, 1), circular
+    # (torsion) dims on the circle (cnf.TeacherCoordinates); "raw": on the student's flow space against its
+    # prior (the teacher of regflow-mm before 2026-12, whose map was nearly affine on internal coordinates)
+    teacher_coordinates: str = "standardised"
+    # flow-matching batches draw training frames with probability w^power (enhanced-sampling frame weights)
+    teacher_weight_power: float = 0.0
+
+    def __post_init__(self):
+        if self.teacher_coordinates not in ("standardised", "raw"):
+            raise ValueError(f"teacher_coordinates must be 'standardised' or 'raw', got {self.teacher_coordinates!r}")
+        if not 0.0 <= self.teacher_weight_power <= 1.0:
+            raise ValueError(f"teacher_weight_power must be in [0, 1], got {self.teacher_weight_power}")
 
 
 @dataclass
@@ -553,8 +565,10 @@ class Trainer:
                 gen = torch.Generator().manual_seed(derived_seed(cfg.seed, _STREAM_NOISE, step))
                 noise = torch.randn(cfg.batch_size, batch[1].shape[1], generator=gen, dtype=batch[1].dtype)
                 noise = noise[mine].to(self.device)
+            circ = getattr(self.flow.representation, "circular", None)  # torsion errors around the circle
             terms = self._regflow_terms(self.flow.transform, batch[0], batch[1], regularizer=cfg.regularizer,
-                                        lambda_r=cfg.lambda_r, lambda_n=cfg.lambda_n, noise=noise)
+                                        lambda_r=cfg.lambda_r, lambda_n=cfg.lambda_n, noise=noise,
+                                        circular=circ if circ is not None and bool(circ.any()) else None)
             loss, parts = terms["loss"], as_parts(terms)
         elif cfg.method == "mle":
             terms = self._nll_terms(self.flow.transform, self.flow.prior, batch[0])
