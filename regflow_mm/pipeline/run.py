@@ -75,8 +75,11 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
         background = run.start(Stage("train_baseline", functools.partial(_train, settings=baseline, progress=False,
                                                                           threads=threads),
                                      {**baseline, "code_version": TRAIN_CODE_VERSION}, needs=("md",)))
+    # teacher_version: 2 = the standardised, torus-aware teacher CNF (training.cnf.TeacherCoordinates); a RegFlow
+    # stage cached with the older teacher trains again (the MLE baseline's key does not change)
+    teacher = {"teacher_version": 2} if regflow.get("method", "regflow") == "regflow" else {}
     run.run(Stage("train_regflow", functools.partial(_train, settings=regflow, progress=progress, threads=threads),
-                  {**regflow, "code_version": TRAIN_CODE_VERSION}, needs=("md",)))
+                  {**regflow, "code_version": TRAIN_CODE_VERSION, **teacher}, needs=("md",)))
     flows = {config["train"]["method"]: "train_regflow"}  # the stage keeps its name for any method
     if background is not None:
         run.wait(background)
