@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,8 @@ def train(name: str, args, workdir: Path) -> tuple[object, float]:
         config = TrainConfig(**common, architecture="smooth", dtype="float64",
                              representation_options={"support": "open"},
                              hyper={"n_layers": args.layers, "n_components": args.components,
-                                    "hidden": [args.hidden, args.hidden], "interval": args.interval})
+                                    "hidden": [args.hidden, args.hidden], "interval": args.interval,
+                                    "max_log_scale": args.max_log_scale})
     else:
         # NLL only, as in the smooth-flows paper and the demo: the same NSF trained by NLL + 1e-3 FM (lr 1e-3,
         # float32) diverged here (non-finite loss at step 481; BENCHMARKS.md)
@@ -88,6 +90,8 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--interval", choices=("logistic", "mixture"), default="logistic",
                         help="map of the smooth flow's bonds, angles and narrow torsions (mixture: stiff flanks)")
+    parser.add_argument("--max-log-scale", type=float, default=math.log(2.0),
+                        help="bound of the logistic interval map's log-scale per layer")
     parser.add_argument("--spline-layers", type=int, default=6)
     parser.add_argument("--spline-hidden", type=int, default=128)
     parser.add_argument("--spline-method", choices=("mle", "nll+fm"), default="mle")
