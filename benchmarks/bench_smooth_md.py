@@ -4,7 +4,9 @@ OpenMM, run in NVE and Langevin MD, against a spline flow trained on the same da
 On alanine dipeptide, internal coordinates, both flows trained by ``regflow_mm.training.run_training``
 for the same CPU-second budget:
 
-- smooth: architecture 'smooth' (C-infinity mixture couplings), support 'open' (bonds, angles and narrow
+- smooth: architecture 'smooth' (C-infinity couplings: mixtures on the torsion circles, bounded-stiffness
+  logit-affine maps on bonds, angles and narrow torsions with ``--interval logistic``, the default; mixtures
+  everywhere with ``--interval mixture``, the first version), support 'open' (bonds, angles and narrow
   torsions mapped from their physical domains by smooth bijections; no hard wall), float64, trained by
   'nll+fm' (w_nll NLL + w_fm force matching on the dataset's forces);
 - spline: architecture 'nsf' (rational-quadratic splines, C1), support 'box' (the demo's flows), float32,
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +53,8 @@ def train(name: str, args, workdir: Path) -> tuple[object, float]:
         config = TrainConfig(**common, architecture="smooth", dtype="float64",
                              representation_options={"support": "open"},
                              hyper={"n_layers": args.layers, "n_components": args.components,
-                                    "hidden": [args.hidden, args.hidden]})
+                                    "hidden": [args.hidden, args.hidden], "interval": args.interval,
+                                    "max_log_scale": args.max_log_scale})
     else:
         # NLL only, as in the smooth-flows paper and the demo: the same NSF trained by NLL + 1e-3 FM (lr 1e-3,
         # float32) diverged here (non-finite loss at step 481; BENCHMARKS.md)
@@ -84,6 +88,10 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=4, help="smooth coupling layers")
     parser.add_argument("--components", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--interval", choices=("logistic", "mixture"), default="logistic",
+                        help="map of the smooth flow's bonds, angles and narrow torsions (mixture: stiff flanks)")
+    parser.add_argument("--max-log-scale", type=float, default=math.log(2.0),
+                        help="bound of the logistic interval map's log-scale per layer")
     parser.add_argument("--spline-layers", type=int, default=6)
     parser.add_argument("--spline-hidden", type=int, default=128)
     parser.add_argument("--spline-method", choices=("mle", "nll+fm"), default="mle")

@@ -32,11 +32,13 @@ def _perturbed(flow, scale=0.05, seed=0):
     return flow.eval()
 
 
-@pytest.fixture(scope="module")
-def smooth_flow(aldp, frames):
-    """A small float64 smooth flow on the open support (2 layers, 4 components, 16 hidden)."""
+@pytest.fixture(scope="module", params=["logistic", "mixture"])
+def smooth_flow(aldp, frames, request):
+    """A small float64 smooth flow on the open support (2 layers, 4 components, 16 hidden), with the
+    logit-affine (the [smooth] stage's default) or the mixture map on bonds, angles and narrow torsions."""
     flow = build_flow(aldp, "internal", "smooth", fit_to=frames, dtype=torch.float64, seed=0,
-                      representation_options={"support": "open"}, n_layers=2, n_components=4, hidden=[16])
+                      representation_options={"support": "open"}, n_layers=2, n_components=4, hidden=[16],
+                      interval=request.param)
     return _perturbed(flow)
 
 
@@ -178,6 +180,9 @@ def test_smooth_pipeline_settings():
     example = load_config(Path(__file__).parents[1] / "examples" / "aldp_cpu_smooth.toml")
     assert example["smooth"]["enabled"] and example["smooth"]["time_budget_s"] == example["train"]["time_budget_s"]
     smooth_settings(example)
+    assert settings["hyper"]["interval"] == "logistic"
+    with pytest.raises(ValueError, match=r"\[smooth\].interval must be 'logistic' or 'mixture'"):
+        validate({"smooth": {"interval": "spline"}})
     with pytest.raises(ValueError, match=r"\[smooth\].backend must be 'torch' or 'python'"):
         validate({"smooth": {"backend": "jax"}})
     with pytest.raises(ValueError, match=r"\[smooth\].nve_ps must be > 0"):

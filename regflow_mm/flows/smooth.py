@@ -16,6 +16,12 @@ Building blocks, all element-wise and batched over arbitrary leading shapes:
 ``(-1, 2)`` and is summed over its three integer shifts. ``f' >= min_k c_k > 0`` keeps the log-density
 bounded and the numerical inverse well conditioned.
 
+Stiffness. A flow potential -kT log q used for dynamics needs bounded curvature. Every bump has compact
+support, so where it falls to the floor c the log-density falls by up to log(1/c) over a distance that
+shrinks like 1/a: the second derivative of log f' there grows like a^2 (the flanks of a gap between
+components). With a bounded concentration ``a <= a_max`` (``SmoothTransformConfig.a_max``) the derivatives
+of log f' are bounded for every parameter value; :func:`stiffness_bound` gives the bounds.
+
 Parameters come unconstrained (e.g. from a conditioner network) and are mapped by
 :func:`constrain_params`; every one of them, including the concentration of circle components, is free.
 """
@@ -63,7 +69,9 @@ class SmoothTransformConfig:
     ``domain``: 'interval' or 'circle'; ``n_components``: K; ``beta``: ramp power (1 or 2);
     ``a_min``: smallest concentration (>= 1 on the circle so a component's support fits in one period);
     ``c_min``: floor of the identity mixing, hence of the density f' >= c_min;
-    ``alpha_max``: alpha lies in (floor(beta), floor(beta) + alpha_max).
+    ``alpha_max``: alpha lies in (floor(beta), floor(beta) + alpha_max);
+    ``a_max``: None (concentration unbounded, a = a_min + softplus) or the largest concentration
+    (a = a_min + (a_max - a_min) sigmoid), which bounds the curvature of log f' (:func:`stiffness_bound`).
     """
 
     domain: str = "interval"
@@ -72,6 +80,7 @@ class SmoothTransformConfig:
     a_min: float = 1.0
     c_min: float = 1e-3
     alpha_max: float = 10.0
+    a_max: float | None = None
 
     def __post_init__(self):
         if self.domain not in DOMAINS:
@@ -88,6 +97,8 @@ class SmoothTransformConfig:
             raise ValueError(f"c_min must lie in (0, 1), got {self.c_min}")
         if self.alpha_max <= 0.0:
             raise ValueError(f"alpha_max must be positive, got {self.alpha_max}")
+        if self.a_max is not None and not self.a_max > self.a_min:
+            raise ValueError(f"a_max must exceed a_min = {self.a_min} (or be None: unbounded), got {self.a_max}")
 
     @property
     def n_raw(self) -> int:
@@ -106,9 +117,15 @@ def initial_raw(config: SmoothTransformConfig, identity_mix: float = 0.1) -> tor
     k = config.n_components
     grid = (torch.arange(k, dtype=torch.float64) + 0.5) / k
     a0 = torch.full((k,), max(k / 2.0, config.a_min + 0.5), dtype=torch.float64)
-    c0 = torch.full((k,), (identity_mix - config.c_min) / (1.0 - config.c_min), dtype=torch.float64)
+    if config.a_max is None:
+        a_raw = _inv_softplus(a0 - config.a_min)
+    else:
+        a_raw = torch.logit((a0.clamp(max=0.5 * (config.a_min + config.a_max)) - config.a_min)
+                            / (config.a_max - config.a_min))
+    c_init = identity_mix if identity_mix > config.c_min else 0.5 * (1.0 + config.c_min)
+    c0 = torch.full((k,), (c_init - config.c_min) / (1.0 - config.c_min), dtype=torch.float64)
     alpha0 = torch.full((k,), 1.0 / config.alpha_max, dtype=torch.float64)
-    raw = torch.stack([torch.zeros(k, dtype=torch.float64), _inv_softplus(a0 - config.a_min),
+    raw = torch.stack([torch.zeros(k, dtype=torch.float64), a_raw,
                        torch.logit(grid), torch.logit(c0), torch.logit(alpha0)], dim=0)
     return raw.reshape(-1).float()
 
@@ -121,7 +138,7 @@ def constrain_params(raw: torch.Tensor, config: SmoothTransformConfig) -> Smooth
     w, a, b, c, alpha = raw.unflatten(-1, (N_RAW_PER_COMPONENT, config.n_components)).unbind(-2)
     return SmoothParams(
         log_w=torch.log_softmax(w, dim=-1),
-        a=config.a_min + F.softplus(a),
+        a=config.a_min + (F.softplus(a) if config.a_max is None else (config.a_max - config.a_min) * torch.sigmoid(a)),
         b=torch.sigmoid(b),
         c=config.c_min + (1.0 - config.c_min) * torch.sigmoid(c),
         alpha=ALPHA_FLOOR[config.beta] + config.alpha_max * torch.sigmoid(alpha),
@@ -197,3 +214,33 @@ def mixture_cdf(x: torch.Tensor, params: SmoothParams, config: SmoothTransformCo
     if not derivative:
         return y, None
     return y, (w * ((1.0 - params.c) * pdf + params.c)).sum(-1)
+
+
+def stiffness_bound(config: SmoothTransformConfig, n_grid: int = 20001, n_alpha: int = 41) -> tuple[float, float]:
+    """Bounds (B1, B2) on |d log f'/dx| and |d^2 log f'/dx^2| over x in [0, 1], valid for every parameter
+    value the config admits (mixture weights, locations, identity mixing, ramp steepness); needs ``a_max``.
+
+    With f' = sum_k B_k, f'' = sum_k A_k, f''' = sum_k C_k and every B_k > 0: |f''| / f' <= max_k |A_k| / B_k
+    and |f'''| / f' <= max_k |C_k| / B_k. Per component, y = a (x - b) + 1/2 and normaliser n in [1/2, 1]
+    (interval: n = g(1) - g(0) >= sigma(1) - 1/2 for a >= 1 and b in [0, 1]; circle: n = 1):
+    B = w (1 - c) (a sigma'(y) / n + c / (1 - c)), A = w (1 - c) a^2 sigma''(y) / n,
+    C = w (1 - c) a^3 sigma'''(y) / n, so |A| / B <= a S2 and |C| / B <= a^2 S3 with
+    S_j = sup_y |sigma^(j)(y)| / (sigma'(y) + eps), eps = c_min / (2 a_max) (both increase with a). Hence
+    B1 = a_max S2 and, as (log f')'' = f'''/f' - (f''/f')^2, B2 = a_max^2 (S3 + S2^2). The suprema are
+    taken on ``n_grid`` points y in (0, 1) and ``n_alpha`` ramp steepnesses alpha over the admitted range.
+    """
+    if config.a_max is None:
+        raise ValueError("stiffness_bound needs a bounded concentration: set SmoothTransformConfig.a_max")
+    eps = config.c_min / (2.0 * config.a_max)
+    y = torch.linspace(0.0, 1.0, n_grid, dtype=torch.float64)[1:-1]
+    floor = ALPHA_FLOOR[config.beta]
+    s2 = s3 = 0.0
+    for alpha in torch.linspace(floor, floor + config.alpha_max, n_alpha, dtype=torch.float64):
+        yy = y.clone().requires_grad_(True)
+        _, d1 = generalized_sigmoid(yy, alpha, config.beta)
+        (d2,) = torch.autograd.grad(d1.sum(), yy, create_graph=True)
+        (d3,) = torch.autograd.grad(d2.sum(), yy)
+        d1 = d1.detach()
+        s2 = max(s2, float((d2.detach().abs() / (d1 + eps)).max()))
+        s3 = max(s3, float((d3.abs() / (d1 + eps)).max()))
+    return config.a_max * s2, config.a_max ** 2 * (s3 + s2 ** 2)

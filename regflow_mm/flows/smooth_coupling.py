@@ -11,6 +11,16 @@ data -> noise (densities and forces of data analytic; sampling needs root findin
 ``analytic='forward'`` evaluates it on noise -> data (sampling analytic; densities of data need the
 numerical inverse, and forces of data then need its second derivatives).
 Both directions have exact log-dets and gradients to second order.
+
+Interval coordinates (bonds, angles and narrow torsions of internal coordinates) can instead take a
+conditional logit-affine map (``interval='logistic'``): ``v = sigmoid(exp(s) logit(u) + mu)`` with shift
+``mu`` and log-scale ``s = max_log_scale tanh(.)`` from the conditioner, analytic in both directions. Along its
+own coordinate z = logit(u) it has log-derivative ``s + log sigmoid'(z') - log sigmoid'(z)``, z' = exp(s) z + mu,
+whose second derivative lies in [-exp(2 s) / 2, 1/2]: its stiffness is bounded for every parameter value.
+The mixture's compact-support bumps are not: where a bump falls to the identity floor the log-density drops
+by up to log(1/c) over a fraction of the bump's width (``smooth.stiffness_bound``), and on the stiff
+coordinates (a C-H bond, a methyl hydrogen's improper torsion) such a flank is a spring far stiffer than the
+force field's (BENCHMARKS.md, issue 12). Circle coordinates always use the mixtures.
 """
 from __future__ import annotations
 
@@ -28,6 +38,32 @@ from .rootfinding import RootFindingConfig, RootFindingStats, implicit_inverse
 from .smooth import DOMAINS, SmoothParams, SmoothTransformConfig, constrain_params, initial_raw, mixture_cdf
 
 ANALYTIC = ("forward", "inverse")
+INTERVAL_MAPS = ("mixture", "logistic")
+
+
+def _log_sigmoid_grad(z: torch.Tensor) -> torch.Tensor:
+    """log sigmoid'(z) = -softplus(z) - softplus(-z), finite for every finite z."""
+    return -nn.functional.softplus(z) - nn.functional.softplus(-z)
+
+
+def _logit(u: torch.Tensor) -> torch.Tensor:
+    """logit of u in [0, 1]; 0 and 1 (reached only by rounding) are moved to the nearest interior float."""
+    eps = torch.finfo(u.dtype).tiny
+    uc = u.clamp(eps, 1.0 - torch.finfo(u.dtype).eps / 2)
+    return torch.log(uc) - torch.log1p(-uc)
+
+
+def logistic_map(u: torch.Tensor, mu: torch.Tensor, log_scale: torch.Tensor, inverse: bool = False):
+    """Logit-affine bijection of (0, 1): ``v = sigmoid(exp(s) logit(u) + mu)`` (``inverse``: its inverse) and
+    log |dv/du| of the map applied, elementwise, all of the same shape."""
+    z = _logit(u)
+    if inverse:
+        z_out = (z - mu) * torch.exp(-log_scale)
+        logdet = -log_scale + _log_sigmoid_grad(z_out) - _log_sigmoid_grad(z)
+    else:
+        z_out = torch.exp(log_scale) * z + mu
+        logdet = log_scale + _log_sigmoid_grad(z_out) - _log_sigmoid_grad(z)
+    return torch.sigmoid(z_out), logdet
 
 
 def _mixture_fn(x: torch.Tensor, params: Sequence[torch.Tensor], derivative: bool = True, *,
@@ -81,13 +117,17 @@ class SmoothCouplingLayer(CouplingLayer):
     with 0 ~ 1). ``n_components``: mixture size K; ``beta``: ramp power; ``hidden``: conditioner widths;
     ``analytic``: which direction evaluates the mixture in closed form; ``rootfinding``: inverse settings;
     ``circle_shift``: add a conditioned rotation to circle coordinates; ``c_min``: density floor.
+    ``interval``: 'mixture' (smooth mixtures on interval coordinates too) or 'logistic' (the logit-affine
+    map of the module docstring, log-scale bounded by ``max_log_scale``); ``a_max``: None or the largest
+    mixture concentration (``SmoothTransformConfig.a_max``).
     Root-finding statistics of this layer are in ``self.rootfinding_stats``.
     """
 
     def __init__(self, domains: Sequence[str], transformed: Sequence[int], n_components: int = 8, beta: int = 1,
                  hidden: Sequence[int] = (64, 64), analytic: str = "inverse",
                  rootfinding: RootFindingConfig = RootFindingConfig(), circle_shift: bool = True,
-                 c_min: float = 1e-3):
+                 c_min: float = 1e-3, interval: str = "mixture", max_log_scale: float = math.log(2.0),
+                 a_max: float | None = None):
         super().__init__()
         domains = list(domains)
         bad = [d for d in domains if d not in DOMAINS]
@@ -95,6 +135,10 @@ class SmoothCouplingLayer(CouplingLayer):
             raise ValueError(f"domains must be 'interval' or 'circle', got {bad[:3]}")
         if analytic not in ANALYTIC:
             raise ValueError(f"analytic must be 'forward' or 'inverse', got {analytic!r}")
+        if interval not in INTERVAL_MAPS:
+            raise ValueError(f"interval must be one of {INTERVAL_MAPS}, got {interval!r}")
+        if not max_log_scale > 0:
+            raise ValueError(f"max_log_scale must be > 0 (bound of the logistic map's log-scale), got {max_log_scale}")
         transformed = sorted(set(int(i) for i in transformed))
         if not transformed or transformed[0] < 0 or transformed[-1] >= len(domains):
             raise ValueError(f"transformed must be non-empty indices in [0, {len(domains)}), got {transformed}")
@@ -112,31 +156,44 @@ class SmoothCouplingLayer(CouplingLayer):
                                                      dtype=torch.long))
         self.register_buffer("idx_circ", torch.tensor([i for i in transformed if domains[i] == "circle"],
                                                       dtype=torch.long))
-        self.config_int = SmoothTransformConfig("interval", n_components, beta, a_min=1.0, c_min=c_min)
-        self.config_circ = SmoothTransformConfig("circle", n_components, beta, a_min=1.0, c_min=c_min)
+        self.config_int = SmoothTransformConfig("interval", n_components, beta, a_min=1.0, c_min=c_min, a_max=a_max)
+        self.config_circ = SmoothTransformConfig("circle", n_components, beta, a_min=1.0, c_min=c_min, a_max=a_max)
+        self.interval = interval
+        self.max_log_scale = float(max_log_scale)
+        self.n_raw_int = 2 if interval == "logistic" else self.config_int.n_raw
         self.circle_shift = circle_shift and len(self.idx_circ) > 0
         n_int, n_circ = len(self.idx_int), len(self.idx_circ)
-        init = [initial_raw(self.config_int).repeat(n_int), initial_raw(self.config_circ).repeat(n_circ)]
+        init_int = torch.zeros(2) if interval == "logistic" else initial_raw(self.config_int)  # identity: mu = s = 0
+        init = [init_int.repeat(n_int), initial_raw(self.config_circ).repeat(n_circ)]
         if self.circle_shift:
             init.append(torch.zeros(n_circ))
         self.conditioner = SmoothConditioner([domains[i] for i in conditioning], torch.cat(init), hidden)
 
     def _params(self, x: torch.Tensor):
-        """One conditioner pass: (interval params, circle params, circle shift or None)."""
+        """One conditioner pass: (interval params, circle params, circle shift or None). Interval params of
+        'logistic': (mu, log-scale s), each (B, n_int)."""
         raw = self.conditioner(x[:, self.idx_cond])
         n_int, n_circ = len(self.idx_int), len(self.idx_circ)
-        k_int, k_circ = self.config_int.n_raw, self.config_circ.n_raw
+        k_int, k_circ = self.n_raw_int, self.config_circ.n_raw
         batch = x.shape[0]
         raw_int = raw[:, : n_int * k_int].reshape(batch, n_int, k_int)
         raw_circ = raw[:, n_int * k_int: n_int * k_int + n_circ * k_circ].reshape(batch, n_circ, k_circ)
         shift = torch.sigmoid(raw[:, n_int * k_int + n_circ * k_circ:]) if self.circle_shift else None
-        return constrain_params(raw_int, self.config_int), constrain_params(raw_circ, self.config_circ), shift
+        if self.interval == "logistic":
+            p_int = (raw_int[..., 0], self.max_log_scale * torch.tanh(raw_int[..., 1]))
+        else:
+            p_int = constrain_params(raw_int, self.config_int)
+        return p_int, constrain_params(raw_circ, self.config_circ), shift
 
     def _closed_form(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         p_int, p_circ, shift = self._params(u)
         v = u.clone()
         logdet = u.new_zeros(u.shape[0])
-        if len(self.idx_int):
+        if len(self.idx_int) and self.interval == "logistic":
+            y, ld = logistic_map(u[:, self.idx_int], *p_int)
+            v[:, self.idx_int] = y
+            logdet = logdet + ld.sum(-1)
+        elif len(self.idx_int):
             y, dy = mixture_cdf(u[:, self.idx_int], p_int, self.config_int)
             v[:, self.idx_int] = y.clamp(0.0, 1.0)  # f maps [0, 1] onto itself; remove rounding overshoot
             logdet = logdet + torch.log(dy).sum(-1)
@@ -155,8 +212,12 @@ class SmoothCouplingLayer(CouplingLayer):
         p_int, p_circ, shift = self._params(v)
         u = v.clone()
         logdet = v.new_zeros(v.shape[0])
+        if len(self.idx_int) and self.interval == "logistic":  # analytic inverse, no root finding
+            x, ld = logistic_map(v[:, self.idx_int], *p_int, inverse=True)
+            u[:, self.idx_int] = x
+            logdet = logdet + ld.sum(-1)
         for idx, params, config in ((self.idx_int, p_int, self.config_int), (self.idx_circ, p_circ, self.config_circ)):
-            if not len(idx):
+            if not len(idx) or (config is self.config_int and self.interval == "logistic"):
                 continue
             t = v[:, idx]
             circle = config.domain == "circle" and shift is not None
@@ -210,11 +271,14 @@ def smooth_coupling_flow(domains: Sequence[str], n_layers: int = 4, splits: Sequ
 def smooth_architecture(representation, n_layers: int = 4, n_components: int = 8, beta: int = 1,
                         hidden: Sequence[int] = (64, 64), analytic: str = "inverse", circle_shift: bool = True,
                         c_min: float = 1e-3, n_bins: int = 16, tol: float | None = None, max_passes: int = 60,
-                        n_newton: int = 2, on_failure: str = "raise", seed: int = 0):
+                        n_newton: int = 2, on_failure: str = "raise", seed: int = 0, interval: str = "mixture",
+                        max_log_scale: float = math.log(2.0), a_max: float | None = None):
     """Architecture builder ``'smooth'`` for ``build_flow``: (smooth coupling flow, uniform prior on the box).
 
     Needs a representation with ``domain == 'box'`` (internal coordinates): its ``circular`` dimensions
     (torsions) are circles, the others (bonds, angles) intervals. ``seed`` fixes the coupling splits.
+    ``interval='logistic'`` (bounded stiffness on bonds, angles and narrow torsions; for flow potentials
+    used in dynamics) or 'mixture'; ``max_log_scale``, ``a_max``: see :class:`SmoothCouplingLayer`.
     """
     if getattr(representation, "domain", None) != "box":
         raise ValueError("architecture 'smooth' needs a [0, 1]^D flow space: use representation='internal'")
@@ -223,6 +287,7 @@ def smooth_architecture(representation, n_layers: int = 4, n_components: int = 8
                                     on_failure=on_failure)
     transform = smooth_coupling_flow(domains, n_layers=n_layers, seed=seed, n_components=n_components, beta=beta,
                                      hidden=tuple(hidden), analytic=analytic, rootfinding=rootfinding,
-                                     circle_shift=circle_shift, c_min=c_min)
+                                     circle_shift=circle_shift, c_min=c_min, interval=interval,
+                                     max_log_scale=max_log_scale, a_max=a_max)
     return transform, default_prior(representation)
 

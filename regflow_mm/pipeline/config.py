@@ -84,7 +84,10 @@ SCHEMA: dict[str, dict] = {
     # flow potential alone (T-W2 of (phi, psi) against the training frames, Ramachandran plot), and bias_ps
     # of Langevin on the force field with the flow force in its own group. Off by default (~5 min of
     # training plus the MD: examples/aldp_cpu_smooth.toml).
-    "smooth": {"enabled": False, "layers": 4, "components": 8, "hidden": 64, "open_width": 1.0,
+    # interval: the map of bonds, angles and narrow torsions in the couplings: "logistic" (conditional
+    # logit-affine, curvature bounded for every parameter value) or "mixture" (the torsions' smooth mixtures;
+    # their flanks are springs far stiffer than the bonds' and NVE at 1 fs heats up, BENCHMARKS.md issue 12).
+    "smooth": {"enabled": False, "layers": 4, "components": 8, "hidden": 64, "open_width": 1.0, "interval": "logistic",
                "time_budget_s": 300.0, "batch_size": 64, "lr": 1e-3, "w_nll": 1.0, "w_fm": 1e-3,
                "data_weight_power": 0.0, "reweight_fraction": 0.0, "backend": "torch", "n_test_frames": 2000,
                "nve_equilibrate_ps": 1.0, "nve_ps": 5.0, "langevin_ps": 100.0, "langevin_timestep_fs": 2.0,
@@ -133,6 +136,8 @@ def validate(raw: dict, source: str = "config") -> dict:
                          f"got {sm['hydrogen_mass_amu']}")
     if sm["backend"] not in ("torch", "python"):
         raise ValueError(f"{source}: [smooth].backend must be 'torch' or 'python', got {sm['backend']!r}")
+    if sm["interval"] not in ("logistic", "mixture"):
+        raise ValueError(f"{source}: [smooth].interval must be 'logistic' or 'mixture', got {sm['interval']!r}")
     if mc["tempering_replicas"] == 1 or mc["tempering_replicas"] < 0:
         raise ValueError(f"{source}: [mc].tempering_replicas must be 0 (off) or >= 2, got {mc['tempering_replicas']}")
     return config
@@ -184,7 +189,7 @@ def smooth_settings(config: dict) -> dict:
                 "representation_options": {"support": "open", "open_width": sm["open_width"]},
                 "architecture": "smooth",
                 "hyper": {"n_layers": sm["layers"], "n_components": sm["components"],
-                          "hidden": [sm["hidden"], sm["hidden"]]},
+                          "hidden": [sm["hidden"], sm["hidden"]], "interval": sm["interval"]},
                 "method": "nll+fm", "w_nll": sm["w_nll"], "w_fm": sm["w_fm"], "time_budget_s": sm["time_budget_s"],
                 "epochs": 100000, "batch_size": sm["batch_size"], "lr": sm["lr"], "lr_schedule": "cosine",
                 "data_weight_power": sm["data_weight_power"], "reweight_fraction": sm["reweight_fraction"],

@@ -1,0 +1,127 @@
+"""Stiffness of smooth-flow potentials: the mixture's flanks (bounded only through a_max), the analytic
+bound of ``stiffness_bound``, and the logit-affine interval map with its closed-form curvature bound."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from regflow_mm.flows.smooth import (SmoothParams, SmoothTransformConfig, constrain_params, initial_raw,
+                                     mixture_cdf, stiffness_bound)
+from regflow_mm.flows.smooth_coupling import SmoothCouplingLayer, logistic_map
+
+F64 = torch.float64
+
+
+def _log_density_derivatives(config, params, x):
+    """d/dx and d^2/dx^2 of log f'(x) (N,) for one parameter set (1, K) broadcast over x (N,)."""
+    x = x.clone().requires_grad_(True)
+    p = SmoothParams(*(q.expand(x.shape[0], -1) for q in params))
+    ell = torch.log(mixture_cdf(x, p, config)[1])
+    (d1,) = torch.autograd.grad(ell.sum(), x, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), x)
+    return d1.detach(), d2
+
+
+def _one_component(config, a, c, alpha=None, b=0.5):
+    t = lambda v: torch.tensor([[v]], dtype=F64)  # noqa: E731
+    from regflow_mm.flows.smooth import ALPHA_FLOOR
+    return SmoothParams(t(0.0), t(a), t(b), t(c), t(ALPHA_FLOOR[config.beta] if alpha is None else alpha))
+
+
+def test_mixture_flank_curvature_grows_like_a_squared():
+    """The diagnosis of issue 12: a bump falling onto the identity floor is a spring whose stiffness grows
+    at least like a^2 with the concentration (a^2 (log(a/c))^4: 210x for a 10x narrower bump), unbounded
+    without a_max."""
+    config = SmoothTransformConfig("interval", 1, c_min=1e-3)
+    x = torch.linspace(0.0, 1.0, 40001, dtype=F64)
+    peak = {a: float(_log_density_derivatives(config, _one_component(config, a, 1e-3), x)[1].abs().max())
+            for a in (2.0, 20.0)}
+    assert peak[2.0] > 1e3  # already stiff at a = 2: the flank of the bump on a floor of 1e-3
+    assert 100.0 < peak[20.0] / peak[2.0] < 1000.0
+
+
+@pytest.mark.parametrize("domain", ["interval", "circle"])
+def test_stiffness_bound_holds_for_every_parameter_value_and_is_attained(domain):
+    config = SmoothTransformConfig(domain, 4, c_min=0.01, a_max=4.0)
+    b1, b2 = stiffness_bound(config)
+    assert math.isfinite(b2) and b1 > 0 and b2 > 0
+    x = torch.linspace(0.0, 1.0, 10001, dtype=F64)
+    gen = torch.Generator().manual_seed(0)
+    worst1 = worst2 = 0.0
+    for _ in range(10):  # random parameters far from the initialisation, concentrations up to a_max
+        raw = initial_raw(config).to(F64) + 3.0 * torch.randn(1, config.n_raw, generator=gen, dtype=F64)
+        params = constrain_params(raw, config)
+        assert float(params.a.max()) <= 4.0 and float(params.c.min()) >= 0.01
+        d1, d2 = _log_density_derivatives(config, params, x)
+        worst1, worst2 = max(worst1, float(d1.abs().max())), max(worst2, float(d2.abs().max()))
+    # the sharpest admissible bump: one component at a_max on the floor, smallest ramp steepness
+    d1, d2 = _log_density_derivatives(config, _one_component(config, 4.0, 0.01), x)
+    worst1, worst2 = max(worst1, float(d1.abs().max())), max(worst2, float(d2.abs().max()))
+    assert worst1 <= b1 and worst2 <= b2
+    assert worst2 >= 0.1 * b2  # the bound is within a factor 10 of what one bump reaches
+
+
+def test_a_max_bounds_the_concentration_and_is_validated():
+    config = SmoothTransformConfig("interval", 8, a_max=3.0)
+    params = constrain_params(torch.tensor([[50.0] * config.n_raw], dtype=F64), config)
+    assert float(params.a.max()) <= 3.0
+    init = constrain_params(initial_raw(config).to(F64), config)
+    assert torch.allclose(init.a, torch.full_like(init.a, 2.0))  # (a_min + a_max) / 2 when K/2 is larger
+    assert torch.allclose(init.c, torch.full_like(init.c, 0.1))
+    with pytest.raises(ValueError, match="a_max must exceed a_min"):
+        SmoothTransformConfig("interval", 8, a_max=1.0)
+    with pytest.raises(ValueError, match="needs a bounded concentration"):
+        stiffness_bound(SmoothTransformConfig("interval", 8))
+
+
+def test_logistic_map_round_trip_log_det_and_curvature_bound():
+    gen = torch.Generator().manual_seed(0)
+    u = torch.rand(500, generator=gen, dtype=F64) * 0.998 + 0.001
+    mu = 2.0 * torch.randn(500, generator=gen, dtype=F64)
+    s = math.log(2.0) * torch.tanh(torch.randn(500, generator=gen, dtype=F64))
+    v, ld = logistic_map(u, mu, s)
+    back, ld_inv = logistic_map(v, mu, s, inverse=True)
+    # v up to 1 - 1e-9 here: logit(v) keeps ~7 fewer digits there
+    assert float((back - u).abs().max()) < 1e-10 and float((ld + ld_inv).abs().max()) < 1e-8
+    uu = u.clone().requires_grad_(True)
+    (dv,) = torch.autograd.grad(logistic_map(uu, mu, s)[0].sum(), uu)
+    assert torch.allclose(dv.log(), ld, atol=1e-10)
+    # along z = logit(u): d^2/dz^2 log|dv/du| lies in [-exp(2 s)/2, 1/2] for every z, mu and s
+    z = torch.linspace(-30.0, 30.0, 6001, dtype=F64)
+    for scale in (-math.log(2.0), 0.0, math.log(2.0)):
+        for shift in (-3.0, 0.0, 5.0):
+            zz = z.clone().requires_grad_(True)
+            ell = logistic_map(torch.sigmoid(zz), torch.tensor(shift, dtype=F64), torch.tensor(scale, dtype=F64))[1]
+            (g1,) = torch.autograd.grad(ell.sum(), zz, create_graph=True)
+            (g2,) = torch.autograd.grad(g1.sum(), zz)
+            assert float(g2.max()) <= 0.5 + 1e-9 and float(g2.min()) >= -math.exp(2 * scale) / 2 - 1e-9
+            if scale or shift:  # not vacuous (the identity map has none)
+                assert float(g2.max() - g2.min()) > 0.2
+
+
+def test_logistic_interval_layer_round_trip_exact_log_det_and_conditioned_parameters():
+    domains = ["interval", "circle", "interval", "circle", "interval"]
+    layer = SmoothCouplingLayer(domains, [0, 1, 2], n_components=4, hidden=(16,), interval="logistic").double()
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(3)
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    u = torch.rand(6, 5, generator=torch.Generator().manual_seed(4), dtype=F64)
+    v, ld = layer(u)
+    back, ld_back = layer(v, inverse=True)
+    assert float((back - u).abs().max().detach()) < 1e-9 and float((ld + ld_back).abs().max().detach()) < 1e-9
+    for i in range(2):
+        jac = torch.autograd.functional.jacobian(lambda t: layer(t[None])[0][0], u[i])
+        assert abs(float(torch.linalg.slogdet(jac)[1] - ld[i])) < 1e-10
+    # the interval maps depend on the conditioning coordinates (3, 4), the untouched ones pass through
+    assert torch.equal(v[:, 3:], u[:, 3:])
+    u2 = u.clone()
+    u2[:, 4] = torch.remainder(u2[:, 4] + 0.3, 1.0)
+    assert float((layer(u2)[0][:, 0] - v[:, 0]).abs().max()) > 1e-4
+    assert layer.n_raw_int == 2
+    with pytest.raises(ValueError, match="interval must be one of"):
+        SmoothCouplingLayer(domains, [0], interval="spline")
+    with pytest.raises(ValueError, match="max_log_scale must be > 0"):
+        SmoothCouplingLayer(domains, [0], interval="logistic", max_log_scale=0.0)
