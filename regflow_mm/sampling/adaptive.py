@@ -12,9 +12,10 @@ version. With ``finetune_proposals`` = n > 0, each update also draws n fresh con
 current flow and weights them by their importance weights exp(-u(x) - log q(x)) (self-normalised): an
 unbiased weighted sample of the target itself, which gets ``finetune_proposal_mass`` of the fine-tuning
 batches (the chain and data frames the rest). A few hundred chain states alone cannot improve a flow that
-was trained on tens of thousands of frames; the weighted proposals can (aldp demo flow, 20k proposals at
-half the mass, 300 steps at 3e-5: Kish ESS 32.4% -> 35.1%, BENCHMARKS.md, "adaptive MC"). After the last update the chain is time-homogeneous and exact; a schedule that would
-change the flow inside a segment is refused.
+was trained on tens of thousands of frames; the weighted proposals can, a little (aldp demo flow, 20k
+proposals at half the mass, 300 steps at 3e-5: Kish ESS 31.0 / 31.7% -> 32.5 / 33.5% on two seeds;
+BENCHMARKS.md, "adaptive MC"). After the last update the chain is time-homogeneous and exact; a schedule
+that would change the flow inside a segment is refused.
 
 Output: one HDF5 file with the layout of ``hybrid.py`` plus::
 
