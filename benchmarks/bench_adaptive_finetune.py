@@ -5,7 +5,7 @@ of fresh samples, all variants side by side in one run:
 
     nll:STEPS:LR                 weighted NLL on the dataset's train split (what adaptive MC did until now)
     is:N:STEPS:LR:MASS           + N samples of the flow itself weighted by exp(-u - log q), MASS of the batches
-                                 (``finetune_proposals``; the pooling of ``sampling.adaptive._fine_tune``)
+                                 (``finetune_proposals``; ``sampling.adaptive.pooled_log_weights``)
     kl:STEPS:LR:LAMBDA:BATCH     weighted NLL + LAMBDA x reverse KL on BATCH flow samples per step
 
     OMP_NUM_THREADS=1 python benchmarks/bench_adaptive_finetune.py --flow demo-output/train_baseline/flow.pt \
@@ -23,12 +23,11 @@ import time
 
 import numpy as np
 import torch
-from scipy.special import logsumexp
 
 from regflow_mm.energy import EnergyEvaluator
 from regflow_mm.flows import load_flow
 from regflow_mm.importance import kish_ess, log_weights
-from regflow_mm.sampling.adaptive import _training_frames, _weighted_proposals
+from regflow_mm.sampling.adaptive import _training_frames, _weighted_proposals, pooled_log_weights
 from regflow_mm.systems import get_system
 from regflow_mm.training.finetune import fine_tune_nll
 from regflow_mm.training.objectives import nll_loss, reverse_kl_loss
@@ -94,9 +93,8 @@ def main() -> None:
         elif kind == "is":
             n, steps, lr, mass = int(values[0]), int(values[1]), float(values[2]), float(values[3])
             xp, lwp, _ = _weighted_proposals(flow, (system.system, system.temperature), n, seed=7)
-            pool = np.concatenate([lw - logsumexp(lw) + np.log1p(-mass) if mass < 1 else np.full(len(x), -np.inf),
-                                   lwp - logsumexp(lwp) + np.log(mass)])
-            fine_tune_nll(flow, np.concatenate([x, xp]), steps=steps, lr=lr, log_weights=pool, seed=0)
+            fine_tune_nll(flow, np.concatenate([x, xp]), steps=steps, lr=lr, log_weights=pooled_log_weights(lw, lwp, mass),
+                          seed=0)
         elif kind == "kl":
             if y is None:
                 with torch.no_grad():

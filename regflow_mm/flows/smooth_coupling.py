@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..representations.internal import log_sigmoid_grad
 from .base import SequentialFlow
 from .coupling import CouplingLayer
 from .priors import default_prior
@@ -39,11 +40,6 @@ from .smooth import DOMAINS, SmoothParams, SmoothTransformConfig, constrain_para
 
 ANALYTIC = ("forward", "inverse")
 INTERVAL_MAPS = ("mixture", "logistic")
-
-
-def _log_sigmoid_grad(z: torch.Tensor) -> torch.Tensor:
-    """log sigmoid'(z) = -softplus(z) - softplus(-z), finite for every finite z."""
-    return -nn.functional.softplus(z) - nn.functional.softplus(-z)
 
 
 def _logit(u: torch.Tensor) -> torch.Tensor:
@@ -59,10 +55,10 @@ def logistic_map(u: torch.Tensor, mu: torch.Tensor, log_scale: torch.Tensor, inv
     z = _logit(u)
     if inverse:
         z_out = (z - mu) * torch.exp(-log_scale)
-        logdet = -log_scale + _log_sigmoid_grad(z_out) - _log_sigmoid_grad(z)
+        logdet = -log_scale + log_sigmoid_grad(z_out) - log_sigmoid_grad(z)
     else:
         z_out = torch.exp(log_scale) * z + mu
-        logdet = log_scale + _log_sigmoid_grad(z_out) - _log_sigmoid_grad(z)
+        logdet = log_scale + log_sigmoid_grad(z_out) - log_sigmoid_grad(z)
     return torch.sigmoid(z_out), logdet
 
 

@@ -82,7 +82,7 @@ def place_atom(xj, xk, xl, r, theta, phi):
 SUPPORTS = ("box", "open")
 
 
-def _log_sigmoid_grad(z):
+def log_sigmoid_grad(z):
     """log sigmoid'(z) = -softplus(-z) - softplus(z), finite for every finite z."""
     return -torch.nn.functional.softplus(-z) - torch.nn.functional.softplus(z)
 
@@ -265,7 +265,7 @@ class InternalCoordinates(Representation):
         circ = torch.cat([torch.zeros(self.n_bonds + self.n_angles, dtype=torch.bool, device=z.device),
                           self.circular_torsions])
         log_du = torch.where(circ, torch.full_like(z, -math.log(2 * math.pi)),
-                             _log_sigmoid_grad(z) - self.open_scale.log() + log_dt)
+                             log_sigmoid_grad(z) - self.open_scale.log() + log_dt)
         return z, circ, log_du
 
     def describe_outside(self, x) -> str | None:

@@ -275,6 +275,14 @@ def _training_frames(path, molsys) -> tuple[np.ndarray, np.ndarray]:
     return dataset.positions[idx], lw
 
 
+def pooled_log_weights(frames_log_w: np.ndarray, proposals_log_w: np.ndarray, proposal_mass: float) -> np.ndarray:
+    """Log-weights of frames + proposals, concatenated, each pool normalised to its share of the batches
+    (proposals: ``proposal_mass`` in (0, 1], frames the rest)."""
+    frames = (frames_log_w - logsumexp(frames_log_w) + np.log1p(-proposal_mass) if proposal_mass < 1
+              else np.full(len(frames_log_w), -np.inf))
+    return np.concatenate([frames, proposals_log_w - logsumexp(proposals_log_w) + np.log(proposal_mass)])
+
+
 def _weighted_proposals(flow, target, n: int, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
     """n flow samples (n, n_atoms, 3) nm with their log importance weights -u - log q (-inf where u or log q is
     not finite) and their Kish ESS (samples)."""
@@ -313,10 +321,7 @@ def _fine_tune(out: Path, flows_dir: Path, versions: list[dict], n_done: int, da
     proposal_ess = None
     if settings.get("finetune_proposals"):
         xp, lwp, proposal_ess = _weighted_proposals(flow, target, settings["finetune_proposals"], tune_seed)
-        mass = settings["finetune_proposal_mass"]
-        # each pool's weights normalised to its share of the batches
-        lw = lw - logsumexp(lw) + np.log1p(-mass) if mass < 1 else np.full(len(x), -np.inf)
-        x, lw = np.concatenate([x, xp]), np.concatenate([lw, lwp - logsumexp(lwp) + np.log(mass)])
+        x, lw = np.concatenate([x, xp]), pooled_log_weights(lw, lwp, settings["finetune_proposal_mass"])
     weighted = data is not None or proposal_ess is not None
     result = fine_tune_nll(flow, x, steps=settings["finetune_steps"], batch_size=settings["finetune_batch_size"],
                            lr=settings["finetune_lr"], log_weights=lw if weighted else None, seed=tune_seed)

@@ -269,11 +269,12 @@ def pairing_cost(x0: np.ndarray, x1: np.ndarray, circular: np.ndarray | None = N
     ``circular`` ones (period 1, flow-space units)."""
     if circular is None or not np.any(circular):
         return ot.dist(x0, x1)  # squared Euclidean, float64
+    from .metrics import torus_cost_matrix
+
     circular = np.asarray(circular, dtype=bool)
-    cost = ot.dist(x0[:, ~circular], x1[:, ~circular]) if (~circular).any() else np.zeros((len(x0), len(x1)))
-    for k in np.flatnonzero(circular):
-        d = np.abs(x0[:, None, k] - x1[None, :, k]) % 1.0
-        cost += np.minimum(d, 1.0 - d) ** 2
+    cost = torus_cost_matrix(x0[:, circular], x1[:, circular], period=1.0)
+    if (~circular).any():
+        cost += ot.dist(x0[:, ~circular], x1[:, ~circular])
     return cost
 
 

@@ -93,16 +93,17 @@ def _reference_weights(md_log_w, m: int) -> np.ndarray | None:
     return normalized_weights(md_log_w)
 
 
-def torus_cost_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Periodic squared ground cost (n, m): sum over angles of min(|d|, 2 pi - |d|)^2, angles (n, k), (m, k) rad."""
+def torus_cost_matrix(a: np.ndarray, b: np.ndarray, period: float = 2.0 * np.pi) -> np.ndarray:
+    """Periodic squared ground cost (n, m): sum over angles of min(|d|, period - |d|)^2, angles (n, k), (m, k)
+    (rad with the default period 2 pi; flow-space circles have period 1)."""
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"angles must be (n, k) and (m, k) arrays with equal k, got {a.shape} and {b.shape}")
     cost = np.zeros((a.shape[0], b.shape[0]))
     for k in range(a.shape[1]):
-        d = np.abs(a[:, None, k] - b[None, :, k]) % (2.0 * np.pi)
-        cost += np.minimum(d, 2.0 * np.pi - d) ** 2
+        d = np.abs(a[:, None, k] - b[None, :, k]) % period
+        cost += np.minimum(d, period - d) ** 2
     return cost
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .cnf import wrap_difference
+
 REGULARIZERS = ("none", "logdet", "fwd_bwd")
 
 
@@ -53,8 +55,8 @@ def regflow_terms(transform, x0: torch.Tensor, x1: torch.Tensor, *, regularizer:
         x1 = x1 + lambda_n * noise
     y, logdet = transform(x0)
     diff = y - x1
-    if circular is not None and bool(circular.any()):
-        diff = torch.where(circular.to(diff.device), torch.remainder(diff + 0.5, 1.0) - 0.5, diff)
+    if circular is not None:  # no data-dependent branch here: torch.compile keeps one graph
+        diff = torch.where(circular.to(diff.device), wrap_difference(diff), diff)
     regression = diff.pow(2).sum(1).mean()
     terms = {"regression": regression.detach()}
     loss = regression

@@ -230,10 +230,11 @@ def run_training(config: TrainConfig, out_dir: str | Path, *, progress: bool = T
 
         with torch.no_grad():
             y_train = flow.to_flow_space(torch.as_tensor(train, dtype=config.torch_dtype))[0].cpu()
+        train_idx = dataset.split_indices("train")
+        train_log_w = dataset.log_weights[train_idx]
         if config.method == "regflow":
             if dist.is_main:
-                prepare_pairs(config, flow, y_train, out_dir, info, progress,
-                              train_log_weights=dataset.log_weights[dataset.split_indices("train")])
+                prepare_pairs(config, flow, y_train, out_dir, info, progress, train_log_weights=train_log_w)
             barrier(dist)
             x0, x1, pair_info = load_pairs(out_dir / f"pairs_{config.target}.h5")
             data = (x0.to(config.torch_dtype), x1.to(config.torch_dtype))
@@ -242,15 +243,13 @@ def run_training(config: TrainConfig, out_dir: str | Path, *, progress: bool = T
         elif config.method == "mle":
             data = (y_train,)
         else:
-            idx = dataset.split_indices("train")
-            forces = torch.as_tensor(dataset.forces[idx] / system.kT, dtype=config.torch_dtype)
+            forces = torch.as_tensor(dataset.forces[train_idx] / system.kT, dtype=config.torch_dtype)
             data = (torch.as_tensor(train, dtype=config.torch_dtype), forces)
 
         val_idx = dataset.split_indices("val")
         val_x, val_u = dataset.positions[val_idx], dataset.reduced_energies()[val_idx]
         # Weighted batches (enhanced-sampling data): validation NLL under the same frame weights.
         power = config.data_weight_power
-        train_log_w = dataset.log_weights[dataset.split_indices("train")]
         row_log_w = torch.as_tensor(power * train_log_w) if power else None
         late_row_log_w = torch.as_tensor(train_log_w) if config.reweight_fraction else None
         # a weighted last part (reweight_fraction): validate on the reweighted ensemble all along

@@ -460,6 +460,9 @@ class Trainer:
         self._running: dict[str, list[float]] = {}  # per-step values since the last log row
         self._stop_requested = False
         self._nll_terms, self._regflow_terms = nll_terms, regflow_terms
+        # torsions on circles of period 1: RegFlow regression errors are taken around the circle
+        circ = getattr(self.flow.representation, "circular", None)
+        self._circular = circ.to(self.device) if circ is not None and bool(circ.any()) else None
         if config.compile:
             self._nll_terms, self._regflow_terms = compiled_or_eager(nll_terms), compiled_or_eager(regflow_terms)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -565,10 +568,9 @@ class Trainer:
                 gen = torch.Generator().manual_seed(derived_seed(cfg.seed, _STREAM_NOISE, step))
                 noise = torch.randn(cfg.batch_size, batch[1].shape[1], generator=gen, dtype=batch[1].dtype)
                 noise = noise[mine].to(self.device)
-            circ = getattr(self.flow.representation, "circular", None)  # torsion errors around the circle
             terms = self._regflow_terms(self.flow.transform, batch[0], batch[1], regularizer=cfg.regularizer,
                                         lambda_r=cfg.lambda_r, lambda_n=cfg.lambda_n, noise=noise,
-                                        circular=circ if circ is not None and bool(circ.any()) else None)
+                                        circular=self._circular)
             loss, parts = terms["loss"], as_parts(terms)
         elif cfg.method == "mle":
             terms = self._nll_terms(self.flow.transform, self.flow.prior, batch[0])
