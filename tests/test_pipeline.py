@@ -12,7 +12,7 @@ TINY = {
            "reference_save_interval_ps": 0.1},
     "flow": {"layers": 2, "hidden": 32},
     "train": {"time_budget_s": 3.0, "teacher_steps": 30, "n_pairs": 300, "batch_size": 64, "ode_method": "rk4"},
-    "evaluate": {"n_samples": 200},
+    "evaluate": {"n_samples": 200, "teacher_samples": 100, "teacher_nll_frames": 40, "teacher_ode_steps": 2},
     "mc": {"n_iterations": 6, "md_steps_per_iteration": 20, "adapt_segments": 2, "finetune_steps": 3,
            "finetune_proposals": 64,
            "tempering_replicas": 2, "tempering_iterations": 2, "tempering_max_K": 400.0},
@@ -34,8 +34,14 @@ def test_report_holds_this_runs_numbers(finished_run):
     text = report.read_text()
     metrics = json.loads((out / "metrics.json").read_text())
     stages = metrics["stages"]
-    assert set(stages) == {"md", "reference", "train_regflow", "train_baseline", "evaluate", "mc", "free_energy",
-                           "export"}
+    assert set(stages) == {"md", "reference", "teacher", "evaluate_teacher", "train_regflow", "train_baseline",
+                           "evaluate", "mc", "free_energy", "export"}
+    # the teacher CNF is a stage of its own, reused (not retrained) by the student, and evaluated like a flow
+    assert stages["teacher"]["teacher_train_s"] > 0 and "teacher_train_s" not in stages["train_regflow"]
+    teacher = stages["evaluate_teacher"]["metrics"]
+    assert teacher["n_samples"] == 100 and teacher["n_nll_frames"] == 40 and 0 < teacher["ess"] <= 1
+    assert "| teacher (CNF) | " in text and "RegFlow student / teacher E-W1: " in text
+    assert "regflow" in stages["evaluate"]["metrics"] and "teacher (CNF)" not in stages["evaluate"]["metrics"]
     assert stages["md"]["n_frames"] == 500
     # the held-out reference ran in the background and is what the flows were evaluated against
     assert stages["reference"]["reference_summary"]["n_frames"] == 300
@@ -78,7 +84,8 @@ def test_report_holds_this_runs_numbers(finished_run):
 
 def test_second_run_does_no_work(finished_run, monkeypatch):
     out, _ = finished_run
-    for stage in ("_md", "_reference_md", "_train", "_evaluate", "_mc", "_free_energy", "_export"):
+    for stage in ("_md", "_reference_md", "_teacher", "_evaluate_teacher", "_train", "_evaluate", "_mc", "_free_energy",
+                  "_export"):
         monkeypatch.setattr(pipeline_run, stage, lambda *a, **k: pytest.fail("a cached stage ran again"))
     run_pipeline(validate(TINY), out, progress=False)
     assert "| md | " in (out / "report.md").read_text() and "| yes |" in (out / "report.md").read_text()
@@ -96,10 +103,10 @@ def test_interrupted_run_continues(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(validate(TINY), tmp_path, progress=False)
     done = {p.parent.name for p in tmp_path.glob("*/stage.json")}
-    assert done == {"md", "reference", "train_regflow", "train_baseline", "evaluate"}
+    assert done == {"md", "reference", "teacher", "evaluate_teacher", "train_regflow", "train_baseline", "evaluate"}
 
     monkeypatch.setattr(pipeline_run, "_mc", real)
-    for stage in ("_md", "_train", "_evaluate"):
+    for stage in ("_md", "_teacher", "_evaluate_teacher", "_train", "_evaluate"):
         monkeypatch.setattr(pipeline_run, stage, lambda *a, **k: pytest.fail("a finished stage ran again"))
     run_pipeline(validate(TINY), tmp_path, progress=False)
     assert (tmp_path / "report.md").is_file() and len(calls) == 1
@@ -151,3 +158,27 @@ def test_demo_md_stage_reproduces_its_metadynamics_frames(tmp_path):
     np.testing.assert_array_equal(a.positions, b.positions)
     np.testing.assert_array_equal(a.log_weights, b.log_weights)
     assert runs[0]["dataset_summary"]["openmm_seed"] == openmm_seed(0)
+
+
+def test_regflow_route_in_the_pipeline(finished_run, tmp_path):
+    # the same data (md, reference and teacher stages are reused: same keys), the student trained by RegFlow for half
+    # the budget and fine-tuned by MLE for the other half; both flows are evaluated beside the MLE baseline
+    out, _ = finished_run
+    import shutil
+
+    for stage in ("md", "reference", "teacher", "evaluate_teacher", "train_baseline"):
+        shutil.copytree(out / stage, tmp_path / stage)
+    config = validate({**TINY, "train": {**TINY["train"], "mle_finetune_fraction": 0.5},
+                       "mc": {**TINY["mc"], "adapt_segments": 0, "tempering_replicas": 0},
+                       "free_energy": {**TINY["free_energy"], "tfep": False}})
+    report = run_pipeline(config, tmp_path, progress=False)
+    stages = json.loads((tmp_path / "metrics.json").read_text())["stages"]
+    train = stages["train_regflow"]
+    assert train["method"] == "regflow+mle" and train["flow"].endswith("mle_finetune/flow.pt")
+    assert train["student_flow"] == str(tmp_path / "train_regflow" / "flow.pt")
+    assert train["student_train"]["cpu_time_s"] >= 1.5 and train["train"]["cpu_time_s"] >= 1.5
+    assert set(stages["evaluate"]["metrics"]) == {"regflow", "regflow+mle", "mle"}
+    text = report.read_text()
+    assert "| regflow+mle | " in text and "train_regflow_student_training_curves.png" in text
+    with pytest.raises(ValueError, match=r"\[train\].mle_finetune_fraction must be in \[0, 1\)"):
+        validate({"train": {"mle_finetune_fraction": 1.0}})

@@ -1,5 +1,6 @@
 """Trainer: objectives decrease and give loadable flows, exact resume after a kill, NaN handling,
 2-process data parallelism (gloo) equals one process, and the CLI end to end on a tiny aldp dataset."""
+from pathlib import Path
 import signal
 import json
 import math
@@ -368,3 +369,64 @@ def test_init_flow_starts_from_the_saved_weights_and_refuses_another_kind(tmp_pa
         from regflow_mm.training.runner import build_student
         build_student(TrainConfig(**{**common, "system": "al3"}, init_flow=str(start)), get_system("al3"),
                       np.zeros((4, 33, 3)))
+
+
+def test_keep_best_judges_the_steps_after_the_last_validation(tmp_path):
+    # validation every 100 epochs never comes within 3 epochs: the run ends with a validation of its last step,
+    # and keep_best's result is the EMA flow of that step, not the initialisation
+    calls = []
+
+    def validate(flow):
+        calls.append(1)
+        return {"nll": -float(len(calls))}  # every validation better than the one before
+
+    trainer = Trainer(_flow(), _config(epochs=3, keep_best=True, val_every_epochs=100), tmp_path, _pairs(),
+                      validate=validate, progress=False)
+    summary = trainer.fit(handle_signals=False)
+    vals = [r for r in trainer.records if r["kind"] == "val"]
+    assert [r["step"] for r in vals] == [summary["step"]] and summary["best_step"] == summary["step"]
+    x0 = _pairs()[0][:8]
+    torch.testing.assert_close(trainer.result_flow().transform(x0)[0], trainer.ema_flow.transform(x0)[0])
+    again = Trainer(_flow(), _config(epochs=3, keep_best=True, val_every_epochs=100), tmp_path, _pairs(),
+                    validate=validate, progress=False).fit(handle_signals=False)
+    assert again["steps_this_run"] == 0 and len(calls) == 1  # a finished run is not validated again
+
+
+def test_regflow_route_fine_tunes_the_student_on_a_shared_teacher(tmp_path, tiny_aldp):
+    from regflow_mm.training.runner import prepare_teacher, run_regflow_then_mle, run_training
+
+    common = dict(system="aldp", data=str(tiny_aldp), representation="internal", architecture="nsf",
+                  hyper={"layers": 2, "hidden": 16}, batch_size=64, device="cpu", val_samples=0, seed=2)
+    student = TrainConfig(**common, method="regflow", target="reflow", teacher_steps=20, n_pairs=128, epochs=2,
+                          ode_method="rk4", ode_steps=4)
+    teacher = prepare_teacher(student, tmp_path / "teacher", progress=False)
+    assert {Path(teacher[k]).name for k in ("teacher", "pairs", "flow_space")} == {"teacher.pt", "pairs_reflow.h5",
+                                                                                   "flow_space.pt"}
+    route = tmp_path / "route"
+    route.mkdir()
+    for name in ("teacher", "pairs"):  # the pipeline links the teacher stage's files into the student's folder
+        (route / Path(teacher[name]).name).write_bytes(Path(teacher[name]).read_bytes())
+    info = run_regflow_then_mle(student, TrainConfig(**common, method="mle", epochs=1), route, progress=False)
+    assert "teacher_train_s" not in info["regflow"]  # reused, not trained again
+    assert info["init_flow_sha256"] == __import__("regflow_mm.flows", fromlist=["x"]).flow_file_hash(route / "flow.pt")
+    assert (route / "mle_finetune" / "flow.pt").is_file() and info["train"]["step"] > 0
+    with pytest.raises(ValueError, match="RegFlow route is a 'regflow' student then 'mle' fine-tuning"):
+        run_regflow_then_mle(TrainConfig(**common, method="mle"), TrainConfig(**common, method="mle"), route)
+    with pytest.raises(ValueError, match="reflow teacher belongs to method 'regflow' with target 'reflow'"):
+        prepare_teacher(TrainConfig(**common, method="regflow", target="ot"), tmp_path / "t2")
+
+
+def test_warm_start_refuses_to_resume_from_a_changed_start_file(tmp_path, tiny_aldp):
+    from regflow_mm.training.runner import run_training
+
+    common = dict(system="aldp", data=str(tiny_aldp), method="mle", representation="internal", architecture="resnvp",
+                  hyper={"layers": 2, "hidden": 16}, batch_size=64, device="cpu", val_samples=0)
+    run_training(TrainConfig(**common, epochs=1, seed=0), tmp_path / "a", progress=False)
+    run_training(TrainConfig(**common, epochs=1, seed=1), tmp_path / "b", progress=False)
+    start = tmp_path / "start.pt"
+    start.write_bytes((tmp_path / "a" / "flow.pt").read_bytes())
+    warm = TrainConfig(**common, epochs=1, seed=0, init_flow=str(start))
+    run_training(warm, tmp_path / "warm", progress=False)
+    start.write_bytes((tmp_path / "b" / "flow.pt").read_bytes())  # the start file is replaced by another flow
+    with pytest.raises(ValueError, match="continues a run started from another .*start.pt .*SHA-256 changed"):
+        run_training(TrainConfig(**{**warm.to_dict(), "epochs": 2}), tmp_path / "warm", progress=False)

@@ -42,7 +42,12 @@ SCHEMA: dict[str, dict] = {
     # CPU-second; needs a C++ compiler, else training runs eagerly with a warning). val_every_epochs: epochs
     # between validations (a RegFlow epoch over 20k pairs is only ~80 steps; validation is not in the budget).
     # reweight_fraction: the last part of an MLE / NLL+FM run draws batches with the full frame weights.
-    "train": {"data_weight_power": 0.0, "reweight_fraction": 0.0, "method": "regflow", "target": "reflow", "time_budget_s": 150.0, "epochs": 1000,
+    # mle_finetune_fraction > 0 (method "regflow"): the RegFlow route, i.e. the student trains by RegFlow for the first
+    # (1 - fraction) of time_budget_s and is then fine-tuned by MLE (the baseline's settings, its weighted last part
+    # included) for the rest (``runner.run_regflow_then_mle``); both the student and the fine-tuned flow are evaluated.
+    # With target "reflow" the teacher CNF and its pairs are a stage of their own ("teacher"), evaluated as a
+    # generator (exact likelihood, rk4) in "evaluate_teacher" beside the student's training.
+    "train": {"data_weight_power": 0.0, "reweight_fraction": 0.0, "mle_finetune_fraction": 0.0, "method": "regflow", "target": "reflow", "time_budget_s": 150.0, "epochs": 1000,
               "batch_size": 256, "lr": 5e-4, "regularizer": "logdet", "lambda_r": 1e-6, "lambda_n": 0.0,
               "n_pairs": 20000, "teacher_steps": 6000, "val_samples": 0, "ode_method": "dopri5",
               "lr_schedule": "constant", "keep_best": False, "compile": False, "val_every_epochs": 1},
@@ -50,7 +55,10 @@ SCHEMA: dict[str, dict] = {
     # downstream_flow: the flow used by mc / free_energy / export: "best" (lowest E-W1 on held-out
     # data), "regflow" or "baseline".
     # n_bootstrap: resamples for the ESS interval; n_torsion: samples per side of the exact T-W2.
-    "evaluate": {"n_samples": 5000, "downstream_flow": "best", "n_bootstrap": 200, "n_torsion": 5000},
+    # teacher_samples: samples of the reflow teacher CNF (0: not evaluated), its held-out NLL on teacher_nll_frames
+    # reference frames (each costs an ODE solve with the exact divergence: ~16 CPU-ms on aldp with rk4 8 steps, one thread).
+    "evaluate": {"n_samples": 5000, "downstream_flow": "best", "n_bootstrap": 200, "n_torsion": 5000,
+                 "teacher_samples": 5000, "teacher_nll_frames": 2000, "teacher_ode_steps": 8},
     # adapt_segments > 1: after the hybrid chain, an adaptive one (``sampling.adaptive``) of the same length and
     # settings, its proposal flow fine-tuned between adapt_segments equal segments (finetune_steps Adam steps at
     # finetune_lr, weighted NLL on the chain's frames + the training data's train split with its frame weights,
@@ -138,6 +146,15 @@ def validate(raw: dict, source: str = "config") -> dict:
         raise ValueError(f"{source}: [smooth].backend must be 'torch' or 'python', got {sm['backend']!r}")
     if sm["interval"] not in ("logistic", "mixture"):
         raise ValueError(f"{source}: [smooth].interval must be 'logistic' or 'mixture', got {sm['interval']!r}")
+    if not 0.0 <= config["train"]["mle_finetune_fraction"] < 1.0:
+        raise ValueError(f"{source}: [train].mle_finetune_fraction must be in [0, 1) (0: RegFlow alone), got "
+                         f"{config['train']['mle_finetune_fraction']}")
+    ev = config["evaluate"]
+    for key in ("teacher_samples", "teacher_nll_frames"):
+        if ev[key] < 0:
+            raise ValueError(f"{source}: [evaluate].{key} must be >= 0, got {ev[key]}")
+    if ev["teacher_ode_steps"] < 1:
+        raise ValueError(f"{source}: [evaluate].teacher_ode_steps must be >= 1, got {ev['teacher_ode_steps']}")
     if mc["tempering_replicas"] == 1 or mc["tempering_replicas"] < 0:
         raise ValueError(f"{source}: [mc].tempering_replicas must be 0 (off) or >= 2, got {mc['tempering_replicas']}")
     return config
@@ -166,6 +183,9 @@ def train_settings(config: dict, method: str | None = None) -> dict:
     from ..training.trainer import TrainConfig
 
     train = dict(config["train"])
+    finetune = train.pop("mle_finetune_fraction")
+    if method is None and finetune > 0:  # the RegFlow part of the route: the first (1 - fraction) of the budget
+        train["time_budget_s"] = (1.0 - finetune) * train["time_budget_s"]
     if method is not None:
         train = {k: v for k, v in train.items() if k not in TrainConfig.regflow_only()}
         train["method"] = method
@@ -177,6 +197,20 @@ def train_settings(config: dict, method: str | None = None) -> dict:
                 "hyper": {"layers": flow["layers"], "hidden": flow["hidden"]}, "seed": config["run"]["seed"],
                 "device": config["run"]["device"], "system": config["system"]["name"]}
     TrainConfig.from_dict(settings)
+    return settings
+
+
+def finetune_settings(config: dict) -> dict | None:
+    """``TrainConfig`` settings of the MLE part of the RegFlow route (``[train].mle_finetune_fraction`` of the
+    budget, the baseline's settings; ``init_flow`` is set to the student when it runs), or None without it."""
+    fraction = config["train"]["mle_finetune_fraction"]
+    if fraction == 0:
+        return None
+    if config["train"]["method"] != "regflow":
+        raise ValueError(f"[train].mle_finetune_fraction = {fraction} fine-tunes a RegFlow student; [train].method is "
+                         f"{config['train']['method']!r}: set the fraction to 0")
+    settings = train_settings(config, method="mle")
+    settings["time_budget_s"] = fraction * config["train"]["time_budget_s"]
     return settings
 
 

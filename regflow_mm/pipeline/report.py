@@ -104,8 +104,12 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
               "| method | ESS (fraction) [5%, 95%] | samples | E-W1 (kT) | T-W2 (rad) | above max ref. energy | NLL | "
               "D-chirality fraction | published E-W1 / T-W2 |",
               "|---|---|---|---|---|---|---|---|---|"]
-    for name, m in ev["metrics"].items():
-        pub = PUBLISHED.get(system, {}).get("mle" if name == "mle" else "regflow", {})
+    rows = dict(ev["metrics"])
+    teacher = res.get("evaluate_teacher")
+    if teacher is not None:  # the reflow teacher CNF as a generator, against the same reference
+        rows = {"teacher (CNF)": teacher["metrics"], **rows}
+    for name, m in rows.items():
+        pub = {} if name == "teacher (CNF)" else PUBLISHED.get(system, {}).get("mle" if name == "mle" else "regflow", {})
         published = " / ".join(_fmt(pub.get(k)) for k in ("e_w1", "t_w2")) if pub else "-"
         interval = f" [{_fmt(m['ess_p05'])}, {_fmt(m['ess_p95'])}]" if "ess_p05" in m else ""
         lines.append(f"| {name} | {_fmt(m.get('ess'))}{interval} | {m.get('n_samples')} | {_fmt(m.get('e_w1'))} | "
@@ -115,25 +119,39 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
         lines += ["", f"T-W2 of the training data (with its weights) against the same reference: "
                       f"{_fmt(ev['training_data_t_w2'])} rad: how far two MD estimates of this ensemble differ at "
                       f"these run lengths (basin populations that differ by a few percent move mass by ~2.5 rad)."]
-    lines += _basin_lines(ev["metrics"])
+    if teacher is not None:
+        t = res["teacher"]
+        lines += ["", f"The teacher CNF (the reflow target of the RegFlow student) is evaluated with its exact likelihood "
+                      f"({teacher['ode_solver']}, exact divergence; NLL on {teacher['metrics']['n_nll_frames']} reference "
+                      f"frames) in {teacher['cpu_s']:.0f} CPU-s. Its cost to the RegFlow route: teacher training "
+                      f"{_fmt(t.get('teacher_train_s'))} s + reflow pairs {_fmt(t.get('pairs_s'))} s (wall, one thread), "
+                      f"on top of the student's budget."]
+        student = ev["metrics"].get(config["train"]["method"], {})
+        if student.get("e_w1") is not None and teacher["metrics"].get("e_w1"):
+            lines.append(f"RegFlow student / teacher E-W1: {student['e_w1'] / teacher['metrics']['e_w1']:.2f}.")
+    lines += _basin_lines(rows)
     lines += ["", "Published values: RegFlow paper, NSF in Cartesian coordinates, GPU training with up to 10.4M "
               "reflow pairs. Ours: the budget of this config on this machine. **Different budgets: compare the "
               "methods within a row set, not our numbers with the paper's.** E-W1 and T-W2 use weight-resampled "
               "flow samples, no energy clipping and no weight filtering.", ""]
-    for name, figs in ev["figures"].items():
+    figure_sets = [(name, "evaluate", figs) for name, figs in ev["figures"].items()]
+    if teacher is not None:
+        figure_sets.insert(0, ("teacher (CNF)", "evaluate_teacher", teacher["figures"]))
+    for name, stage, figs in figure_sets:
         lines += [f"**{name}**: Ramachandran (reference frames{' | reference reweighted' if ev.get('reference_weighted') else ''}"
                   f" | flow raw | flow reweighted) and reduced-energy histograms", "",
-                  f"![{name} Ramachandran]({figure('evaluate', figs['ramachandran'])})",
-                  f"![{name} energies]({figure('evaluate', figs['energy'])})", ""]
-    for stage in ("train_regflow", "train_baseline"):
-        if stage in res:
-            t = res[stage]
-            curve = out / stage / "plots" / "training_curves.png"
-            if curve.is_file():
-                shutil.copyfile(curve, figures / f"{stage}_training_curves.png")
-            lines += [f"Training curves, {stage} ({t['method']}"
-                      + (f", {t['target']} target, {t['n_pairs']} pairs" if t["method"] == "regflow" else "") + "):", "",
-                      f"![{stage}](figures/{stage}_training_curves.png)", ""]
+                  f"![{name} Ramachandran]({figure(stage, figs['ramachandran'])})",
+                  f"![{name} energies]({figure(stage, figs['energy'])})", ""]
+    curves = [(stage, res[stage]["method"], Path(res[stage]["curves"])) for stage in ("train_regflow", "train_baseline")
+              if stage in res and "curves" in res[stage]]
+    if "student_curves" in res.get("train_regflow", {}):  # the RegFlow route: the student, then its MLE fine-tuning
+        curves.insert(0, ("train_regflow_student", "regflow", Path(res["train_regflow"]["student_curves"])))
+    for name, method, curve in curves:
+        if curve.is_file():
+            shutil.copyfile(curve, figures / f"{name}_training_curves.png")
+        t = res["train_regflow"] if name.startswith("train_regflow") else {}
+        detail = f", {t['target']} target, {t['n_pairs']} pairs" if method == "regflow" else ""
+        lines += [f"Training curves, {name} ({method}{detail}):", "", f"![{name}](figures/{name}_training_curves.png)", ""]
 
     down = ev.get("downstream", {"method": "regflow", "rule": "regflow"})
     lines += [f"Monte Carlo, free energy and export below use the **{down['method']}** flow "

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import output_dir
-from .config import load_config, smooth_settings, train_settings
+from .config import finetune_settings, load_config, smooth_settings, train_settings
 from .stages import Stage, StagedRun
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,13 @@ log = logging.getLogger(__name__)
 # produces, so existing runs retrain instead of reusing flows made by the old code.
 # 2: internal coordinates centre each torsion mid-box (fitted circular-mean offsets).
 # 3: improper-first Z-matrix, narrow torsions as intervals.
-TRAIN_CODE_VERSION = 3
+# 4: a final validation at the end of a run, so keep_best can choose the last steps' weights.
+TRAIN_CODE_VERSION = 4
+# Settings of the RegFlow student's optimisation alone: the teacher stage's key leaves them out.
+_STUDENT_ONLY = ("time_budget_s", "epochs", "max_steps", "batch_size", "lr", "weight_decay", "ema_decay", "ema_warmup",
+                 "grad_clip", "lr_schedule", "log_every", "checkpoint_every", "compile", "val_every_epochs",
+                 "val_samples", "val_torsion_samples", "keep_best", "early_stop_patience", "regularizer", "lambda_r",
+                 "lambda_n", "lambda_kl", "kl_batch_size", "kl_energy_cap_kT")
 
 
 def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bool = True) -> Path:
@@ -49,6 +55,7 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
                          f"[baseline] enabled = false or another baseline method")
     # every training setting is checked here, before any stage runs
     regflow = train_settings(config)
+    finetune = finetune_settings(config)  # the MLE part of the RegFlow route, or None
     # The baseline shares architecture, optimiser and budget (not the RegFlow-only settings).
     baseline = train_settings(config, method=config["baseline"]["method"]) if config["baseline"]["enabled"] else None
     smooth = smooth_settings(config) if config["smooth"]["enabled"] else None
@@ -75,21 +82,44 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
         background = run.start(Stage("train_baseline", functools.partial(_train, settings=baseline, progress=False,
                                                                           threads=threads),
                                      {**baseline, "code_version": TRAIN_CODE_VERSION}, needs=("md",)))
+    held_out = ("reference",) if reference is not None else ()
     # teacher_version: 2 = the standardised, torus-aware teacher CNF (training.cnf.TeacherCoordinates); a RegFlow
     # stage cached with the older teacher trains again (the MLE baseline's key does not change)
     teacher = {"teacher_version": 2} if regflow.get("method", "regflow") == "regflow" else {}
-    run.run(Stage("train_regflow", functools.partial(_train, settings=regflow, progress=progress, threads=threads),
-                  {**regflow, "code_version": TRAIN_CODE_VERSION, **teacher}, needs=("md",)))
-    flows = {config["train"]["method"]: "train_regflow"}  # the stage keeps its name for any method
+    train_needs = ("md",)
+    teacher_eval = None
+    if regflow["method"] == "regflow" and regflow.get("target", "reflow") == "reflow":
+        # The teacher and its pairs first, then its evaluation as a generator (CNF likelihoods are costly) in the
+        # background beside the two trainings: their budgets are CPU seconds, so sharing the cores costs them wall
+        # time, not training, and the evaluation uses the core the baseline leaves idle when it ends first.
+        run.run(Stage("teacher", functools.partial(_teacher, settings=regflow, progress=progress, threads=threads),
+                      {**{k: v for k, v in regflow.items() if k not in _STUDENT_ONLY}, **teacher}, needs=("md",)))
+        train_needs = ("md", "teacher")
+        if config["evaluate"]["teacher_samples"] > 0:
+            if reference is not None:
+                run.wait(reference)
+            ev = {k: config["evaluate"][k] for k in ("teacher_samples", "teacher_nll_frames", "teacher_ode_steps",
+                                                     "n_bootstrap", "n_torsion")}
+            teacher_eval = run.start(Stage("evaluate_teacher", functools.partial(_evaluate_teacher, settings=ev,
+                                                                                  seed=seed, threads=threads),
+                                           {**ev, "seed": seed}, needs=("md", "teacher", *held_out)))
+    run.run(Stage("train_regflow", functools.partial(_train, settings=regflow, finetune=finetune, progress=progress,
+                                                     threads=threads),
+                  {**regflow, "code_version": TRAIN_CODE_VERSION, **teacher,
+                   **({"mle_finetune": finetune} if finetune else {})}, needs=train_needs))
+    # the stage keeps its name for any method; with the route it holds the RegFlow student and the fine-tuned flow
+    flows = {config["train"]["method"]: ("train_regflow", "student_flow" if finetune else "flow")}
+    if finetune:
+        flows["regflow+mle"] = ("train_regflow", "flow")
     if background is not None:
         run.wait(background)
-        flows[config["baseline"]["method"]] = "train_baseline"
-    held_out = ()
+        flows[config["baseline"]["method"]] = ("train_baseline", "flow")
     if reference is not None:
         run.wait(reference)
-        held_out = ("reference",)
+    if teacher_eval is not None:
+        run.wait(teacher_eval)
     run.run(Stage("evaluate", lambda f, i: _evaluate(f, i, flows, config["evaluate"], seed),
-                  {**config["evaluate"], "seed": seed}, needs=("md", *held_out, *flows.values())))
+                  {**config["evaluate"], "seed": seed}, needs=("md", *held_out, *{s for s, _ in flows.values()})))
     run.run(Stage("mc", lambda f, i: _mc(f, i, system_name, config["mc"], seed, progress),
                   {**config["mc"], "seed": seed}, needs=("md", "evaluate")))
     run.run(Stage("free_energy", lambda f, i: _free_energy(f, i, config["free_energy"], seed, progress),
@@ -100,7 +130,7 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
         run.run(Stage("smooth", functools.partial(_smooth, settings=smooth, smooth=config["smooth"], flows=flows,
                                                   seed=seed, threads=threads, progress=progress),
                       {**config["smooth"], "train": smooth, "code_version": TRAIN_CODE_VERSION},
-                      needs=("md", *flows.values())))
+                      needs=("md", *{s for s, _ in flows.values()})))
     from .report import write_report
 
     return write_report(out, config, run.records)
@@ -205,19 +235,86 @@ def _reference(inputs: dict):
     return data, data.split_indices("test"), "test split (last block of the training run)"
 
 
-def _train(folder: Path, inputs: dict, *, settings: dict, progress: bool, threads: int) -> dict:
+def _train(folder: Path, inputs: dict, *, settings: dict, progress: bool, threads: int,
+           finetune: dict | None = None) -> dict:
+    """A training run into ``folder``; with the "teacher" stage's results, on its teacher and pairs (linked
+    in), and with ``finetune`` settings, the RegFlow route (student, then MLE fine-tuning from it)."""
+    import os
+    import shutil
+
     import torch
 
-    from ..training.runner import run_training
+    from ..training.runner import run_regflow_then_mle, run_training
     from ..training.trainer import TrainConfig
 
     torch.set_num_threads(threads)  # a spawned stage process starts with torch's default (all cores)
     config = TrainConfig.from_dict({**settings, "data": inputs["md"]["dataset"]})
+    if "teacher" in inputs:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("teacher", "pairs"):
+            src, dst = Path(inputs["teacher"][name]), folder / Path(inputs["teacher"][name]).name
+            if not dst.exists():
+                try:
+                    os.link(src, dst)
+                except OSError:
+                    shutil.copyfile(src, dst)
     started = time.process_time()
-    info = run_training(config, folder, progress=progress)
-    return {"flow": str(folder / "flow.pt"), "method": config.method, "target": config.target,
-            "n_pairs": info.get("n_pairs"), "train": info.get("train", {}), "val_metrics": info.get("final_metrics", {}),
-            "cpu_s_this_run": time.process_time() - started, "curves": str(folder / "plots" / "training_curves.png")}
+    if finetune is None:
+        info, student = run_training(config, folder, progress=progress), None
+    else:
+        mle = TrainConfig.from_dict({**finetune, "data": inputs["md"]["dataset"]})
+        info = run_regflow_then_mle(config, mle, folder, progress=progress)
+        student = info.pop("regflow")
+    final = folder / "mle_finetune" if student is not None else folder
+    results = {"flow": str(final / "flow.pt"), "method": "regflow+mle" if student is not None else config.method,
+               "target": config.target, "n_pairs": (student or info).get("n_pairs"), "train": info.get("train", {}),
+               "val_metrics": info.get("final_metrics", {}), "cpu_s_this_run": time.process_time() - started,
+               "curves": str(final / "plots" / "training_curves.png")}
+    if student is not None:
+        results.update(student_flow=str(folder / "flow.pt"), student_train=student.get("train", {}),
+                       student_curves=str(folder / "plots" / "training_curves.png"))
+    return results
+
+
+def _teacher(folder: Path, inputs: dict, *, settings: dict, progress: bool, threads: int) -> dict:
+    import torch
+
+    from ..training.runner import prepare_teacher
+    from ..training.trainer import TrainConfig
+
+    torch.set_num_threads(threads)
+    return prepare_teacher(TrainConfig.from_dict({**settings, "data": inputs["md"]["dataset"]}), folder,
+                           progress=progress)
+
+
+def _evaluate_teacher(folder: Path, inputs: dict, *, settings: dict, seed: int, threads: int) -> dict:
+    """The reflow teacher as a Boltzmann generator: its exact likelihood by a fixed-step rk4 ODE solve with the
+    exact divergence, evaluated like every flow (``evaluate_flow``)."""
+    import torch
+
+    from ..energy import EnergyEvaluator
+    from ..flows import load_flow
+    from ..training.cnf import SolverOptions, TeacherCNF, teacher_flow
+    from ..training.evaluation import evaluate_flow, scalar_metrics
+
+    torch.set_num_threads(threads)
+    data, test, reference = _reference(inputs)
+    student = load_flow(inputs["teacher"]["flow_space"], system=data.system)
+    cnf = TeacherCNF.load(inputs["teacher"]["teacher"])
+    cnf.solver = SolverOptions("rk4", n_steps=settings["teacher_ode_steps"])
+    flow = teacher_flow(cnf, student, inputs["teacher"]["teacher"])
+    log_w = data.log_weights[test] if data.weighted else None
+    started = time.process_time()
+    with EnergyEvaluator(data.system, n_workers=0) as evaluator, torch.no_grad():
+        res = evaluate_flow(flow, data.system, data.positions[test], data.reduced_energies()[test], evaluator=evaluator,
+                            n_samples=settings["teacher_samples"], seed=seed, n_torsion=settings["n_torsion"],
+                            n_bootstrap=settings["n_bootstrap"], md_log_weights=log_w,
+                            n_nll=settings["teacher_nll_frames"] or None, chunk_size=1000,
+                            plots_dir=folder, plot_prefix="teacher_")
+    return {"metrics": {**scalar_metrics(res), "basins": res["details"]["basins"],
+                        "n_nll_frames": res["details"]["nll"]["n_frames"]},
+            "ode_solver": f"rk4 {settings['teacher_ode_steps']} steps", "cpu_s": time.process_time() - started,
+            "figures": {"ramachandran": "teacher_ramachandran.png", "energy": "teacher_energy_histogram.png"}}
 
 
 def _evaluate(folder: Path, inputs: dict, flows: dict, settings: dict, seed: int) -> dict:
@@ -229,8 +326,8 @@ def _evaluate(folder: Path, inputs: dict, flows: dict, settings: dict, seed: int
     log_w = data.log_weights[test] if data.weighted else None
     results = {}
     with EnergyEvaluator(data.system, n_workers=0) as evaluator:
-        for name, stage in flows.items():
-            flow = load_flow(inputs[stage]["flow"], system=data.system)
+        for name, (stage, key) in flows.items():
+            flow = load_flow(inputs[stage][key], system=data.system)
             res = evaluate_flow(flow, data.system, data.positions[test], data.reduced_energies()[test],
                                 evaluator=evaluator, n_samples=settings["n_samples"], seed=seed,
                                 n_torsion=settings["n_torsion"], n_bootstrap=settings["n_bootstrap"],
@@ -242,13 +339,13 @@ def _evaluate(folder: Path, inputs: dict, flows: dict, settings: dict, seed: int
     if choice == "best":
         choice = min(results, key=lambda name: _finite_or_inf(results[name].get("e_w1")))
     elif choice == "baseline":
-        choice = next(name for name, stage in flows.items() if stage == "train_baseline")
+        choice = next(name for name, (stage, _) in flows.items() if stage == "train_baseline")
     if choice not in flows:
         raise ValueError(f"[evaluate].downstream_flow {settings['downstream_flow']!r}: no such flow in this run "
-                         f"({', '.join(flows)}); use best, regflow or baseline")
+                         f"({', '.join(flows)}); use best, baseline or one of these")
     return {"metrics": results, "n_test_frames": int(len(test)), "reference": reference,
             "reference_weighted": log_w is not None, "training_data_t_w2": data_t_w2,
-            "downstream": {"method": choice, "flow": inputs[flows[choice]]["flow"],
+            "downstream": {"method": choice, "flow": inputs[flows[choice][0]][flows[choice][1]],
                            "rule": settings["downstream_flow"]},
             "figures": {name: {"ramachandran": f"{name}_ramachandran.png", "energy": f"{name}_energy_histogram.png"}
                         for name in flows}}
@@ -434,8 +531,8 @@ def _smooth(folder: Path, inputs: dict, *, settings: dict, smooth: dict, flows: 
     test = data.split_indices("test")
     test = test[:: max(len(test) // smooth["n_test_frames"], 1)]
     rmse = {"smooth": force_rmse(flow, data.positions[test], data.forces[test])}
-    for name, stage in flows.items():
-        rmse[name] = force_rmse(load_flow(inputs[stage]["flow"], system=data.system), data.positions[test],
+    for name, (stage, key) in flows.items():
+        rmse[name] = force_rmse(load_flow(inputs[stage][key], system=data.system), data.positions[test],
                                 data.forces[test])
         rmse[name]["cpu_s"] = inputs[stage].get("cpu_s_this_run")
     rmse["smooth"]["cpu_s"] = trained["cpu_s_this_run"]

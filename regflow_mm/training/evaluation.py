@@ -40,14 +40,16 @@ def evaluate_flow(flow, system, md_positions: np.ndarray, md_reduced_energy: np.
                   energy_clip_kT: float | None = None, drop_top_fraction: float = 0.0,
                   n_invertibility: int = 512, chunk_size: int = 4096,
                   plots_dir: str | Path | None = None, plot_prefix: str = "",
-                  md_log_weights: np.ndarray | None = None, n_bootstrap: int = 0) -> dict[str, Any]:
+                  md_log_weights: np.ndarray | None = None, n_bootstrap: int = 0,
+                  n_nll: int | None = None) -> dict[str, Any]:
     """All metrics of ``flow`` against held-out reference frames (MD, or enhanced sampling with weights).
 
     ``md_positions`` (M, n_atoms, 3) nm and their reduced energies ``md_reduced_energy`` (M,) kT;
     ``md_log_weights`` (M,) the frames' log-weights to the target ensemble (None: plain MD, equal
     weights); ``evaluator`` an EnergyEvaluator of ``system``. ``n_torsion`` caps both sides of T-W2
     (at most min(n_samples, M); default 10000; exact EMD memory grows as n^2). ``n_bootstrap`` > 0 adds a
-    bootstrap interval of the ESS (ess_p05, ess_p95). Returns flat scalar metrics (ess, e_w1,
+    bootstrap interval of the ESS (ess_p05, ess_p95). ``n_nll`` caps the reference frames of the held-out
+    NLL (a seeded subset, with their weights; for flows whose likelihood is costly, e.g. a CNF). Returns flat scalar metrics (ess, e_w1,
     e_w1_raw, t_w2, t_w2_raw, nll, d_fraction, d_fraction_md, above_max_fraction: raw samples with u
     above the reference's highest, basins_missing: Ramachandran basins of the reference the flow does
     not sample (``metrics.basin_coverage``), invertibility_max_abs, timings in s) plus ``details``
@@ -104,7 +106,12 @@ def evaluate_flow(flow, system, md_positions: np.ndarray, md_reduced_energy: np.
     out["d_fraction_md"] = metrics.d_chirality_fraction(system.d_residues(md_positions))["d_fraction"]
 
     t = time.perf_counter()
-    details["nll"] = metrics.heldout_nll(flow, torch.as_tensor(md_positions, dtype=flow.dtype), chunk_size, md_lw)
+    nll_rows = np.arange(md_u.size)
+    if n_nll is not None and n_nll < md_u.size:
+        nll_rows = np.sort(np.random.default_rng(seed).choice(md_u.size, n_nll, replace=False))
+    details["nll"] = metrics.heldout_nll(flow, torch.as_tensor(md_positions[nll_rows], dtype=flow.dtype), chunk_size,
+                                         None if md_lw is None else md_lw[nll_rows])
+    details["nll"]["n_frames"] = int(nll_rows.size)
     out["nll_s"] = time.perf_counter() - t
     out["nll"] = details["nll"]["nll"]
     out["nll_in_support"] = details["nll"]["nll_in_support"]

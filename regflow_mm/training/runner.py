@@ -198,6 +198,30 @@ def prepare_pairs(config: TrainConfig, flow, y_train: torch.Tensor, out_dir: Pat
     return path
 
 
+def prepare_teacher(config: TrainConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
+    """The reflow teacher CNF and its pairs alone, in ``out_dir`` (``teacher.pt``, ``pairs_reflow.h5`` and
+    ``flow_space.pt``: the untrained student, whose representation and prior they live in), for students trained
+    elsewhere: ``run_training`` on a folder holding copies of both files checks and reuses them. Resumes like
+    ``run_training``'s own teacher step. Returns timings (wall s) and the paths."""
+    if config.method != "regflow" or config.target != "reflow":
+        raise ValueError(f"a reflow teacher belongs to method 'regflow' with target 'reflow', got {config.method!r} "
+                         f"with {config.target!r}")
+    out_dir = output_dir(out_dir)
+    system, dataset = load_training_data(config)
+    train = dataset.split("train")
+    flow = build_student(config, system, train)
+    with torch.no_grad():
+        y_train = flow.to_flow_space(torch.as_tensor(train, dtype=config.torch_dtype))[0].cpu()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info: dict = {}
+    started = time.process_time()
+    pairs = prepare_pairs(config, flow, y_train, out_dir, info, progress,
+                          train_log_weights=dataset.log_weights[dataset.split_indices("train")])
+    flow.save(out_dir / "flow_space.pt")
+    return {**info, "cpu_s": time.process_time() - started, "teacher": str(out_dir / "teacher.pt"),
+            "pairs": str(pairs), "flow_space": str(out_dir / "flow_space.pt")}
+
+
 def run_training(config: TrainConfig, out_dir: str | Path, *, progress: bool = True,
                  dist: DistInfo | None = None) -> dict:
     """Run (or resume) a full training run in ``out_dir``; returns the summary (also in run_info.json)."""
@@ -226,7 +250,13 @@ def run_training(config: TrainConfig, out_dir: str | Path, *, progress: bool = T
                     train_frames=int(train.shape[0]), dataset_hash=tensor_hash(train))
         if config.init_flow:
             from ..flows.io import flow_file_hash
-            info["init_flow_sha256"] = flow_file_hash(config.init_flow)
+            digest = flow_file_hash(config.init_flow)
+            if info.get("init_flow_sha256", digest) != digest and (out_dir / "checkpoint.pt").exists():
+                raise ValueError(f"{out_dir} continues a run started from another {config.init_flow} (its SHA-256 "
+                                 f"changed since): train into a new folder to start from the new file")
+            info["init_flow_sha256"] = digest
+            if dist.is_main:  # recorded now, so that a resumed run can tell whether its start is still the same
+                info_path.write_text(json.dumps(info, indent=2, default=str))
 
         with torch.no_grad():
             y_train = flow.to_flow_space(torch.as_tensor(train, dtype=config.torch_dtype))[0].cpu()
@@ -301,3 +331,23 @@ def run_training(config: TrainConfig, out_dir: str | Path, *, progress: bool = T
     finally:
         if own_dist:
             shutdown(dist)
+
+
+def run_regflow_then_mle(regflow: TrainConfig, finetune: TrainConfig, out_dir: str | Path, *,
+                         progress: bool = True) -> dict:
+    """The RegFlow route: a RegFlow student (``regflow``, trained in ``out_dir`` like ``run_training``: teacher,
+    pairs, student) is the start of maximum-likelihood fine-tuning (``finetune``, method 'mle', its
+    ``init_flow`` set to the student) in ``out_dir/mle_finetune``; its flow.pt is the route's result.
+
+    Budgets are each part's own ``time_budget_s``; each part resumes by itself. Returns the fine-tuning's
+    summary with the student's under ``"regflow"``.
+    """
+    if regflow.method != "regflow" or finetune.method != "mle":
+        raise ValueError(f"the RegFlow route is a 'regflow' student then 'mle' fine-tuning, got {regflow.method!r} "
+                         f"then {finetune.method!r}")
+    out_dir = Path(out_dir)
+    student = run_training(regflow, out_dir, progress=progress)
+    finetune = TrainConfig.from_dict({**finetune.to_dict(), "init_flow": str(out_dir / "flow.pt")})
+    info = run_training(finetune, out_dir / "mle_finetune", progress=progress)
+    return {**info, "regflow": student}
+

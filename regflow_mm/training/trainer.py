@@ -698,6 +698,10 @@ class Trainer:
                 if flags[2]:
                     stopped_by = "early_stopping"
                     break
+            if stopped_by in ("steps", "time_budget") and self.step != start_step and self._last_val_step() != self.step:
+                # the steps since the last validation (up to val_every_epochs epochs: the whole weighted last
+                # part of a short run) are judged too, so keep_best can choose the final weights
+                self._run_validation()
             if self.step != start_step or not self.checkpoint_path.exists():
                 self.save_checkpoint()
                 self._last_checkpoint_step = self.step
@@ -724,6 +728,9 @@ class Trainer:
         self.ema.update_parameters(self.flow)
         for b_ema, b in zip(self.ema.module.buffers(), self.flow.buffers()):
             b_ema.copy_(b)
+
+    def _last_val_step(self) -> int | None:
+        return next((r["step"] for r in reversed(self.records) if r.get("kind") == "val"), None)
 
     def _run_validation(self) -> None:
         if self.validate is None:
