@@ -89,24 +89,34 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
     train_needs = ("md",)
     teacher_eval = None
     if regflow["method"] == "regflow" and regflow.get("target", "reflow") == "reflow":
-        # The teacher and its pairs first, then its evaluation as a generator (CNF likelihoods are costly) in the
-        # background beside the two trainings: their budgets are CPU seconds, so sharing the cores costs them wall
-        # time, not training, and the evaluation uses the core the baseline leaves idle when it ends first.
+        # The teacher and its pairs first (a stage of their own), then the student; the teacher's evaluation as a
+        # generator (CNF likelihoods are costly) runs below, on the core the baseline frees.
         run.run(Stage("teacher", functools.partial(_teacher, settings=regflow, progress=progress, threads=threads),
                       {**{k: v for k, v in regflow.items() if k not in _STUDENT_ONLY}, **teacher}, needs=("md",)))
         train_needs = ("md", "teacher")
         if config["evaluate"]["teacher_samples"] > 0:
-            if reference is not None:
-                run.wait(reference)
             ev = {k: config["evaluate"][k] for k in ("teacher_samples", "teacher_nll_frames", "teacher_ode_steps",
                                                      "n_bootstrap", "n_torsion")}
-            teacher_eval = run.start(Stage("evaluate_teacher", functools.partial(_evaluate_teacher, settings=ev,
-                                                                                  seed=seed, threads=threads),
-                                           {**ev, "seed": seed}, needs=("md", "teacher", *held_out)))
-    run.run(Stage("train_regflow", functools.partial(_train, settings=regflow, finetune=finetune, progress=progress,
-                                                     threads=threads),
-                  {**regflow, "code_version": TRAIN_CODE_VERSION, **teacher,
-                   **({"mle_finetune": finetune} if finetune else {})}, needs=train_needs))
+            teacher_eval = Stage("evaluate_teacher", functools.partial(_evaluate_teacher, settings=ev, seed=seed,
+                                                                       threads=threads),
+                                 {**ev, "seed": seed}, needs=("md", "teacher", *held_out))
+    student = Stage("train_regflow", functools.partial(_train, settings=regflow, finetune=finetune,
+                                                       progress=progress and teacher_eval is not None,
+                                                       threads=threads),
+                    {**regflow, "code_version": TRAIN_CODE_VERSION, **teacher,
+                     **({"mle_finetune": finetune} if finetune else {})}, needs=train_needs)
+    if teacher_eval is None:
+        run.run(student)
+    else:
+        # the student trains in the background; the teacher's evaluation takes the core the baseline frees when it
+        # ends (its budget is the student's, without the teacher): one process per core, no oversubscription
+        student = run.start(student)
+        if background is not None:
+            run.wait(background)
+        if reference is not None:
+            run.wait(reference)
+        run.run(teacher_eval)
+        run.wait(student)
     # the stage keeps its name for any method; with the route it holds the RegFlow student and the fine-tuned flow
     flows = {config["train"]["method"]: ("train_regflow", "student_flow" if finetune else "flow")}
     if finetune:
@@ -116,16 +126,23 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
         flows[config["baseline"]["method"]] = ("train_baseline", "flow")
     if reference is not None:
         run.wait(reference)
-    if teacher_eval is not None:
-        run.wait(teacher_eval)
     run.run(Stage("evaluate", lambda f, i: _evaluate(f, i, flows, config["evaluate"], seed),
                   {**config["evaluate"], "seed": seed}, needs=("md", *held_out, *{s for s, _ in flows.values()})))
-    run.run(Stage("mc", lambda f, i: _mc(f, i, system_name, config["mc"], seed, progress),
-                  {**config["mc"], "seed": seed}, needs=("md", "evaluate")))
-    run.run(Stage("free_energy", lambda f, i: _free_energy(f, i, config["free_energy"], seed, progress),
-                  {**config["free_energy"], "seed": seed}, needs=("md", *held_out, "evaluate")))
-    run.run(Stage("export", lambda f, i: _export(f, i, config["export"], seed),
-                  {**config["export"], "seed": seed}, needs=("md", "evaluate")))
+    # the free energy on the second core while the Monte Carlo and the export run here
+    free_energy = run.start(Stage("free_energy", functools.partial(_free_energy, settings=config["free_energy"],
+                                                                   seed=seed, progress=False),
+                                  {**config["free_energy"], "seed": seed}, needs=("md", *held_out, "evaluate")))
+    try:
+        run.run(Stage("mc", lambda f, i: _mc(f, i, system_name, config["mc"], seed, progress),
+                      {**config["mc"], "seed": seed}, needs=("md", "evaluate")))
+        run.run(Stage("export", lambda f, i: _export(f, i, config["export"], seed),
+                      {**config["export"], "seed": seed}, needs=("md", "evaluate")))
+    except BaseException:
+        if free_energy.process is not None:  # no stage left running on its own: a rerun starts it afresh
+            free_energy.process.terminate()
+            free_energy.process.join()
+        raise
+    run.wait(free_energy)
     if smooth is not None:
         run.run(Stage("smooth", functools.partial(_smooth, settings=smooth, smooth=config["smooth"], flows=flows,
                                                   seed=seed, threads=threads, progress=progress),
