@@ -22,14 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench_flows import ARCHITECTURES as SIZES  # the same flows as the throughput benchmark (benchmarks/ is on the path)
 from regflow_mm.flows import build_flow
 from regflow_mm.systems import get_system
 from regflow_mm.training.objectives import nll_terms, regflow_terms
 
-ARCHITECTURES = {
-    "ar-nsf": dict(layers=4, hidden=256, depth=2, bins=8),
-    "nsf": dict(layers=8, hidden=256, blocks=2, bins=8),
-}
+ARCHITECTURES = {name: SIZES[name] for name in ("ar-nsf", "nsf")}
 
 
 def step_time(flow, optimizer, loss_fn) -> float:

@@ -49,10 +49,10 @@ def evaluate_flow(flow, system, md_positions: np.ndarray, md_reduced_energy: np.
     weights); ``evaluator`` an EnergyEvaluator of ``system``. ``n_torsion`` caps both sides of T-W2
     (at most min(n_samples, M); default 10000; exact EMD memory grows as n^2). ``n_bootstrap`` > 0 adds a
     bootstrap interval of the ESS (ess_p05, ess_p95). ``n_nll`` caps the reference frames of the held-out
-    NLL (a seeded subset, with their weights; for flows whose likelihood is costly, e.g. a CNF). Returns flat scalar metrics (ess, e_w1,
-    e_w1_raw, t_w2, t_w2_raw, nll, d_fraction, d_fraction_md, above_max_fraction: raw samples with u
-    above the reference's highest, basins_missing: Ramachandran basins of the reference the flow does
-    not sample (``metrics.basin_coverage``), invertibility_max_abs, timings in s) plus ``details``
+    NLL (a seeded subset, with their weights; for flows whose likelihood is costly, e.g. a CNF). Returns flat
+    scalar metrics (ess, e_w1, e_w1_raw, t_w2, t_w2_raw, nll, d_fraction, d_fraction_md, above_max_fraction:
+    raw samples with u above the reference's highest, basins_missing: Ramachandran basins of the reference the
+    flow does not sample (``metrics.basin_coverage``), invertibility_max_abs, timings in s) plus ``details``
     with the options and counts of each metric (``details["basins"]``: populations per residue).
     """
     check_spec_hash(flow.spec_hash, system, "the flow")
