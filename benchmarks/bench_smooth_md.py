@@ -4,11 +4,12 @@ OpenMM, run in NVE and Langevin MD, against a spline flow trained on the same da
 On alanine dipeptide, internal coordinates, both flows trained by ``regflow_mm.training.run_training``
 for the same CPU-second budget:
 
-- smooth: architecture 'smooth' (C-infinity couplings: mixtures on the torsion circles, bounded-stiffness
-  logit-affine maps on bonds, angles and narrow torsions with ``--interval logistic``, the default; mixtures
-  everywhere with ``--interval mixture``, the first version), support 'open' (bonds, angles and narrow
-  torsions mapped from their physical domains by smooth bijections; no hard wall), float64, trained by
-  'nll+fm' (w_nll NLL + w_fm force matching on the dataset's forces);
+- smooth: architecture 'smooth' (C-infinity couplings: mixtures on the torsion circles; on bonds, angles and
+  narrow torsions probit-affine maps on the normal open map with ``--interval probit``, the default,
+  logit-affine maps on the logistic open map with ``--interval logistic``, or mixtures with ``--interval
+  mixture``, the first version), support 'open' (bonds, angles and narrow torsions mapped from their physical
+  domains by smooth bijections; no hard wall), float64, trained by 'nll+fm' (w_nll NLL + w_fm force matching
+  on the dataset's forces; with enhanced-sampling data ``--reweight-fraction`` as the pipeline's);
 - spline: architecture 'nsf' (rational-quadratic splines, C1), support 'box' (the demo's flows), float32,
   trained by NLL ('mle', as in the paper and the demo; ``--spline-method nll+fm`` for the smooth flow's
   objective, which diverged here).
@@ -22,6 +23,7 @@ Ramachandran figure, and a short Langevin run with the smooth flow as a bias on 
 Prints markdown.
 
     python benchmarks/bench_smooth_md.py --dataset md.h5 [--budget-s 300] [--nve-ps 5] [--langevin-ps 100]
+        [--interval probit] [--reweight-fraction 0.3] [--seed 0]
 """
 from __future__ import annotations
 
@@ -47,11 +49,13 @@ def train(name: str, args, workdir: Path) -> tuple[object, float]:
     """Train one flow (see the module docstring); returns (flow, CPU seconds of training)."""
     common = dict(system="aldp", data=str(args.dataset), representation="internal", method="nll+fm",
                   w_nll=1.0, w_fm=args.w_fm, time_budget_s=args.budget_s, epochs=100000, batch_size=args.batch,
-                  lr=args.lr, lr_schedule="cosine", val_samples=0, val_every_epochs=1000, seed=args.seed,
+                  lr=args.lr, lr_schedule="cosine", data_weight_power=args.data_weight_power,
+                  reweight_fraction=args.reweight_fraction, val_samples=0, val_every_epochs=1000, seed=args.seed,
                   device="cpu", log_every=100, checkpoint_every=100000)
     if name == "smooth":
         config = TrainConfig(**common, architecture="smooth", dtype="float64",
-                             representation_options={"support": "open"},
+                             representation_options={"support": "open", "open_map":
+                                                     "normal" if args.interval == "probit" else "logistic"},
                              hyper={"n_layers": args.layers, "n_components": args.components,
                                     "hidden": [args.hidden, args.hidden], "interval": args.interval,
                                     "max_log_scale": args.max_log_scale})
@@ -85,13 +89,18 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--w-fm", type=float, default=1e-3, help="force-matching weight (paper Table 1: 0.001)")
+    parser.add_argument("--data-weight-power", type=float, default=0.0,
+                        help="enhanced-sampling data: batches drawn ~ frame weight**power (both flows)")
+    parser.add_argument("--reweight-fraction", type=float, default=0.0,
+                        help="enhanced-sampling data: last fraction of the budget on batches ~ frame weight")
     parser.add_argument("--layers", type=int, default=4, help="smooth coupling layers")
     parser.add_argument("--components", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--interval", choices=("logistic", "mixture"), default="logistic",
-                        help="map of the smooth flow's bonds, angles and narrow torsions (mixture: stiff flanks)")
+    parser.add_argument("--interval", choices=("probit", "logistic", "mixture"), default="probit",
+                        help="map of the smooth flow's bonds, angles and narrow torsions (mixture: stiff flanks; "
+                             "probit: with the normal open map, quadratic in log r along each bond)")
     parser.add_argument("--max-log-scale", type=float, default=math.log(2.0),
-                        help="bound of the logistic interval map's log-scale per layer")
+                        help="bound of the affine interval map's log-scale per layer")
     parser.add_argument("--spline-layers", type=int, default=6)
     parser.add_argument("--spline-hidden", type=int, default=128)
     parser.add_argument("--spline-method", choices=("mle", "nll+fm"), default="mle")
@@ -111,7 +120,8 @@ def main(argv=None) -> int:
     start = np.asarray(data.positions[data.split_indices("test")[0]], dtype=np.float64)
     print(f"aldp, {len(data.split_indices('train'))} training frames of {args.dataset} "
           f"({'weighted' if data.weighted else 'plain MD'}), {len(test)} test frames; training: NLL + {args.w_fm} x FM, "
-          f"{args.budget_s:.0f} CPU-s per flow, batch {args.batch}; OpenMM Reference platform, backend "
+          f"{args.budget_s:.0f} CPU-s per flow, batch {args.batch}, smooth interval maps {args.interval}, reweight fraction "
+          f"{args.reweight_fraction}, seed {args.seed}; OpenMM Reference platform, backend "
           f"{args.backend}; 2-core x86_64 VM, shared, 1 thread\n", flush=True)
 
     flows, rows = {}, []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import h5py
 import numpy as np
@@ -54,12 +55,28 @@ def test_acceptance_rises_over_segments_from_a_poor_flow(harmonic_oscillator, tm
     assert acceptance[0] < 0.5
     assert acceptance[-1] > 0.85
     assert summary["acceptance_last_quarter"] > summary["acceptance_first_quarter"] + 0.35
+    assert summary["acceptance_rise"] > 3 * summary["acceptance_rise_se"] > 0
     nll = [v["nll_after"] for v in summary["flow_versions"][1:]]
     assert all(v["nll_after"] < v["nll_before"] for v in summary["flow_versions"][1:])
     assert len(nll) == 3
     final = load_flow(flow_versions_dir(tmp_path / "chain.h5") / summary["flow_versions"][-1]["file"])
     np.testing.assert_allclose(final.transform.shift.detach().numpy(), 0.0, atol=0.25 * sigma)
     np.testing.assert_allclose(final.transform.log_scale.exp().detach().numpy(), sigma, rtol=0.2)
+
+
+def test_acceptance_standard_error_by_batch_means():
+    """Independent proposals: the batch-means error equals the binomial one; acceptances in runs (a chain
+    stuck on a state for 25 iterations, then free for 25) give a far larger error than the binomial."""
+    from regflow_mm.sampling.adaptive import _acceptance_se
+
+    rng = np.random.default_rng(0)
+    k, p = 16, 0.4
+    iid = rng.binomial(k, p, size=(2000, 10))
+    binomial = math.sqrt(p * (1 - p) / iid.size / k)
+    assert abs(_acceptance_se(iid, k) / binomial - 1) < 0.3
+    runs = np.repeat(rng.binomial(1, p, size=(80, 10)) * k, 25, axis=0)  # all or nothing, 25 iterations long
+    assert _acceptance_se(runs, k) > 3 * math.sqrt(p * (1 - p) / runs.size / k)
+    assert math.isnan(_acceptance_se(iid[:1], k))
 
 
 def test_resume_after_kills_repeats_the_uninterrupted_chain(harmonic_oscillator, tmp_path, monkeypatch):
@@ -152,10 +169,13 @@ def test_cli_adaptive_mc_on_aldp(aldp, tmp_path, capsys):
     build_flow(aldp, "cartesian", "gaussian", seed=0, dtype=torch.float64, fit_to=aldp.positions[None]).save(flow_path)
     args = ["mc", "aldp", str(flow_path), "--out", str(tmp_path / "mc.h5"), "--iterations", "8", "--walkers", "2",
             "--md-steps", "10", "--flow-moves", "2", "--batch-size", "8", "--checkpoint-every", "3"]
-    assert main(args + ["--adapt", "--segment-iterations", "4", "--finetune-steps", "5", "--quiet"]) == 0
+    assert main(args + ["--adapt", "--segment-iterations", "4", "--finetune-steps", "5", "--acceptance-samples", "64",
+                        "--quiet"]) == 0
     out, err = capsys.readouterr()
     assert err == ""  # --quiet: no progress bar
     assert "| acceptance, first / last quarter |" in out and "| segment 1 (flow v1) |" in out
+    assert "| acceptance rise, last - first quarter (batch-means SE) |" in out
+    assert "| stationary acceptance of the proposal, v0 -> v1 (64 paired samples each) |" in out
     summary = adaptive_summary(tmp_path / "mc.h5")
     assert summary["n_iterations"] == 8 and len(summary["flow_versions"]) == 2
     assert "phi1_positive_fraction" in summary

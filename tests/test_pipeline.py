@@ -14,7 +14,7 @@ TINY = {
     "train": {"time_budget_s": 3.0, "teacher_steps": 30, "n_pairs": 300, "batch_size": 64, "ode_method": "rk4"},
     "evaluate": {"n_samples": 200, "teacher_samples": 100, "teacher_nll_frames": 40, "teacher_ode_steps": 2},
     "mc": {"n_iterations": 6, "md_steps_per_iteration": 20, "adapt_segments": 2, "finetune_steps": 3,
-           "finetune_proposals": 64,
+           "finetune_proposals": 64, "acceptance_samples": 200,
            "tempering_replicas": 2, "tempering_iterations": 2, "tempering_max_K": 400.0},
     "free_energy": {"n_samples": 300, "tfep_n_train": 50, "tfep_n_eval": 50, "tfep_steps": 5, "tfep_layers": 2,
                     "tfep_hidden": 8},
@@ -64,6 +64,12 @@ def test_report_holds_this_runs_numbers(finished_run):
     assert [seg["flow_version"] for seg in adaptive["segments"]] == [0, 1] and adaptive["n_versions"] == 2
     assert f"acceptance **{adaptive['acceptance_first_quarter']:.2%} in the first quarter" in text
     assert adaptive["finetune_proposals"] == 64 and 1 <= adaptive["proposal_ess"][0] <= 64
+    va = adaptive["version_acceptance"]  # the proposals v0 and v1 on paired samples
+    assert (va["first_version"], va["last_version"], va["n_samples"]) == (0, 1, 200)
+    assert 0.0 <= va["acceptance_a"] <= 1.0 and 0.0 <= va["acceptance_b"] <= 1.0 and va["change_se"] >= 0.0
+    assert f"{va['acceptance_a']:.2%} +- {va['acceptance_a_se']:.2%} -> {va['acceptance_b']:.2%}" in text
+    assert abs(adaptive["acceptance_rise"] - (adaptive["acceptance_last_quarter"]
+                                              - adaptive["acceptance_first_quarter"])) < 1e-12
     assert "and on 64 of its own samples weighted by exp(-u - log q)" in text
     tempering = stages["mc"]["tempering"]  # flow moves inside parallel tempering, 300 and 400 K
     assert tempering["n_iterations"] == 2 and [round(t) for t in tempering["temperatures_K"]] == [300, 400]

@@ -32,18 +32,21 @@ def _perturbed(flow, scale=0.05, seed=0):
     return flow.eval()
 
 
-@pytest.fixture(scope="module", params=["logistic", "mixture"])
+@pytest.fixture(scope="module", params=["probit", "logistic", "mixture"])
 def smooth_flow(aldp, frames, request):
     """A small float64 smooth flow on the open support (2 layers, 4 components, 16 hidden), with the
-    logit-affine (the [smooth] stage's default) or the mixture map on bonds, angles and narrow torsions."""
+    probit-affine (on the normal open map), the logit-affine or the mixture map on bonds, angles and
+    narrow torsions."""
+    open_map = "normal" if request.param == "probit" else "logistic"
     flow = build_flow(aldp, "internal", "smooth", fit_to=frames, dtype=torch.float64, seed=0,
-                      representation_options={"support": "open"}, n_layers=2, n_components=4, hidden=[16],
-                      interval=request.param)
+                      representation_options={"support": "open", "open_map": open_map}, n_layers=2,
+                      n_components=4, hidden=[16], interval=request.param)
     return _perturbed(flow)
 
 
-def test_open_support_round_trip_and_log_det(aldp, frames):
-    rep = InternalCoordinates.from_topology(aldp.topology, support="open").double().fit(frames)
+@pytest.mark.parametrize("open_map", ["logistic", "normal"])
+def test_open_support_round_trip_and_log_det(aldp, frames, open_map):
+    rep = InternalCoordinates.from_topology(aldp.topology, support="open", open_map=open_map).double().fit(frames)
     x = torch.as_tensor(frames[:8])
     u, logdet_to = rep.to_flow_space(x)
     assert ((u > 0) & (u < 1)).all()
@@ -59,7 +62,8 @@ def test_open_support_round_trip_and_log_det(aldp, frames):
     v = [t.detach().clone().requires_grad_(True) for t in (bonds, angles, centred)]
     z = (rep._open_t(*v) - rep.open_centre) / rep.open_scale
     circ = torch.cat([torch.zeros(rep.n_bonds + rep.n_angles, dtype=torch.bool), rep.circular_torsions])
-    u_v = torch.where(circ, torch.cat([z[:, :-rep.n_torsions], (v[2] + math.pi) / (2 * math.pi)], -1), torch.sigmoid(z))
+    cdf = torch.sigmoid(z) if open_map == "logistic" else 0.5 * torch.erfc(-z / math.sqrt(2.0))
+    u_v = torch.where(circ, torch.cat([z[:, :-rep.n_torsions], (v[2] + math.pi) / (2 * math.pi)], -1), cdf)
     grads = torch.cat(torch.autograd.grad(u_v.sum(), v), -1)
     expected = -rep._jacobian_log(bonds, angles) + grads.log().sum(-1)
     torch.testing.assert_close(logdet_to, expected, atol=1e-9, rtol=0)
@@ -180,8 +184,13 @@ def test_smooth_pipeline_settings():
     example = load_config(Path(__file__).parents[1] / "examples" / "aldp_cpu_smooth.toml")
     assert example["smooth"]["enabled"] and example["smooth"]["time_budget_s"] == example["train"]["time_budget_s"]
     smooth_settings(example)
-    assert settings["hyper"]["interval"] == "logistic"
-    with pytest.raises(ValueError, match=r"\[smooth\].interval must be 'logistic' or 'mixture'"):
+    assert settings["hyper"]["interval"] == "probit" and settings["representation_options"]["open_map"] == "normal"
+    logistic = smooth_settings(validate({"smooth": {"enabled": True, "interval": "logistic"}}))
+    assert logistic["hyper"]["interval"] == "logistic" and logistic["representation_options"]["open_map"] == "logistic"
+    with pytest.raises(ValueError, match="open_map must be one of"):
+        InternalCoordinates.from_topology(__import__("regflow_mm.systems", fromlist=["get_system"])
+                                          .get_system("aldp").topology, support="open", open_map="cauchy")
+    with pytest.raises(ValueError, match=r"\[smooth\].interval must be 'probit', 'logistic' or 'mixture'"):
         validate({"smooth": {"interval": "spline"}})
     with pytest.raises(ValueError, match=r"\[smooth\].backend must be 'torch' or 'python'"):
         validate({"smooth": {"backend": "jax"}})

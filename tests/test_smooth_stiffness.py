@@ -9,7 +9,8 @@ import torch
 
 from regflow_mm.flows.smooth import (SmoothParams, SmoothTransformConfig, constrain_params, initial_raw,
                                      mixture_cdf, stiffness_bound)
-from regflow_mm.flows.smooth_coupling import SmoothCouplingLayer, logistic_map
+from regflow_mm.flows import SequentialFlow
+from regflow_mm.flows.smooth_coupling import SmoothCouplingLayer, logistic_map, probit_map
 
 F64 = torch.float64
 
@@ -101,9 +102,56 @@ def test_logistic_map_round_trip_log_det_and_curvature_bound():
                 assert float(g2.max() - g2.min()) > 0.2
 
 
-def test_logistic_interval_layer_round_trip_exact_log_det_and_conditioned_parameters():
+def test_probit_map_round_trip_log_det_and_exact_curvature():
+    gen = torch.Generator().manual_seed(0)
+    u = torch.special.ndtr(torch.randn(500, generator=gen, dtype=F64))
+    mu = 0.5 * torch.randn(500, generator=gen, dtype=F64)
+    s = math.log(2.0) * torch.tanh(torch.randn(500, generator=gen, dtype=F64))
+    v, ld = probit_map(u, mu, s)
+    back, ld_inv = probit_map(v, mu, s, inverse=True)
+    # z ~ N(0, 1), |z'| < 6 here; above, 1 - v keeps too few digits in float64 (Phi(z) rounds to 1 at z ~ 8.2)
+    assert float(torch.special.ndtri(v).abs().max()) < 6.0
+    assert float((back - u).abs().max()) < 1e-9 and float((ld + ld_inv).abs().max()) < 1e-8
+    uu = u.clone().requires_grad_(True)
+    (dv,) = torch.autograd.grad(probit_map(uu, mu, s)[0].sum(), uu)
+    assert torch.allclose(dv.log(), ld, atol=1e-9)
+    # along z = Phi^-1(u): d^2/dz^2 log|dv/du| = 1 - exp(2 s) exactly, for every z and mu (to round-off,
+    # which grows like exp(z^2 / 2) eps in the upper tail)
+    z = torch.linspace(-5.0, 5.0, 1001, dtype=F64)
+    for scale in (-math.log(2.0), 0.0, 0.3):
+        for shift in (-3.0, 0.0, 2.0):
+            zz = z.clone().requires_grad_(True)
+            ell = probit_map(torch.special.ndtr(zz), torch.tensor(shift, dtype=F64), torch.tensor(scale, dtype=F64))[1]
+            (g1,) = torch.autograd.grad(ell.sum(), zz, create_graph=True)
+            (g2,) = torch.autograd.grad(g1.sum(), zz)
+            torch.testing.assert_close(g2, torch.full_like(g2, 1.0 - math.exp(2 * scale)), atol=1e-7, rtol=0)
+
+
+def test_stacked_probit_layers_give_a_normal_density_in_z():
+    """One interval coordinate, three unconditioned probit layers on a uniform prior: log q(u) along
+    z = Phi^-1(u) is exactly the log-density of N(m, S^2) in z minus log Phi'(z) (the change to u), with
+    S and m composed from the layers' scales and shifts."""
+    flow = SequentialFlow([SmoothCouplingLayer(["interval"], [0], hidden=(4,), interval="probit")
+                           for _ in range(3)]).double()
+    scales, shifts = [0.5, -0.3, 0.2], [0.4, -1.0, 0.7]
+    with torch.no_grad():
+        for layer, sc, sh in zip(flow.layers, scales, shifts):
+            layer.conditioner.bias.copy_(torch.tensor([sh, math.atanh(sc / layer.max_log_scale)], dtype=F64))
+    # data -> noise applies the layers' inverse maps: z0 = (z - mu) e^-s, in order
+    z = torch.linspace(-5.0, 5.0, 101, dtype=F64)
+    _, logdet = flow(torch.special.ndtr(z)[:, None])
+    m, S = 0.0, 1.0  # z = S z0 + m composes the forward maps, applied in reverse order
+    for sc, sh in reversed(list(zip(scales, shifts))):
+        m, S = math.exp(sc) * m + sh, math.exp(sc) * S
+    normal = torch.distributions.Normal(torch.tensor(m, dtype=F64), torch.tensor(S, dtype=F64))
+    log_phi = -0.5 * z * z - 0.5 * math.log(2 * math.pi)
+    torch.testing.assert_close(logdet.detach(), normal.log_prob(z) - log_phi, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("interval", ["logistic", "probit"])
+def test_affine_interval_layer_round_trip_exact_log_det_and_conditioned_parameters(interval):
     domains = ["interval", "circle", "interval", "circle", "interval"]
-    layer = SmoothCouplingLayer(domains, [0, 1, 2], n_components=4, hidden=(16,), interval="logistic").double()
+    layer = SmoothCouplingLayer(domains, [0, 1, 2], n_components=4, hidden=(16,), interval=interval).double()
     with torch.no_grad():
         gen = torch.Generator().manual_seed(3)
         for p in layer.parameters():

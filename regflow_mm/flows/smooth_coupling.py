@@ -21,6 +21,14 @@ The mixture's compact-support bumps are not: where a bump falls to the identity 
 by up to log(1/c) over a fraction of the bump's width (``smooth.stiffness_bound``), and on the stiff
 coordinates (a C-H bond, a methyl hydrogen's improper torsion) such a flank is a spring far stiffer than the
 force field's (BENCHMARKS.md, issue 12). Circle coordinates always use the mixtures.
+
+``interval='probit'`` is the same with the standard normal CDF Phi in place of the sigmoid:
+``v = Phi(exp(s) Phi^-1(u) + mu)``, log-derivative ``s - (z'^2 - z^2) / 2`` along z = Phi^-1(u), whose second
+derivative is exactly ``1 - exp(2 s)``. Stacked on a uniform prior, the flow's density along each such
+coordinate is a normal density in z with a conditional mean and scale: with the representation's
+``open_map='normal'`` (u = Phi((t - m) / s)) the flow potential along a bond is quadratic in log r, the
+shape of the force field's harmonic bond, so force matching can fit the bond's stiffness without the
+over-stiff centre a logistic profile needs to match Gaussian tails.
 """
 from __future__ import annotations
 
@@ -39,7 +47,8 @@ from .rootfinding import RootFindingConfig, RootFindingStats, implicit_inverse
 from .smooth import DOMAINS, SmoothParams, SmoothTransformConfig, constrain_params, initial_raw, mixture_cdf
 
 ANALYTIC = ("forward", "inverse")
-INTERVAL_MAPS = ("mixture", "logistic")
+INTERVAL_MAPS = ("mixture", "logistic", "probit")
+_AFFINE_MAPS = ("logistic", "probit")
 
 
 def _logit(u: torch.Tensor) -> torch.Tensor:
@@ -60,6 +69,20 @@ def logistic_map(u: torch.Tensor, mu: torch.Tensor, log_scale: torch.Tensor, inv
         z_out = torch.exp(log_scale) * z + mu
         logdet = log_scale + log_sigmoid_grad(z_out) - log_sigmoid_grad(z)
     return torch.sigmoid(z_out), logdet
+
+
+def probit_map(u: torch.Tensor, mu: torch.Tensor, log_scale: torch.Tensor, inverse: bool = False):
+    """Probit-affine bijection of (0, 1): ``v = Phi(exp(s) Phi^-1(u) + mu)`` (``inverse``: its inverse) and
+    log |dv/du| of the map applied, elementwise, all of the same shape. In float64, u within ~1e-16 of 1
+    (z > 8.2) rounds to 1 and is moved to the nearest interior float."""
+    eps = torch.finfo(u.dtype).eps
+    z = torch.special.ndtri(u.clamp(torch.finfo(u.dtype).tiny, 1.0 - eps / 2))
+    z_out = (z - mu) * torch.exp(-log_scale) if inverse else torch.exp(log_scale) * z + mu
+    logdet = (-log_scale if inverse else log_scale) - 0.5 * (z_out * z_out - z * z)
+    return torch.special.ndtr(z_out), logdet
+
+
+_AFFINE_MAP_FN = {"logistic": logistic_map, "probit": probit_map}
 
 
 def _mixture_fn(x: torch.Tensor, params: Sequence[torch.Tensor], derivative: bool = True, *,
@@ -113,8 +136,8 @@ class SmoothCouplingLayer(CouplingLayer):
     with 0 ~ 1). ``n_components``: mixture size K; ``beta``: ramp power; ``hidden``: conditioner widths;
     ``analytic``: which direction evaluates the mixture in closed form; ``rootfinding``: inverse settings;
     ``circle_shift``: add a conditioned rotation to circle coordinates; ``c_min``: density floor.
-    ``interval``: 'mixture' (smooth mixtures on interval coordinates too) or 'logistic' (the logit-affine
-    map of the module docstring, log-scale bounded by ``max_log_scale``); ``a_max``: None or the largest
+    ``interval``: 'mixture' (smooth mixtures on interval coordinates too), 'logistic' or 'probit' (the
+    logit- and probit-affine maps of the module docstring, log-scale bounded by ``max_log_scale``); ``a_max``: None or the largest
     mixture concentration (``SmoothTransformConfig.a_max``).
     Root-finding statistics of this layer are in ``self.rootfinding_stats``.
     """
@@ -134,7 +157,7 @@ class SmoothCouplingLayer(CouplingLayer):
         if interval not in INTERVAL_MAPS:
             raise ValueError(f"interval must be one of {INTERVAL_MAPS}, got {interval!r}")
         if not max_log_scale > 0:
-            raise ValueError(f"max_log_scale must be > 0 (bound of the logistic map's log-scale), got {max_log_scale}")
+            raise ValueError(f"max_log_scale must be > 0 (bound of the affine map's log-scale), got {max_log_scale}")
         transformed = sorted(set(int(i) for i in transformed))
         if not transformed or transformed[0] < 0 or transformed[-1] >= len(domains):
             raise ValueError(f"transformed must be non-empty indices in [0, {len(domains)}), got {transformed}")
@@ -156,10 +179,10 @@ class SmoothCouplingLayer(CouplingLayer):
         self.config_circ = SmoothTransformConfig("circle", n_components, beta, a_min=1.0, c_min=c_min, a_max=a_max)
         self.interval = interval
         self.max_log_scale = float(max_log_scale)
-        self.n_raw_int = 2 if interval == "logistic" else self.config_int.n_raw
+        self.n_raw_int = 2 if interval in _AFFINE_MAPS else self.config_int.n_raw
         self.circle_shift = circle_shift and len(self.idx_circ) > 0
         n_int, n_circ = len(self.idx_int), len(self.idx_circ)
-        init_int = torch.zeros(2) if interval == "logistic" else initial_raw(self.config_int)  # identity: mu = s = 0
+        init_int = torch.zeros(2) if interval in _AFFINE_MAPS else initial_raw(self.config_int)  # identity: mu = s = 0
         init = [init_int.repeat(n_int), initial_raw(self.config_circ).repeat(n_circ)]
         if self.circle_shift:
             init.append(torch.zeros(n_circ))
@@ -167,7 +190,7 @@ class SmoothCouplingLayer(CouplingLayer):
 
     def _params(self, x: torch.Tensor):
         """One conditioner pass: (interval params, circle params, circle shift or None). Interval params of
-        'logistic': (mu, log-scale s), each (B, n_int)."""
+        'logistic' and 'probit': (mu, log-scale s), each (B, n_int)."""
         raw = self.conditioner(x[:, self.idx_cond])
         n_int, n_circ = len(self.idx_int), len(self.idx_circ)
         k_int, k_circ = self.n_raw_int, self.config_circ.n_raw
@@ -175,7 +198,7 @@ class SmoothCouplingLayer(CouplingLayer):
         raw_int = raw[:, : n_int * k_int].reshape(batch, n_int, k_int)
         raw_circ = raw[:, n_int * k_int: n_int * k_int + n_circ * k_circ].reshape(batch, n_circ, k_circ)
         shift = torch.sigmoid(raw[:, n_int * k_int + n_circ * k_circ:]) if self.circle_shift else None
-        if self.interval == "logistic":
+        if self.interval in _AFFINE_MAPS:
             p_int = (raw_int[..., 0], self.max_log_scale * torch.tanh(raw_int[..., 1]))
         else:
             p_int = constrain_params(raw_int, self.config_int)
@@ -185,8 +208,8 @@ class SmoothCouplingLayer(CouplingLayer):
         p_int, p_circ, shift = self._params(u)
         v = u.clone()
         logdet = u.new_zeros(u.shape[0])
-        if len(self.idx_int) and self.interval == "logistic":
-            y, ld = logistic_map(u[:, self.idx_int], *p_int)
+        if len(self.idx_int) and self.interval in _AFFINE_MAPS:
+            y, ld = _AFFINE_MAP_FN[self.interval](u[:, self.idx_int], *p_int)
             v[:, self.idx_int] = y
             logdet = logdet + ld.sum(-1)
         elif len(self.idx_int):
@@ -208,12 +231,12 @@ class SmoothCouplingLayer(CouplingLayer):
         p_int, p_circ, shift = self._params(v)
         u = v.clone()
         logdet = v.new_zeros(v.shape[0])
-        if len(self.idx_int) and self.interval == "logistic":  # analytic inverse, no root finding
-            x, ld = logistic_map(v[:, self.idx_int], *p_int, inverse=True)
+        if len(self.idx_int) and self.interval in _AFFINE_MAPS:  # analytic inverse, no root finding
+            x, ld = _AFFINE_MAP_FN[self.interval](v[:, self.idx_int], *p_int, inverse=True)
             u[:, self.idx_int] = x
             logdet = logdet + ld.sum(-1)
         for idx, params, config in ((self.idx_int, p_int, self.config_int), (self.idx_circ, p_circ, self.config_circ)):
-            if not len(idx) or (config is self.config_int and self.interval == "logistic"):
+            if not len(idx) or (config is self.config_int and self.interval in _AFFINE_MAPS):
                 continue
             t = v[:, idx]
             circle = config.domain == "circle" and shift is not None
@@ -273,8 +296,8 @@ def smooth_architecture(representation, n_layers: int = 4, n_components: int = 8
 
     Needs a representation with ``domain == 'box'`` (internal coordinates): its ``circular`` dimensions
     (torsions) are circles, the others (bonds, angles) intervals. ``seed`` fixes the coupling splits.
-    ``interval='logistic'`` (bounded stiffness on bonds, angles and narrow torsions; for flow potentials
-    used in dynamics) or 'mixture'; ``max_log_scale``, ``a_max``: see :class:`SmoothCouplingLayer`.
+    ``interval='logistic'`` or 'probit' (bounded stiffness on bonds, angles and narrow torsions; for flow
+    potentials used in dynamics, 'probit' with the representation's ``open_map='normal'``) or 'mixture'; ``max_log_scale``, ``a_max``: see :class:`SmoothCouplingLayer`.
     """
     if getattr(representation, "domain", None) != "box":
         raise ValueError("architecture 'smooth' needs a [0, 1]^D flow space: use representation='internal'")

@@ -63,13 +63,15 @@ SCHEMA: dict[str, dict] = {
     # settings, its proposal flow fine-tuned between adapt_segments equal segments (finetune_steps Adam steps at
     # finetune_lr, weighted NLL on the chain's frames + the training data's train split with its frame weights,
     # and, with finetune_proposals > 0, on that many flow samples weighted by their importance weights, at half the
-    # mass of the batches).
+    # mass of the batches). acceptance_samples > 0: the first and the last flow version's stationary acceptance as
+    # independence proposals, each from that many samples on the same latent draws (``adaptive.version_acceptance``):
+    # the chain's quarters differ by ~2 points of noise, the paired estimate resolves a change of a few tenths.
     # tempering_replicas >= 2: also openmmtools parallel tempering (``sampling.tempering``) with the same MD
     # segment and flow moves in every replica, on a geometric ladder up to tempering_max_K, for
     # tempering_iterations exchange iterations.
     "mc": {"n_iterations": 200, "md_steps_per_iteration": 500, "n_walkers": 2, "flow_moves_per_iteration": 1,
            "adapt_segments": 0, "finetune_steps": 300, "finetune_lr": 2e-4, "finetune_proposals": 0,
-           "tempering_replicas": 0, "tempering_iterations": 50, "tempering_max_K": 600.0},
+           "acceptance_samples": 20000, "tempering_replicas": 0, "tempering_iterations": 50, "tempering_max_K": 600.0},
     # tfep: also TFEP between phi < 0 and phi > 0 (``sampling.tfep``): a map trained energy-free by RegFlow on
     # OT pairs of tfep_n_train weight-resampled training frames per state (tfep_steps regression steps, a
     # tfep_layers x tfep_hidden circular-spline coupling map moving the wide torsions, or every coordinate with
@@ -92,10 +94,12 @@ SCHEMA: dict[str, dict] = {
     # flow potential alone (T-W2 of (phi, psi) against the training frames, Ramachandran plot), and bias_ps
     # of Langevin on the force field with the flow force in its own group. Off by default (~5 min of
     # training plus the MD: examples/aldp_cpu_smooth.toml).
-    # interval: the map of bonds, angles and narrow torsions in the couplings: "logistic" (conditional
-    # logit-affine, curvature bounded for every parameter value) or "mixture" (the torsions' smooth mixtures;
-    # their flanks are springs far stiffer than the bonds' and NVE at 1 fs heats up, BENCHMARKS.md issue 12).
-    "smooth": {"enabled": False, "layers": 4, "components": 8, "hidden": 64, "open_width": 1.0, "interval": "logistic",
+    # interval: the map of bonds, angles and narrow torsions in the couplings: "probit" (conditional
+    # probit-affine on a normal open map: the flow potential along each bond is quadratic in log r, like the
+    # force field's), "logistic" (conditional logit-affine on a logistic open map, curvature bounded for every
+    # parameter value) or "mixture" (the torsions' smooth mixtures; their flanks are springs far stiffer than
+    # the bonds' and NVE at 1 fs heats up, BENCHMARKS.md issue 12).
+    "smooth": {"enabled": False, "layers": 4, "components": 8, "hidden": 64, "open_width": 1.0, "interval": "probit",
                "time_budget_s": 300.0, "batch_size": 64, "lr": 1e-3, "w_nll": 1.0, "w_fm": 1e-3,
                "data_weight_power": 0.0, "reweight_fraction": 0.0, "backend": "torch", "n_test_frames": 2000,
                "nve_equilibrate_ps": 1.0, "nve_ps": 5.0, "langevin_ps": 100.0, "langevin_timestep_fs": 2.0,
@@ -129,6 +133,8 @@ def validate(raw: dict, source: str = "config") -> dict:
     if mc["adapt_segments"] > 1 and mc["n_iterations"] % mc["adapt_segments"]:
         raise ValueError(f"{source}: [mc].n_iterations = {mc['n_iterations']} must be a multiple of "
                          f"[mc].adapt_segments = {mc['adapt_segments']} (equal segments with a frozen flow)")
+    if mc["acceptance_samples"] < 0:
+        raise ValueError(f"{source}: [mc].acceptance_samples must be >= 0 (0: not measured), got {mc['acceptance_samples']}")
     if config["free_energy"]["tfep_moved"] not in ("circular", "all"):
         raise ValueError(f"{source}: [free_energy].tfep_moved must be 'circular' or 'all', got "
                          f"{config['free_energy']['tfep_moved']!r}")
@@ -144,8 +150,8 @@ def validate(raw: dict, source: str = "config") -> dict:
                          f"got {sm['hydrogen_mass_amu']}")
     if sm["backend"] not in ("torch", "python"):
         raise ValueError(f"{source}: [smooth].backend must be 'torch' or 'python', got {sm['backend']!r}")
-    if sm["interval"] not in ("logistic", "mixture"):
-        raise ValueError(f"{source}: [smooth].interval must be 'logistic' or 'mixture', got {sm['interval']!r}")
+    if sm["interval"] not in ("probit", "logistic", "mixture"):
+        raise ValueError(f"{source}: [smooth].interval must be 'probit', 'logistic' or 'mixture', got {sm['interval']!r}")
     if not 0.0 <= config["train"]["mle_finetune_fraction"] < 1.0:
         raise ValueError(f"{source}: [train].mle_finetune_fraction must be in [0, 1) (0: RegFlow alone), got "
                          f"{config['train']['mle_finetune_fraction']}")
@@ -220,7 +226,8 @@ def smooth_settings(config: dict) -> dict:
 
     sm = config["smooth"]
     settings = {"system": config["system"]["name"], "representation": "internal",
-                "representation_options": {"support": "open", "open_width": sm["open_width"]},
+                "representation_options": {"support": "open", "open_width": sm["open_width"],
+                                           "open_map": "normal" if sm["interval"] == "probit" else "logistic"},
                 "architecture": "smooth",
                 "hyper": {"n_layers": sm["layers"], "n_components": sm["components"],
                           "hidden": [sm["hidden"], sm["hidden"]], "interval": sm["interval"]},

@@ -173,12 +173,19 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
         lines += [f"Adaptive flow MC (the same chain, its flow fine-tuned on the chain's frames and the weighted "
                   f"training data{proposals} between {len(ad['segments'])} segments; each segment is an exact chain "
                   f"with a frozen flow): acceptance **{ad['acceptance_first_quarter']:.2%} in the first quarter, "
-                  f"{ad['acceptance_last_quarter']:.2%} in the last** (per segment: "
+                  f"{ad['acceptance_last_quarter']:.2%} in the last**{_rise(ad)} (per segment: "
                   + ", ".join(f"{s['acceptance']:.2%}" for s in ad["segments"]) +
                   f"); {phi} > 0 population {_fmt(ad.get(phi + '_positive_fraction'))} "
                   f"+- {_fmt(ad.get(phi + '_positive_fraction_err'))}; sign changes per walker "
                   f"{ad.get(phi + '_sign_changes')}; CPU s in MD / flow moves / fine-tuning "
                   f"{ad['md_cpu_s']:.0f} / {ad['flow_cpu_s']:.0f} / {ad['finetune_cpu_s']:.0f}.", ""]
+        va = ad.get("version_acceptance")
+        if va:
+            lines += [f"Stationary acceptance of the proposal, flow v{va['first_version']} -> v{va['last_version']} "
+                      f"({va['n_samples']} samples of each on the same latent draws, bootstrap errors): "
+                      f"**{va['acceptance_a']:.2%} +- {va['acceptance_a_se']:.2%} -> {va['acceptance_b']:.2%} +- "
+                      f"{va['acceptance_b_se']:.2%}**, a paired change of {100 * va['change']:+.2f} +- "
+                      f"{100 * va['change_se']:.2f} points{_sigmas(va['change'], va['change_se'])}.", ""]
     if "tempering" in mc:
         pt, phi = mc["tempering"], md["phi_name"]
         per_t = ", ".join(f"{t:.0f} K {f['acceptance']:.1%}" for t, f in zip(pt["temperatures_K"], pt["flow"]))
@@ -246,12 +253,27 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
     return report
 
 
+def _rise(ad: dict) -> str:
+    """', a rise of x +- se points' of an adaptive chain's acceptance (batch-means errors), or '' (older results)."""
+    if ad.get("acceptance_rise_se") is None:
+        return ""
+    return (f", a change of {100 * ad['acceptance_rise']:+.2f} +- {100 * ad['acceptance_rise_se']:.2f} points "
+            f"(batch-means standard error{_sigmas(ad['acceptance_rise'], ad['acceptance_rise_se'], ';')})")
+
+
+def _sigmas(value: float, se: float, sep: str = "(") -> str:
+    """' (+x.x sigma)', or '; +x.x sigma' with sep ';', where the error is a positive number; else ''."""
+    if not (se is not None and math.isfinite(se) and se > 0):
+        return ""
+    return f" ({value / se:+.1f} sigma)" if sep == "(" else f"{sep} {value / se:+.1f} sigma"
+
+
 def _smooth_lines(sm: dict, settings: dict, figure) -> list[str]:
     """The [smooth] stage: force RMSE of each flow, NVE beside the force field, Langevin T-W2, bias run."""
     dyn = sm["dynamics"]
     lines = ["## Smooth flow potential (dynamics)", "",
-             f"C-infinity smooth flow, internal coordinates with open support (no hard walls), trained "
-             f"{_fmt(sm['cpu_s'])} CPU-s by {settings['w_nll']} x NLL + {settings['w_fm']} x force matching; "
+             f"C-infinity smooth flow, internal coordinates with open support (no hard walls; bonds, angles and "
+             f"narrow torsions by {settings['interval']} maps), trained {_fmt(sm['cpu_s'])} CPU-s by {settings['w_nll']} x NLL + {settings['w_fm']} x force matching; "
              f"exported as an OpenMM force (`{settings['backend']}` backend).", "",
              f"Force RMSE against held-out MD forces ({sm['n_test_frames']} test frames):", "",
              "| flow | training CPU-s | force RMSE (kJ/mol/nm) | RMS of MD forces | frames outside support |",

@@ -432,7 +432,7 @@ def _flow_tempering(folder: Path, inputs: dict, system, mc: dict, seed: int, pro
 
 def _adaptive_mc(folder: Path, inputs: dict, system, mc: dict, seed: int, progress: bool) -> dict:
     """The same chain with its flow fine-tuned between ``adapt_segments`` segments; acceptance per segment."""
-    from ..sampling.adaptive import AdaptSchedule, run_adaptive_mc
+    from ..sampling.adaptive import AdaptSchedule, run_adaptive_mc, version_acceptance
     from ..systems.platforms import resolve_platform
 
     n = mc["n_iterations"]
@@ -443,12 +443,17 @@ def _adaptive_mc(folder: Path, inputs: dict, system, mc: dict, seed: int, progre
                               n_walkers=mc["n_walkers"], md_steps=mc["md_steps_per_iteration"],
                               flow_moves=mc["flow_moves_per_iteration"], seed=seed,
                               platform=resolve_platform("auto", system.n_atoms, system.system), progress=progress)
-    keep = ("acceptance", "acceptance_first_quarter", "acceptance_last_quarter", "segments", "md_cpu_s", "flow_cpu_s",
+    keep = ("acceptance", "acceptance_first_quarter", "acceptance_last_quarter", "acceptance_first_quarter_se",
+            "acceptance_last_quarter_se", "acceptance_rise", "acceptance_rise_se", "segments", "md_cpu_s", "flow_cpu_s",
             "finetune_cpu_s")
     if mc["finetune_proposals"]:
         summary.update(finetune_proposals=mc["finetune_proposals"],
                        proposal_ess=[v["proposal_ess"] for v in summary["flow_versions"][1:]])
         keep += ("finetune_proposals", "proposal_ess")
+    if mc["acceptance_samples"]:
+        summary["version_acceptance"] = version_acceptance(folder / "adaptive.h5", system, mc["acceptance_samples"],
+                                                           seed=seed)
+        keep += ("version_acceptance",)
     return {**{k: summary[k] for k in keep}, "n_versions": len(summary["flow_versions"]),
             **{k: v for k, v in summary.items() if k.startswith("phi")}}
 

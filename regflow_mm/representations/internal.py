@@ -30,13 +30,17 @@ its antipode) sits at zero density (infinite flow energy):
 
     t = log r (bonds, r in (0, inf)), t = logit(theta / pi) (angles, (0, pi)),
     t = logit((d + pi) / (2 pi)) (narrow torsions, centred d in (-pi, pi)),
-    u = sigmoid((t - m) / s),
+    u = F((t - m) / s),
 
-with m the mean of t over the training data and s = ``open_width`` x its standard deviation.
-log|du/dv| = log sigmoid'(z) - log s + log|dt/dv| replaces -log(hi - lo) of the box in logdet_to.
-Outside the data the map's log-density falls linearly in |t - m| / s: the flow energy rises like
-kT |t - m| / s (it confines like the log-density of a logistic distribution, with no wall); circle
-torsions are the same in both supports.
+with m the mean of t over the training data, s = ``open_width`` x its standard deviation and F the CDF
+chosen by ``open_map``: ``"logistic"`` (F = sigmoid) or ``"normal"`` (F = Phi, the standard normal CDF).
+log|du/dv| = log F'(z) - log s + log|dt/dv| replaces -log(hi - lo) of the box in logdet_to.
+Outside the data the logistic map's log-density falls linearly in |t - m| / s (the flow energy rises
+like kT |t - m| / s, with no wall); the normal map's falls quadratically (a harmonic confinement
+kT (t - m)^2 / (2 s^2)), which together with the couplings' probit-affine maps
+(``flows.smooth_coupling``, ``interval='probit'``) makes the flow potential along each bond exactly
+quadratic in log r with a conditional centre and stiffness: the shape of the force field's own bond and
+angle terms. Circle torsions are the same in both supports.
 """
 from __future__ import annotations
 
@@ -80,11 +84,31 @@ def place_atom(xj, xk, xl, r, theta, phi):
 
 
 SUPPORTS = ("box", "open")
+OPEN_MAPS = ("logistic", "normal")
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def log_sigmoid_grad(z):
     """log sigmoid'(z) = -softplus(-z) - softplus(z), finite for every finite z."""
     return -torch.nn.functional.softplus(-z) - torch.nn.functional.softplus(z)
+
+
+def _open_cdf(z, open_map: str):
+    """F(z) of support "open": sigmoid or the standard normal CDF."""
+    return torch.sigmoid(z) if open_map == "logistic" else torch.special.ndtr(z)
+
+
+def _open_log_pdf(z, open_map: str):
+    """log F'(z), finite for every finite z."""
+    return log_sigmoid_grad(z) if open_map == "logistic" else -0.5 * z * z - _LOG_SQRT_2PI
+
+
+def _open_icdf(u, open_map: str):
+    """F^-1(u) for u in [0, 1]; 0 and 1 (reached only by rounding: a bond of length 0 or infinity) are
+    moved to the nearest representable interior point."""
+    eps = torch.finfo(u.dtype).eps
+    uc = u.clamp(eps, 1 - eps)
+    return torch.log(uc) - torch.log1p(-uc) if open_map == "logistic" else torch.special.ndtri(uc)
 
 
 def _wrap(angle):
@@ -105,15 +129,18 @@ class InternalCoordinates(Representation):
         support: ``"box"`` (fitted affine box: zero density outside it) or ``"open"`` (smooth bijections
             from the physical domains; the flow density is positive on every configuration, see the
             module docstring). ``margin`` applies to ``"box"`` only.
-        open_width: ``"open"`` only: the width s of the logistic map in units of the data's standard
+        open_width: ``"open"`` only: the width s of the map in units of the data's standard
             deviation of t (larger: more of (0, 1) spent on the tails).
+        open_map: ``"open"`` only: ``"logistic"`` (u = sigmoid(z)) or ``"normal"`` (u = Phi(z): harmonic
+            confinement, for flow potentials run in dynamics; module docstring).
     """
 
     name = "internal"
     domain = "box"
 
     def __init__(self, zmatrix: ZMatrix, margin: float = 0.25, circular_torsions=None,
-                 narrow_span_rad: float = math.pi / 2, support: str = "box", open_width: float = 1.0):
+                 narrow_span_rad: float = math.pi / 2, support: str = "box", open_width: float = 1.0,
+                 open_map: str = "logistic"):
         n = zmatrix.n_atoms
         if n < 3:
             raise ValueError(f"internal coordinates need >= 3 atoms, got {n}")
@@ -124,8 +151,11 @@ class InternalCoordinates(Representation):
             raise ValueError(f"support must be one of {SUPPORTS} (internal coordinates), got {support!r}")
         if not open_width > 0:
             raise ValueError(f"open_width must be > 0 (logistic width in data standard deviations), got {open_width}")
+        if open_map not in OPEN_MAPS:
+            raise ValueError(f"open_map must be one of {OPEN_MAPS}, got {open_map!r}")
         self.support = support
         self.open_width = float(open_width)
+        self.open_map = open_map
         self.zmatrix = zmatrix
         self.margin = float(margin)
         s0, s1, s2 = zmatrix.seeds
@@ -150,7 +180,7 @@ class InternalCoordinates(Representation):
         # Bounds of the centred torsions (rad); (-pi, pi) for circles.
         self.register_buffer("torsion_lo", torch.full((n - 3,), -math.pi, dtype=dtype))
         self.register_buffer("torsion_hi", torch.full((n - 3,), math.pi, dtype=dtype))
-        # support "open": centre m and width s of u = sigmoid((t - m) / s) for every coordinate (only the
+        # support "open": centre m and width s of u = F((t - m) / s) for every coordinate (only the
         # bonds, angles and narrow torsions use them); unfitted: bonds 0.12 nm, angles 1.9 rad, torsion 0.
         self.register_buffer("open_centre", torch.cat([torch.full((n - 1,), math.log(0.12)),
                                                        torch.full((n - 2,), math.log(1.9 / (math.pi - 1.9))),
@@ -180,6 +210,8 @@ class InternalCoordinates(Representation):
                   "margin": self.margin, "narrow_span_rad": self.narrow_span_rad}
         if self.support != "box":
             config.update(support=self.support, open_width=self.open_width)
+            if self.open_map != "logistic":  # files written before open_map existed are logistic
+                config["open_map"] = self.open_map
         if not self._choose_circular:
             config["circular_torsions"] = [bool(c) for c in self.circular_torsions.tolist()]
         return config
@@ -190,7 +222,7 @@ class InternalCoordinates(Representation):
         return cls(ZMatrix.from_config(config["zmatrix"]), margin=config.get("margin", 0.25),
                    circular_torsions=config.get("circular_torsions"),
                    narrow_span_rad=config.get("narrow_span_rad", 0.0), support=config.get("support", "box"),
-                   open_width=config.get("open_width", 1.0))
+                   open_width=config.get("open_width", 1.0), open_map=config.get("open_map", "logistic"))
 
     @property
     def torsion_atoms(self) -> torch.Tensor:
@@ -265,7 +297,7 @@ class InternalCoordinates(Representation):
         circ = torch.cat([torch.zeros(self.n_bonds + self.n_angles, dtype=torch.bool, device=z.device),
                           self.circular_torsions])
         log_du = torch.where(circ, torch.full_like(z, -math.log(2 * math.pi)),
-                             log_sigmoid_grad(z) - self.open_scale.log() + log_dt)
+                             _open_log_pdf(z, self.open_map) - self.open_scale.log() + log_dt)
         return z, circ, log_du
 
     def describe_outside(self, x) -> str | None:
@@ -322,7 +354,8 @@ class InternalCoordinates(Representation):
             centred = _wrap(torsions - self.torsion_offset)
             z, circ, log_du = self._open_z(bonds, angles, centred)
             nb_na = self.n_bonds + self.n_angles
-            u = torch.where(circ, torch.cat([z[:, :nb_na], (centred + math.pi) / (2 * math.pi)], -1), torch.sigmoid(z))
+            u = torch.where(circ, torch.cat([z[:, :nb_na], (centred + math.pi) / (2 * math.pi)], -1),
+                            _open_cdf(z, self.open_map))
             return u, log_du.sum(-1) - self._jacobian_log(bonds, angles)
         u = torch.cat([(bonds - self.bond_lo) / (self.bond_hi - self.bond_lo),
                        (angles - self.angle_lo) / (self.angle_hi - self.angle_lo),
@@ -333,11 +366,7 @@ class InternalCoordinates(Representation):
     def _open_internal(self, u):
         """support "open": (bonds, angles, torsions) of flow-space u (B, D), inverse of to_flow_space."""
         nb, na = self.n_bonds, self.n_angles
-        # u = 0 or 1 exactly (a bond of length 0 or infinity) is clipped to the nearest representable
-        # interior point: a set of zero measure, reached only by rounding.
-        eps = torch.finfo(u.dtype).eps
-        uc = u.clamp(eps, 1 - eps)
-        t = self.open_centre + self.open_scale * (torch.log(uc) - torch.log1p(-uc))
+        t = self.open_centre + self.open_scale * _open_icdf(u, self.open_map)
         bonds = t[:, :nb].exp()
         angles = math.pi * torch.sigmoid(t[:, nb:nb + na])
         centred = torch.where(self.circular_torsions, 2 * math.pi * u[:, nb + na:] - math.pi,

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -389,8 +390,52 @@ def _prepare_resume(out, system_hash, flow_hash, settings, seed):
     return n_done, positions, velocities, move_states, versions
 
 
+def version_acceptance(out: str | Path, system, n_samples: int = 20000, seed: int = 0,
+                       reject_d_chirality: bool = True) -> dict:
+    """Stationary acceptance of the first and the last flow version of the adaptive run ``out`` as
+    independence proposals (``importance.imh_acceptance``), each from ``n_samples`` samples drawn with the
+    same seed (paired latent draws, so the change is resolved far below the chain's own quarter-to-quarter
+    noise). D-chirality samples count as never accepted when ``reject_d_chirality`` (as the chain's rule).
+
+    Returns first_version, last_version, n_samples and ``importance.imh_acceptance_change``'s
+    acceptance_a/_b, change and their standard errors.
+    """
+    from ..energy import EnergyEvaluator
+    from ..importance import imh_acceptance_change
+    from .reweighting import draw_weighted_samples
+
+    with h5py.File(out, "r") as fh:
+        versions = json.loads(fh.attrs["flow_versions"])
+    flows_dir = flow_versions_dir(out)
+    log_w = []
+    with EnergyEvaluator(system, n_workers=0) as evaluator:
+        for record in (versions[0], versions[-1]):
+            flow = load_flow(require_flow_file(flows_dir / record["file"]), system=system)
+            samples = draw_weighted_samples(flow, evaluator, n_samples, seed=seed, molecular_system=system,
+                                            progress=False)
+            lw = samples.log_w.copy()
+            if reject_d_chirality and samples.is_l is not None:
+                lw[~samples.is_l] = -np.inf
+            log_w.append(lw)
+    return {"first_version": int(versions[0]["version"]), "last_version": int(versions[-1]["version"]),
+            "n_samples": int(n_samples), **imh_acceptance_change(log_w[0], log_w[1], seed=seed)}
+
+
 def _acceptance(accepted: np.ndarray, flow_moves: int) -> float:
     return float(accepted.sum() / (accepted.size * flow_moves)) if accepted.size else float("nan")
+
+
+def _acceptance_se(accepted: np.ndarray, flow_moves: int, n_batches: int = 10) -> float:
+    """Standard error of ``_acceptance`` over iterations (T, W) by batch means: the walkers' iterations are
+    cut into ``n_batches`` contiguous blocks each (independence moves accept in runs: a chain sitting on a
+    high-weight state rejects many proposals in a row, so the binomial error would be too small)."""
+    t = accepted.shape[0]
+    n_batches = min(n_batches, t)
+    if n_batches < 2:
+        return float("nan")
+    means = np.array([[_acceptance(block[:, w:w + 1], flow_moves) for w in range(accepted.shape[1])]
+                      for block in np.array_split(accepted, n_batches)]).ravel()
+    return float(means.std(ddof=1) / math.sqrt(means.size))
 
 
 def adaptive_summary(path: str | Path) -> dict:
@@ -398,7 +443,8 @@ def adaptive_summary(path: str | Path) -> dict:
 
     Returns n_iterations, n_walkers, flow_versions (the records), segments (start, stop, flow_version,
     acceptance), acceptance (overall), acceptance_first_quarter / acceptance_last_quarter (over
-    iterations), and for a MolecularSystem the phi statistics of ``hybrid.phi_statistics``.
+    iterations) with their batch-means standard errors (``*_se``), acceptance_rise (last - first quarter) and
+    its standard error, and for a MolecularSystem the phi statistics of ``hybrid.phi_statistics``.
     Acceptance = accepted / proposed flow moves (chirality and non-finite rejections count as proposed).
     """
     with h5py.File(path, "r") as fh:
@@ -419,6 +465,11 @@ def adaptive_summary(path: str | Path) -> dict:
                "flow_versions": versions, "segments": segments, "acceptance": _acceptance(accepted, k),
                "acceptance_first_quarter": _acceptance(accepted[:q], k) if n >= 4 else float("nan"),
                "acceptance_last_quarter": _acceptance(accepted[n - q:], k) if n >= 4 else float("nan")}
+    se_first, se_last = (_acceptance_se(accepted[:q], k), _acceptance_se(accepted[n - q:], k)) if n >= 4 else \
+        (float("nan"), float("nan"))
+    summary.update(acceptance_first_quarter_se=se_first, acceptance_last_quarter_se=se_last,
+                   acceptance_rise=summary["acceptance_last_quarter"] - summary["acceptance_first_quarter"],
+                   acceptance_rise_se=math.hypot(se_first, se_last))
     if positions is not None and n:
         summary.update(phi_statistics(positions, system_from_spec_dict(md["system"]).torsions))
     return summary

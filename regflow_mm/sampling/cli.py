@@ -69,6 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="flow samples, importance-weighted by their energies, drawn at each update (default 0)")
     a.add_argument("--finetune-proposal-mass", type=float, default=None,
                    help="share of the fine-tuning batches drawn from those proposals (default 0.5)")
+    a.add_argument("--acceptance-samples", type=int, default=0,
+                   help="also the first and last flow version's stationary acceptance as proposals, from this many "
+                        "paired samples each (default 0: not measured)")
     p.set_defaults(func=_mc)
 
     t = subparsers.add_parser("mc-tempering", help="parallel tempering with flow moves in every replica (resumable)",
@@ -168,7 +171,7 @@ def _mc(args) -> int:
 
 
 def _adaptive_mc(args) -> int:
-    from regflow_mm.sampling.adaptive import AdaptSchedule, run_adaptive_mc
+    from regflow_mm.sampling.adaptive import AdaptSchedule, run_adaptive_mc, version_acceptance
     from regflow_mm.sampling.hybrid import export_walker_trajectory
     from regflow_mm.systems import get_system
 
@@ -198,7 +201,9 @@ def _adaptive_mc(args) -> int:
           f"| walkers | {summary['n_walkers']} |\n| flow versions | {len(summary['flow_versions'])} |\n"
           f"| flow acceptance | {summary['acceptance']:.4f} |\n"
           f"| acceptance, first / last quarter | {summary['acceptance_first_quarter']:.4f} / "
-          f"{summary['acceptance_last_quarter']:.4f} |")
+          f"{summary['acceptance_last_quarter']:.4f} |\n"
+          f"| acceptance rise, last - first quarter (batch-means SE) | {summary['acceptance_rise']:+.4f} "
+          f"+- {summary['acceptance_rise_se']:.4f} |")
     for k, segment in enumerate(summary["segments"]):
         print(f"| segment {k} (flow v{segment['flow_version']}) | iterations {segment['start']}..{segment['stop'] - 1}: "
               f"acceptance {segment['acceptance']:.4f} |")
@@ -209,6 +214,13 @@ def _adaptive_mc(args) -> int:
             print(f"| {key} (per walker) | {value} |")
     print(f"| CPU s in MD / flow moves / fine-tuning (this run) | {summary['md_cpu_s']:.1f} / "
           f"{summary['flow_cpu_s']:.1f} / {summary['finetune_cpu_s']:.1f} |")
+    if args.acceptance_samples:
+        va = version_acceptance(args.out, get_system(args.system), args.acceptance_samples, seed=args.seed,
+                                reject_d_chirality=not args.allow_d)
+        print(f"| stationary acceptance of the proposal, v{va['first_version']} -> v{va['last_version']} "
+              f"({va['n_samples']} paired samples each) | {va['acceptance_a']:.4f} +- {va['acceptance_a_se']:.4f} -> "
+              f"{va['acceptance_b']:.4f} +- {va['acceptance_b_se']:.4f} (change {va['change']:+.4f} +- "
+              f"{va['change_se']:.4f}) |")
     return 0
 
 
