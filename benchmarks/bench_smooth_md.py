@@ -53,7 +53,8 @@ def train(name: str, args, workdir: Path) -> tuple[object, float]:
                   reweight_fraction=args.reweight_fraction, val_samples=0, val_every_epochs=1000, seed=args.seed,
                   device="cpu", log_every=100, checkpoint_every=100000)
     if name == "smooth":
-        config = TrainConfig(**common, architecture="smooth", dtype="float64",
+        config = TrainConfig(**common, architecture="smooth", dtype="float64", lambda_kl=args.lambda_kl,
+                             kl_batch_size=args.kl_batch, kl_energy_cap_kT=args.kl_energy_cap,
                              representation_options={"support": "open", "open_map":
                                                      "normal" if args.interval == "probit" else "logistic"},
                              hyper={"n_layers": args.layers, "n_components": args.components,
@@ -93,6 +94,10 @@ def main(argv=None) -> int:
                         help="enhanced-sampling data: batches drawn ~ frame weight**power (both flows)")
     parser.add_argument("--reweight-fraction", type=float, default=0.0,
                         help="enhanced-sampling data: last fraction of the budget on batches ~ frame weight")
+    parser.add_argument("--lambda-kl", type=float, default=0.0,
+                        help="smooth flow only: weight of reverse KL on its own samples (force-field energies)")
+    parser.add_argument("--kl-batch", type=int, default=32, help="flow samples per reverse-KL step")
+    parser.add_argument("--kl-energy-cap", type=float, default=200.0, help="reverse KL: energy cap in kT")
     parser.add_argument("--layers", type=int, default=4, help="smooth coupling layers")
     parser.add_argument("--components", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=64)

@@ -150,7 +150,7 @@ class InternalCoordinates(Representation):
         if support not in SUPPORTS:
             raise ValueError(f"support must be one of {SUPPORTS} (internal coordinates), got {support!r}")
         if not open_width > 0:
-            raise ValueError(f"open_width must be > 0 (logistic width in data standard deviations), got {open_width}")
+            raise ValueError(f"open_width must be > 0 (the open map's width in data standard deviations), got {open_width}")
         if open_map not in OPEN_MAPS:
             raise ValueError(f"open_map must be one of {OPEN_MAPS}, got {open_map!r}")
         self.support = support
