@@ -209,6 +209,10 @@ def main(argv=None) -> int:
               f"{lang['ms_per_step']:.2f} ms per step ({lang['seconds']:.0f} s), {lang['n_frames']} frames; "
               f"(phi, psi) T-W2 against the MD data: {lang.get('t_w2', float('nan')):.3f} rad (issue: <= 0.5); "
               f"failure: {lang['failure']}; figure {lang.get('figure')}")
+        ff = result.get("langevin_forcefield")
+        if ff:
+            print(f"\nThe force field alone, same start, length, masses and seed: T-W2 {ff.get('t_w2', float('nan')):.3f} "
+                  f"rad, {ff['ms_per_step']:.3f} ms per step")
     bias = result.get("bias")
     if bias:
         print(f"\nBias: force field + smooth flow in force group 1, Langevin {bias['ps']:.1f} ps at "

@@ -220,7 +220,11 @@ def test_smooth_stage_trains_runs_md_and_reports(tmp_path, aldp):
     assert dyn["nve_ratio"] == pytest.approx(dyn["nve_flow"]["energy_fluctuation_per_dof"]
                                              / dyn["nve_forcefield"]["energy_fluctuation_per_dof"])
     assert dyn["langevin"]["finite"] and dyn["langevin"]["n_frames"] == 3 and 0 <= dyn["langevin"]["t_w2"] < math.pi
+    ff = dyn["langevin_forcefield"]  # the same run on the force field: the T-W2 floor of a trajectory this long
+    assert ff["mode"] == "forcefield" and ff["steps"] == dyn["langevin"]["steps"] and ff["seed"] == dyn["langevin"]["seed"]
+    assert ff["n_frames"] == 3 and 0 <= ff["t_w2"] < math.pi and "flow_energy_mean" not in ff
     assert (tmp_path / "smooth" / "ramachandran.png").is_file()
     assert result["force_rmse"]["smooth"]["n_frames"] == 10 and result["force_rmse"]["smooth"]["rmse"] > 0
     text = "\n".join(_smooth_lines(result, config["smooth"], lambda stage, name: f"figures/{stage}_{name}"))
     assert f"{result['force_rmse']['smooth']['rmse']:.3g}" in text and "figures/smooth_ramachandran.png" in text
+    assert f"the force field alone, same start, length, masses and seed: {ff['t_w2']:.3g} rad" in text

@@ -81,10 +81,13 @@ def check_flow_dynamics(flow, system, start: np.ndarray, *, md_angles: np.ndarra
     with the same velocity seed. Langevin: ``langevin_ps`` at ``langevin_timestep_fs`` with hydrogens of
     ``hydrogen_mass_amu`` (same ensemble), frames every ``save_interval_ps``; with ``md_angles`` (M, 2)
     (phi, psi) rad of MD frames (log-weights ``md_log_w``) its T-W2 against them (``n_torsion`` MD frames
-    at most) and, with ``figure``, a Ramachandran PNG of both. ``bias_ps``: Langevin on the force field
+    at most) and, with ``figure``, a Ramachandran PNG of both; the same Langevin run on the force field (same
+    start, length, masses and seed) gives ``langevin_forcefield`` and its T-W2: the floor a trajectory of that
+    length reaches (aldp's alpha/beta basins exchange on a scale of tens of ps, so 100 ps of the force field
+    itself lands 0.7-1.6 rad from the weighted MD data, BENCHMARKS.md issue 12). ``bias_ps``: Langevin on the force field
     plus the flow force (group 1), 0 to skip. ``progress``: a callable(str) told when each run starts.
-    Returns a dict of ``MDRun.summary()`` dicts plus ``nve_ratio`` (flow / force-field fluctuation) and
-    ``langevin["t_w2"]``.
+    Returns a dict of ``MDRun.summary()`` dicts plus ``nve_ratio`` (flow / force-field fluctuation),
+    ``langevin["t_w2"]`` and ``langevin_forcefield["t_w2"]``.
     """
     from ..data.dataset import dihedrals
     from ..training.metrics import torsion_w2
@@ -105,27 +108,30 @@ def check_flow_dynamics(flow, system, start: np.ndarray, *, md_angles: np.ndarra
     if langevin_ps > 0:
         steps = int(round(langevin_ps / (langevin_timestep_fs * 1e-3)))
         save = max(int(round(save_interval_ps / (langevin_timestep_fs * 1e-3))), 1)
-        say(f"Langevin on the flow potential: {steps} steps at {langevin_timestep_fs} fs")
-        run = run_md(system, start, flow, mode="flow", integrator="langevin", steps=steps,
-                     timestep_fs=langevin_timestep_fs, hydrogen_mass_amu=hydrogen_mass_amu, backend=backend,
-                     report_every=save, save_every=save, seed=seed)
-        lang = run.summary()
         pair = [system.torsions[k] for k in ("phi1", "psi1")] if {"phi1", "psi1"} <= set(system.torsions) else \
             list(system.torsions.values())[:2]
-        angles = dihedrals(run.positions, pair) if len(run.positions) else np.zeros((0, 2))
-        lang["n_frames"] = int(len(angles))
-        lang["flow_energy_mean"] = float(np.mean(run.flow_energy)) if run.finite else None
-        if md_angles is not None and len(angles):
-            n = int(min(n_torsion, len(md_angles)))
-            lang["t_w2"] = torsion_w2(md_angles, angles, None, max_md=n, seed=seed, md_log_w=md_log_w)["t_w2"]
-            if figure is not None:
-                from ..training.plots import ramachandran_panels
+        panels = [("MD data", md_angles, md_log_w)]
+        for key, mode in (("langevin", "flow"), ("langevin_forcefield", "forcefield")):
+            say(f"Langevin on the {mode} potential: {steps} steps at {langevin_timestep_fs} fs")
+            run = run_md(system, start, flow if mode == "flow" else None, mode=mode, integrator="langevin", steps=steps,
+                         timestep_fs=langevin_timestep_fs, hydrogen_mass_amu=hydrogen_mass_amu, backend=backend,
+                         report_every=save, save_every=save, seed=seed)
+            lang = run.summary()
+            angles = dihedrals(run.positions, pair) if len(run.positions) else np.zeros((0, 2))
+            lang["n_frames"] = int(len(angles))
+            if mode == "flow":
+                lang["flow_energy_mean"] = float(np.mean(run.flow_energy)) if run.finite else None
+            if md_angles is not None and len(angles):
+                n = int(min(n_torsion, len(md_angles)))
+                lang["t_w2"] = torsion_w2(md_angles, angles, None, max_md=n, seed=seed, md_log_w=md_log_w)["t_w2"]
+                panels.append((f"Langevin on the {'flow potential' if mode == 'flow' else 'force field'} "
+                               f"({run.steps_done * run.timestep_ps:.0f} ps)", angles, None))
+            out[key] = lang
+        if figure is not None and len(panels) > 1:
+            from ..training.plots import ramachandran_panels
 
-                ramachandran_panels(figure, [("MD data", md_angles, md_log_w),
-                                             (f"Langevin on the flow potential ({run.steps_done * run.timestep_ps:.0f} ps)",
-                                              angles, None)])
-                lang["figure"] = str(figure)
-        out["langevin"] = lang
+            ramachandran_panels(figure, panels)
+            out["langevin"]["figure"] = str(figure)
     if bias_ps > 0:
         steps = int(round(bias_ps / (langevin_timestep_fs * 1e-3)))
         say(f"Langevin on the force field + flow bias (group 1): {steps} steps")

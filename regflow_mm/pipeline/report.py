@@ -268,6 +268,14 @@ def _sigmas(value: float, se: float, sep: str = "(") -> str:
     return f" ({value / se:+.1f} sigma)" if sep == "(" else f"{sep} {value / se:+.1f} sigma"
 
 
+def _forcefield_floor(ff: dict | None) -> str:
+    """The force field's own Langevin run of the same length (the T-W2 floor of one trajectory), or ''."""
+    if not ff or ff.get("t_w2") is None:
+        return ""
+    return (f"; the force field alone, same start, length, masses and seed: {_fmt(ff['t_w2'])} rad (one trajectory "
+            f"of this length samples the basins' populations only roughly)")
+
+
 def _smooth_lines(sm: dict, settings: dict, figure) -> list[str]:
     """The [smooth] stage: force RMSE of each flow, NVE beside the force field, Langevin T-W2, bias run."""
     dyn = sm["dynamics"]
@@ -297,7 +305,7 @@ def _smooth_lines(sm: dict, settings: dict, figure) -> list[str]:
                   f"{settings['langevin_timestep_fs']} fs (hydrogens {settings['hydrogen_mass_amu']} amu): "
                   f"{'finite throughout' if lang['finite'] else 'stopped at step %s: %s' % (fail['step'], fail['reason'])}"
                   f", {_fmt(lang['ms_per_step'])} ms per step; (phi, psi) T-W2 against the training frames "
-                  f"{_fmt(lang.get('t_w2'))} rad.", ""]
+                  f"{_fmt(lang.get('t_w2'))} rad{_forcefield_floor(dyn.get('langevin_forcefield'))}.", ""]
         if lang.get("figure"):
             lines += [f"![smooth flow Langevin Ramachandran]({figure('smooth', lang['figure'])})", ""]
     bias = dyn.get("bias")
