@@ -28,6 +28,7 @@ import numpy as np
 import openmm
 from openmm import unit
 
+from ..systems.platforms import openmm_seed
 from .forces import flow_force
 
 MODES = ("flow", "bias", "forcefield")
@@ -151,11 +152,11 @@ def run_md(molecular_system, positions, flow=None, *, mode: str = "flow", integr
         integ = openmm.VerletIntegrator(dt)
     else:
         integ = openmm.LangevinMiddleIntegrator(temperature, friction_per_ps, dt)
-        integ.setRandomNumberSeed(seed)
+        integ.setRandomNumberSeed(openmm_seed(seed, 0))  # OpenMM reads seed 0 as "random": derive one
     context = openmm.Context(system, integ, openmm.Platform.getPlatformByName("Reference"))
     x0 = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
     context.setPositions(x0)
-    context.setVelocitiesToTemperature(temperature, seed)
+    context.setVelocitiesToTemperature(temperature, openmm_seed(seed, 1))
     rep = getattr(flow, "representation", None) if mode != "forcefield" else None
     # Positions are checked for being finite every step; against the support only where it has walls
     # (support "open" covers every configuration of finite positions).
@@ -168,10 +169,10 @@ def run_md(molecular_system, positions, flow=None, *, mode: str = "flow", integr
     failure = None
     if equilibrate_steps:
         eq = openmm.LangevinMiddleIntegrator(temperature, friction_per_ps, dt)
-        eq.setRandomNumberSeed(seed + 1)
+        eq.setRandomNumberSeed(openmm_seed(seed, 2))
         eq_context = openmm.Context(system, eq, openmm.Platform.getPlatformByName("Reference"))
         eq_context.setPositions(x0)
-        eq_context.setVelocitiesToTemperature(temperature, seed)
+        eq_context.setVelocitiesToTemperature(temperature, openmm_seed(seed, 1))
         _, failure = _advance(eq_context, eq, int(equilibrate_steps), check_every, describe, dt, "equilibration ")
         if failure is None:
             state = eq_context.getState(getPositions=True, getVelocities=True)
