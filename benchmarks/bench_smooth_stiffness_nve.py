@@ -2,7 +2,7 @@
 of the test split), Maxwell-Boltzmann velocities at 300 K (seed 0), at several timesteps; prints std E_tot/DOF,
 drift, the largest single-step change of E_tot and max |z| of the open-support coordinates.
 
-    DATASET=md.h5 OMP_NUM_THREADS=1 python benchmarks/bench_smooth_stiffness_nve.py FLOW.pt PS DT_FS[,DT_FS...]
+    DATASET=md.h5 [SAVE_DIR=dir] OMP_NUM_THREADS=1 python benchmarks/bench_smooth_stiffness_nve.py FLOW.pt PS DT_FS[,DT_FS...]
 """
 import os, sys, time, math, numpy as np, torch
 torch.set_num_threads(1)
@@ -49,4 +49,5 @@ for dt_fs in dts:
     jumps = np.abs(np.diff(E, axis=0))
     print(f"dt {dt_fs} fs, {n} steps, {time.time()-t0:.0f}s: std E/DOF per traj {np.round(std, 4)}; drift {np.round(E[-1]-E[0], 2)}; "
           f"max |dE| step {jumps.max(0).round(2)} at step {jumps.argmax(0)}; max|z| {Z.max(0).round(2)}", flush=True)
-    np.save(f'/work/wt12b_scratch/E_{dt_fs}.npy', E)
+    if os.environ.get('SAVE_DIR'):  # E_tot per step and trajectory, for plots
+        np.save(os.path.join(os.environ['SAVE_DIR'], f'E_{dt_fs}.npy'), E)

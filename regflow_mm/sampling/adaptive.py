@@ -396,6 +396,7 @@ def version_acceptance(out: str | Path, system, n_samples: int = 20000, seed: in
     independence proposals (``importance.imh_acceptance``), each from ``n_samples`` samples drawn with the
     same seed (paired latent draws, so the change is resolved far below the chain's own quarter-to-quarter
     noise). D-chirality samples count as never accepted when ``reject_d_chirality`` (as the chain's rule).
+    Energies at the system's temperature (``EnergyEvaluator``'s default, the adaptive run's default too).
 
     Returns first_version, last_version, n_samples and ``importance.imh_acceptance_change``'s
     acceptance_a/_b, change and their standard errors.
