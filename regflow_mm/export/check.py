@@ -124,7 +124,7 @@ def check_flow_dynamics(flow, system, start: np.ndarray, *, md_angles: np.ndarra
             if md_angles is not None and len(angles):
                 n = int(min(n_torsion, len(md_angles)))
                 lang["t_w2"] = torsion_w2(md_angles, angles, None, max_md=n, seed=seed, md_log_w=md_log_w)["t_w2"]
-                panels.append((f"Langevin on the {'flow potential' if mode == 'flow' else 'force field'} "
+                panels.append((f"Langevin: {'flow' if mode == 'flow' else 'force field'} "
                                f"({run.steps_done * run.timestep_ps:.0f} ps)", angles, None))
             out[key] = lang
         if figure is not None and len(panels) > 1:
