@@ -84,8 +84,9 @@ def check_flow_dynamics(flow, system, start: np.ndarray, *, md_angles: np.ndarra
     at most) and, with ``figure``, a Ramachandran PNG of both; the same Langevin run on the force field (same
     start, length, masses and seed) gives ``langevin_forcefield`` and its T-W2: the floor a trajectory of that
     length reaches (aldp's alpha/beta basins exchange on a scale of tens of ps, so 100 ps of the force field
-    itself lands 0.7-1.6 rad from the weighted MD data, BENCHMARKS.md issue 12). ``bias_ps``: Langevin on the force field
-    plus the flow force (group 1), 0 to skip. ``progress``: a callable(str) told when each run starts.
+    itself lands 0.4-1.8 rad (median 0.8) from the weighted MD data, BENCHMARKS.md issue 12).
+    ``bias_ps``: Langevin on the force field plus the flow force (group 1), 0 to skip. ``progress``: a
+    callable(str) told when each run starts.
     Returns a dict of ``MDRun.summary()`` dicts plus ``nve_ratio`` (flow / force-field fluctuation),
     ``langevin["t_w2"]`` and ``langevin_forcefield["t_w2"]``.
     """

@@ -254,7 +254,7 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
 
 
 def _rise(ad: dict) -> str:
-    """', a rise of x +- se points' of an adaptive chain's acceptance (batch-means errors), or '' (older results)."""
+    """', a change of x +- se points' of an adaptive chain's quarter acceptance (batch means), or '' (older results)."""
     if ad.get("acceptance_rise_se") is None:
         return ""
     return (f", a change of {100 * ad['acceptance_rise']:+.2f} +- {100 * ad['acceptance_rise_se']:.2f} points "
