@@ -40,6 +40,7 @@ from regflow_mm.data.dataset import dihedrals
 from regflow_mm.export.check import check_flow_dynamics
 from regflow_mm.export.dynamics import run_md
 from regflow_mm.flows import load_flow
+from regflow_mm.flows.smooth_coupling import open_map_for
 from regflow_mm.training.metrics import force_rmse
 from regflow_mm.training.runner import run_training
 from regflow_mm.training.trainer import TrainConfig
@@ -55,8 +56,7 @@ def train(name: str, args, workdir: Path) -> tuple[object, float]:
     if name == "smooth":
         config = TrainConfig(**common, architecture="smooth", dtype="float64", lambda_kl=args.lambda_kl,
                              kl_batch_size=args.kl_batch, kl_energy_cap_kT=args.kl_energy_cap,
-                             representation_options={"support": "open", "open_map":
-                                                     "normal" if args.interval == "probit" else "logistic"},
+                             representation_options={"support": "open", "open_map": open_map_for(args.interval)},
                              hyper={"n_layers": args.layers, "n_components": args.components,
                                     "hidden": [args.hidden, args.hidden], "interval": args.interval,
                                     "max_log_scale": args.max_log_scale})

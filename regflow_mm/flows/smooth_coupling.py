@@ -48,7 +48,6 @@ from .smooth import DOMAINS, SmoothParams, SmoothTransformConfig, constrain_para
 
 ANALYTIC = ("forward", "inverse")
 INTERVAL_MAPS = ("mixture", "logistic", "probit")
-_AFFINE_MAPS = ("logistic", "probit")
 
 
 def _logit(u: torch.Tensor) -> torch.Tensor:
@@ -82,7 +81,13 @@ def probit_map(u: torch.Tensor, mu: torch.Tensor, log_scale: torch.Tensor, inver
     return torch.special.ndtr(z_out), logdet
 
 
-_AFFINE_MAP_FN = {"logistic": logistic_map, "probit": probit_map}
+_AFFINE_MAPS = {"logistic": logistic_map, "probit": probit_map}
+
+
+def open_map_for(interval: str) -> str:
+    """The representation's ``open_map`` that an ``interval`` map is meant for: 'normal' under 'probit' (a
+    normal density along each bond), 'logistic' otherwise."""
+    return "normal" if interval == "probit" else "logistic"
 
 
 def _mixture_fn(x: torch.Tensor, params: Sequence[torch.Tensor], derivative: bool = True, *,
@@ -137,8 +142,8 @@ class SmoothCouplingLayer(CouplingLayer):
     ``analytic``: which direction evaluates the mixture in closed form; ``rootfinding``: inverse settings;
     ``circle_shift``: add a conditioned rotation to circle coordinates; ``c_min``: density floor.
     ``interval``: 'mixture' (smooth mixtures on interval coordinates too), 'logistic' or 'probit' (the
-    logit- and probit-affine maps of the module docstring, log-scale bounded by ``max_log_scale``); ``a_max``: None or the largest
-    mixture concentration (``SmoothTransformConfig.a_max``).
+    logit- and probit-affine maps of the module docstring, log-scale bounded by ``max_log_scale``);
+    ``a_max``: None or the largest mixture concentration (``SmoothTransformConfig.a_max``).
     Root-finding statistics of this layer are in ``self.rootfinding_stats``.
     """
 
@@ -209,7 +214,7 @@ class SmoothCouplingLayer(CouplingLayer):
         v = u.clone()
         logdet = u.new_zeros(u.shape[0])
         if len(self.idx_int) and self.interval in _AFFINE_MAPS:
-            y, ld = _AFFINE_MAP_FN[self.interval](u[:, self.idx_int], *p_int)
+            y, ld = _AFFINE_MAPS[self.interval](u[:, self.idx_int], *p_int)
             v[:, self.idx_int] = y
             logdet = logdet + ld.sum(-1)
         elif len(self.idx_int):
@@ -232,7 +237,7 @@ class SmoothCouplingLayer(CouplingLayer):
         u = v.clone()
         logdet = v.new_zeros(v.shape[0])
         if len(self.idx_int) and self.interval in _AFFINE_MAPS:  # analytic inverse, no root finding
-            x, ld = _AFFINE_MAP_FN[self.interval](v[:, self.idx_int], *p_int, inverse=True)
+            x, ld = _AFFINE_MAPS[self.interval](v[:, self.idx_int], *p_int, inverse=True)
             u[:, self.idx_int] = x
             logdet = logdet + ld.sum(-1)
         for idx, params, config in ((self.idx_int, p_int, self.config_int), (self.idx_circ, p_circ, self.config_circ)):
@@ -297,7 +302,8 @@ def smooth_architecture(representation, n_layers: int = 4, n_components: int = 8
     Needs a representation with ``domain == 'box'`` (internal coordinates): its ``circular`` dimensions
     (torsions) are circles, the others (bonds, angles) intervals. ``seed`` fixes the coupling splits.
     ``interval='logistic'`` or 'probit' (bounded stiffness on bonds, angles and narrow torsions; for flow
-    potentials used in dynamics, 'probit' with the representation's ``open_map='normal'``) or 'mixture'; ``max_log_scale``, ``a_max``: see :class:`SmoothCouplingLayer`.
+    potentials used in dynamics, 'probit' with the representation's ``open_map='normal'``, ``open_map_for``)
+    or 'mixture'; ``max_log_scale``, ``a_max``: see :class:`SmoothCouplingLayer`.
     """
     if getattr(representation, "domain", None) != "box":
         raise ValueError("architecture 'smooth' needs a [0, 1]^D flow space: use representation='internal'")

@@ -222,12 +222,13 @@ def finetune_settings(config: dict) -> dict | None:
 
 def smooth_settings(config: dict) -> dict:
     """``TrainConfig`` settings (flat names) of the [smooth] stage's flow (see SCHEMA["smooth"]), checked."""
+    from ..flows.smooth_coupling import open_map_for
     from ..training.trainer import TrainConfig
 
     sm = config["smooth"]
     settings = {"system": config["system"]["name"], "representation": "internal",
                 "representation_options": {"support": "open", "open_width": sm["open_width"],
-                                           "open_map": "normal" if sm["interval"] == "probit" else "logistic"},
+                                           "open_map": open_map_for(sm["interval"])},
                 "architecture": "smooth",
                 "hyper": {"n_layers": sm["layers"], "n_components": sm["components"],
                           "hidden": [sm["hidden"], sm["hidden"]], "interval": sm["interval"]},

@@ -185,7 +185,7 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
                       f"({va['n_samples']} samples of each on the same latent draws, bootstrap errors): "
                       f"**{va['acceptance_a']:.2%} +- {va['acceptance_a_se']:.2%} -> {va['acceptance_b']:.2%} +- "
                       f"{va['acceptance_b_se']:.2%}**, a paired change of {100 * va['change']:+.2f} +- "
-                      f"{100 * va['change_se']:.2f} points{_sigmas(va['change'], va['change_se'])}.", ""]
+                      f"{100 * va['change_se']:.2f} points{_in_brackets(_sigmas(va['change'], va['change_se']))}.", ""]
     if "tempering" in mc:
         pt, phi = mc["tempering"], md["phi_name"]
         per_t = ", ".join(f"{t:.0f} K {f['acceptance']:.1%}" for t, f in zip(pt["temperatures_K"], pt["flow"]))
@@ -257,15 +257,18 @@ def _rise(ad: dict) -> str:
     """', a change of x +- se points' of an adaptive chain's quarter acceptance (batch means), or '' (older results)."""
     if ad.get("acceptance_rise_se") is None:
         return ""
+    sigmas = _sigmas(ad["acceptance_rise"], ad["acceptance_rise_se"])
     return (f", a change of {100 * ad['acceptance_rise']:+.2f} +- {100 * ad['acceptance_rise_se']:.2f} points "
-            f"(batch-means standard error{_sigmas(ad['acceptance_rise'], ad['acceptance_rise_se'], ';')})")
+            f"(batch-means standard error{'; ' if sigmas else ''}{sigmas})")
 
 
-def _sigmas(value: float, se: float, sep: str = "(") -> str:
-    """' (+x.x sigma)', or '; +x.x sigma' with sep ';', where the error is a positive number; else ''."""
-    if not (se is not None and math.isfinite(se) and se > 0):
-        return ""
-    return f" ({value / se:+.1f} sigma)" if sep == "(" else f"{sep} {value / se:+.1f} sigma"
+def _sigmas(value: float, se: float) -> str:
+    """'+x.x sigma' where the error is a positive number, else ''."""
+    return f"{value / se:+.1f} sigma" if se is not None and math.isfinite(se) and se > 0 else ""
+
+
+def _in_brackets(text: str) -> str:
+    return f" ({text})" if text else ""
 
 
 def _forcefield_floor(ff: dict | None) -> str:
@@ -281,7 +284,8 @@ def _smooth_lines(sm: dict, settings: dict, figure) -> list[str]:
     dyn = sm["dynamics"]
     lines = ["## Smooth flow potential (dynamics)", "",
              f"C-infinity smooth flow, internal coordinates with open support (no hard walls; bonds, angles and "
-             f"narrow torsions by {settings['interval']} maps), trained {_fmt(sm['cpu_s'])} CPU-s by {settings['w_nll']} x NLL + {settings['w_fm']} x force matching; "
+             f"narrow torsions by {settings['interval']} maps), trained {_fmt(sm['cpu_s'])} CPU-s by "
+             f"{settings['w_nll']} x NLL + {settings['w_fm']} x force matching; "
              f"exported as an OpenMM force (`{settings['backend']}` backend).", "",
              f"Force RMSE against held-out MD forces ({sm['n_test_frames']} test frames):", "",
              "| flow | training CPU-s | force RMSE (kJ/mol/nm) | RMS of MD forces | frames outside support |",

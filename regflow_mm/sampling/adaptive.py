@@ -463,14 +463,14 @@ def adaptive_summary(path: str | Path) -> dict:
                  "acceptance": _acceptance(accepted[a:a + s], k)} for a in range(0, n, s)]
     q = max(n // 4, 1)
     summary = {"n_iterations": n, "n_walkers": settings["n_walkers"], "settings": settings,
-               "flow_versions": versions, "segments": segments, "acceptance": _acceptance(accepted, k),
-               "acceptance_first_quarter": _acceptance(accepted[:q], k) if n >= 4 else float("nan"),
-               "acceptance_last_quarter": _acceptance(accepted[n - q:], k) if n >= 4 else float("nan")}
-    se_first, se_last = (_acceptance_se(accepted[:q], k), _acceptance_se(accepted[n - q:], k)) if n >= 4 else \
-        (float("nan"), float("nan"))
-    summary.update(acceptance_first_quarter_se=se_first, acceptance_last_quarter_se=se_last,
-                   acceptance_rise=summary["acceptance_last_quarter"] - summary["acceptance_first_quarter"],
-                   acceptance_rise_se=math.hypot(se_first, se_last))
+               "flow_versions": versions, "segments": segments, "acceptance": _acceptance(accepted, k)}
+    first, last = (accepted[:q], accepted[n - q:]) if n >= 4 else (accepted[:0], accepted[:0])  # empty: NaN
+    summary.update(acceptance_first_quarter=_acceptance(first, k), acceptance_last_quarter=_acceptance(last, k),
+                   acceptance_first_quarter_se=_acceptance_se(first, k),
+                   acceptance_last_quarter_se=_acceptance_se(last, k))
+    summary.update(acceptance_rise=summary["acceptance_last_quarter"] - summary["acceptance_first_quarter"],
+                   acceptance_rise_se=math.hypot(summary["acceptance_first_quarter_se"],
+                                                 summary["acceptance_last_quarter_se"]))
     if positions is not None and n:
         summary.update(phi_statistics(positions, system_from_spec_dict(md["system"]).torsions))
     return summary

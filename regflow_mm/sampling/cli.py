@@ -188,7 +188,8 @@ def _adaptive_mc(args) -> int:
     tune = {k: v for k, v in (("finetune_steps", args.finetune_steps), ("finetune_batch_size", args.finetune_batch_size),
                               ("finetune_lr", args.finetune_lr), ("finetune_proposals", args.finetune_proposals),
                               ("finetune_proposal_mass", args.finetune_proposal_mass)) if v is not None}
-    summary = run_adaptive_mc(get_system(args.system), args.flow, args.out, args.iterations, schedule=schedule,
+    system = get_system(args.system)
+    summary = run_adaptive_mc(system, args.flow, args.out, args.iterations, schedule=schedule,
                               train_data=args.train_data, n_walkers=args.walkers, md_steps=args.md_steps,
                               timestep_fs=args.timestep_fs, friction_per_ps=args.friction,
                               flow_moves=args.flow_moves, reject_d_chirality=not args.allow_d,
@@ -215,7 +216,7 @@ def _adaptive_mc(args) -> int:
     print(f"| CPU s in MD / flow moves / fine-tuning (this run) | {summary['md_cpu_s']:.1f} / "
           f"{summary['flow_cpu_s']:.1f} / {summary['finetune_cpu_s']:.1f} |")
     if args.acceptance_samples:
-        va = version_acceptance(args.out, get_system(args.system), args.acceptance_samples, seed=args.seed,
+        va = version_acceptance(args.out, system, args.acceptance_samples, seed=args.seed,
                                 reject_d_chirality=not args.allow_d)
         print(f"| stationary acceptance of the proposal, v{va['first_version']} -> v{va['last_version']} "
               f"({va['n_samples']} paired samples each) | {va['acceptance_a']:.4f} +- {va['acceptance_a_se']:.4f} -> "
