@@ -34,28 +34,11 @@ from openmmtools.states import SamplerState, ThermodynamicState
 from regflow_mm.data import load_dataset
 from regflow_mm.data.dataset import dihedrals
 from regflow_mm.flows import flow_file_hash, load_flow
-from regflow_mm.importance import kish_ess, normalized_weights
+from regflow_mm.importance import kish_ess
 from regflow_mm.sampling import FlowIndependenceMove, SeededLangevinDynamicsMove
+from regflow_mm.sampling.crossings import block_mean_error, sign_changes
 from regflow_mm.sampling.moves import maxwell_boltzmann_velocities
 from regflow_mm.systems.platforms import openmm_seed
-
-
-def block_mean_error(x: np.ndarray, n_blocks: int, log_w: np.ndarray | None = None) -> tuple[float, float]:
-    """(Weighted) mean of a time series and its block-averaged standard error over ``n_blocks`` contiguous blocks."""
-    x = np.asarray(x, dtype=np.float64)
-    w = np.ones_like(x) if log_w is None else normalized_weights(log_w) * x.size
-    mean = float(np.sum(w * x) / np.sum(w))
-    blocks = [(xb, wb) for xb, wb in zip(np.array_split(x, n_blocks), np.array_split(w, n_blocks)) if wb.sum() > 0]
-    if len(blocks) < 2:
-        return mean, math.nan
-    means = np.array([np.sum(wb * xb) / np.sum(wb) for xb, wb in blocks])
-    return mean, float(means.std(ddof=1) / math.sqrt(len(blocks)))
-
-
-def sign_changes(angles: np.ndarray) -> int:
-    """Number of sign changes of a (T,) angle series (rad)."""
-    positive = np.asarray(angles) > 0
-    return int(np.count_nonzero(positive[1:] != positive[:-1]))
 
 
 def run_walker(system, flow, flow_path, start, *, cpu_budget, md_steps, timestep_fs, flow_moves, seed, walker):

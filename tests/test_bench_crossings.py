@@ -11,19 +11,19 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_crossings.py"
 
 
-@pytest.fixture(scope="module")
-def bench():
-    return runpy.run_path(str(BENCH))
+def test_block_error_and_sign_changes_on_exact_series():
+    from regflow_mm.sampling.crossings import block_mean_error, sign_changes, walkers_mean_error
 
-
-def test_block_error_and_sign_changes_on_exact_series(bench):
     x = np.repeat([0.0, 1.0, 0.0, 1.0], 5).astype(float)  # 4 blocks of 5: block means 0, 1, 0, 1
-    mean, err = bench["block_mean_error"](x, 4)
+    mean, err = block_mean_error(x, 4)
     assert mean == 0.5 and err == pytest.approx(np.std([0, 1, 0, 1], ddof=1) / 2)
-    mean_w, _ = bench["block_mean_error"](x, 4, log_w=np.where(x > 0, np.log(3.0), 0.0))
+    mean_w, _ = block_mean_error(x, 4, log_w=np.where(x > 0, np.log(3.0), 0.0))
     assert mean_w == pytest.approx(0.75)  # weight 3 on the ones
-    assert bench["sign_changes"](np.array([-1.0, -0.5, 0.2, 0.3, -2.0, 1.0])) == 3
-    assert math.isnan(bench["block_mean_error"](np.ones(3), 2, log_w=np.array([0.0, -np.inf, -np.inf]))[1])
+    assert sign_changes(np.array([-1.0, -0.5, 0.2, 0.3, -2.0, 1.0])) == 3
+    assert math.isnan(block_mean_error(np.ones(3), 2, log_w=np.array([0.0, -np.inf, -np.inf]))[1])
+    # two walkers: means 0.5 and 1.0; errors sqrt(1/12) and 0 -> combined sqrt(1/12) / 2
+    mean2, err2 = walkers_mean_error(np.stack([x, np.ones_like(x)], axis=1), 4)
+    assert mean2 == 0.75 and err2 == pytest.approx(np.std([0, 1, 0, 1], ddof=1) / 2 / 2)
 
 
 def test_bench_runs_end_to_end_on_aldp(aldp, tmp_path, capsys):

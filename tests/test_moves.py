@@ -234,3 +234,68 @@ def test_hybrid_file_that_committed_nothing_starts_over(tmp_path):
     assert resumed["n_iterations"] == fresh["n_iterations"] == 2
     with h5py.File(tmp_path / "fresh.h5") as a, h5py.File(tmp_path / "killed.h5") as b:
         np.testing.assert_array_equal(a["positions"][:], b["positions"][:])
+
+
+class _MirrorMove:
+    """A stand-in flow move whose odd proposals are accepted and replace the state by its mirror image (every
+    torsion changes sign); even proposals are rejected."""
+
+    def __init__(self):
+        self.n_proposed = self.n_accepted = 0
+
+    def apply(self, thermodynamic_state, sampler_state, context_cache=None):
+        self.n_proposed += 1
+        if self.n_proposed % 2:
+            self.n_accepted += 1
+            sampler_state.positions = -sampler_state.positions
+
+
+def test_walker_counts_sign_changes_at_every_chain_state():
+    """Exact counts: 5 proposals per iteration, every odd one an accepted mirror image (3, 2, 3, 2 per iteration),
+    each a sign change of phi, while the stored frames (one per iteration) show only the net change."""
+    from regflow_mm.data.dataset import dihedrals
+    from regflow_mm.sampling.hybrid import HybridWalker, run_block
+    from regflow_mm.systems import get_system
+
+    aldp = get_system("aldp")
+    phi = aldp.torsions["phi1"]
+    walker = HybridWalker(_MirrorMove(), aldp.positions, np.zeros_like(aldp.positions), md_steps=0, flow_moves=5,
+                          timestep_fs=1.0, friction_per_ps=1.0, random_seed=1, watch=[phi])
+    thermo = ThermodynamicState(aldp.system, T * unit.kelvin)
+    rows = run_block([walker], thermo, 4)
+    assert rows["accepted"].ravel().tolist() == [3, 2, 3, 2]  # proposals 1..20: the odd ones
+    assert rows["sign_changes"].shape == (4, 1, 1) and rows["sign_changes"].ravel().tolist() == [3, 2, 3, 2]
+    frames = dihedrals(rows["positions"][:, 0].astype(np.float64), [phi])[:, 0]
+    start = dihedrals(aldp.positions[None], [phi])[0, 0]
+    assert np.all(np.sign(frames) == np.sign(start) * np.array([-1, -1, 1, 1]))  # after 3, 5, 8, 10 mirrors
+    with pytest.raises(ValueError, match="needs a flow move"):
+        HybridWalker(None, aldp.positions, np.zeros_like(aldp.positions), md_steps=10, flow_moves=1, timestep_fs=1.0,
+                     friction_per_ps=1.0, random_seed=1).step(thermo)
+
+
+def test_plain_md_chain_counts_what_its_frames_show(tmp_path):
+    """flow_moves = 0 without a flow: plain MD with the hybrid chain's file and statistics; with one chain state
+    per iteration the chain's sign changes are those between its frames (and from the start to frame 0)."""
+    from regflow_mm.data.dataset import dihedrals
+    from regflow_mm.sampling.hybrid import hybrid_summary
+    from regflow_mm.systems import get_system
+
+    aldp = get_system("aldp")
+    out = tmp_path / "plain.h5"
+    summary = run_hybrid_mc(aldp, None, out, 30, n_walkers=2, md_steps=20, flow_moves=0, seed=2, checkpoint_every=7,
+                            progress=False)
+    assert summary["n_iterations"] == 30 and np.isnan(summary["acceptance"]) and summary["n_chain_states"] == 60
+    assert summary["md_cpu_s"] > 0 and np.isnan(summary["cpu_s_per_flow_move"])
+    with h5py.File(out) as fh:
+        positions = fh["positions"][()]
+        assert np.all(fh["accepted"][()] == 0)
+    phi = aldp.torsions["phi1"]
+    start = dihedrals(aldp.positions[None], [phi])[0, 0] > 0
+    for w in range(2):
+        signs = np.concatenate([[start], dihedrals(positions[:, w].astype(np.float64), [phi])[:, 0] > 0])
+        assert summary["phi1_chain_sign_changes"][w] == int(np.count_nonzero(signs[1:] != signs[:-1]))
+    assert hybrid_summary(out)["phi1_chain_sign_changes"] == summary["phi1_chain_sign_changes"]
+    with pytest.raises(ValueError, match="needs a flow file"):
+        run_hybrid_mc(aldp, None, tmp_path / "x.h5", 2, flow_moves=1, progress=False)
+    with pytest.raises(ValueError, match="never move"):
+        run_hybrid_mc(aldp, None, tmp_path / "x.h5", 2, md_steps=0, flow_moves=0, progress=False)

@@ -13,7 +13,8 @@ TINY = {
     "flow": {"layers": 2, "hidden": 32},
     "train": {"time_budget_s": 3.0, "teacher_steps": 30, "n_pairs": 300, "batch_size": 64, "ode_method": "rk4"},
     "evaluate": {"n_samples": 200, "teacher_samples": 100, "teacher_nll_frames": 40, "teacher_ode_steps": 2},
-    "mc": {"n_iterations": 6, "md_steps_per_iteration": 20, "adapt_segments": 2, "finetune_steps": 3,
+    "mc": {"n_iterations": 6, "md_steps_per_iteration": 20, "plain_md_iterations": 12, "adapt_iterations": 4,
+           "adapt_segments": 2, "finetune_steps": 3,
            "finetune_proposals": 64, "acceptance_samples": 200,
            "tempering_replicas": 2, "tempering_iterations": 2, "tempering_max_K": 400.0},
     "free_energy": {"n_samples": 300, "tfep_n_train": 50, "tfep_n_eval": 50, "tfep_steps": 5, "tfep_layers": 2,
@@ -35,7 +36,7 @@ def test_report_holds_this_runs_numbers(finished_run):
     metrics = json.loads((out / "metrics.json").read_text())
     stages = metrics["stages"]
     assert set(stages) == {"md", "reference", "teacher", "evaluate_teacher", "train_regflow", "train_baseline",
-                           "evaluate", "mc", "free_energy", "export"}
+                           "evaluate", "plain_md", "mc", "free_energy", "export"}
     # the teacher CNF is a stage of its own, reused (not retrained) by the student, and evaluated like a flow
     assert stages["teacher"]["teacher_train_s"] > 0 and "teacher_train_s" not in stages["train_regflow"]
     teacher = stages["evaluate_teacher"]["metrics"]
@@ -60,8 +61,15 @@ def test_report_holds_this_runs_numbers(finished_run):
     for name in ("regflow", "mle"):
         assert f"| {name} | " in text
         assert {"ess", "e_w1", "t_w2", "nll", "d_fraction", "basins_missing"} <= set(stages["evaluate"]["metrics"][name])
+    mc, plain = stages["mc"], stages["plain_md"]  # crossings of the hybrid chain and of plain MD, every chain state
+    assert len(mc["phi1_chain_sign_changes"]) == 2 and mc["chain_cpu_s"] > 0 and mc["n_chain_states"] == 6 * 2 * 2
+    assert plain["n_iterations"] == 12 and plain["n_chain_states"] == 24 and plain["ps"] == pytest.approx(12 * 2 * 0.02)
+    assert all(h >= f for h, f in zip(mc["phi1_chain_sign_changes"], mc["phi1_sign_changes"]))
+    assert (f"changes the sign of phi1 **{sum(mc['phi1_chain_sign_changes'])} times in {mc['chain_cpu_s']:.1f} CPU-s"
+            in text and "plain MD of the same walkers, start and MD segment" in text)
     adaptive = stages["mc"]["adaptive"]  # the adaptive chain: two segments, one fine-tuning between them
     assert [seg["flow_version"] for seg in adaptive["segments"]] == [0, 1] and adaptive["n_versions"] == 2
+    assert [seg["stop"] for seg in adaptive["segments"]] == [2, 4]  # adapt_iterations, not n_iterations
     assert f"acceptance **{adaptive['acceptance_first_quarter']:.2%} in the first quarter" in text
     assert adaptive["finetune_proposals"] == 64 and 1 <= adaptive["proposal_ess"][0] <= 64
     va = adaptive["version_acceptance"]  # the proposals v0 and v1 on paired samples
@@ -90,8 +98,8 @@ def test_report_holds_this_runs_numbers(finished_run):
 
 def test_second_run_does_no_work(finished_run, monkeypatch):
     out, _ = finished_run
-    for stage in ("_md", "_reference_md", "_teacher", "_evaluate_teacher", "_train", "_evaluate", "_mc", "_free_energy",
-                  "_export"):
+    for stage in ("_md", "_reference_md", "_teacher", "_evaluate_teacher", "_train", "_evaluate", "_plain_md", "_mc",
+                  "_free_energy", "_export"):
         monkeypatch.setattr(pipeline_run, stage, lambda *a, **k: pytest.fail("a cached stage ran again"))
     run_pipeline(validate(TINY), out, progress=False)
     assert "| md | " in (out / "report.md").read_text() and "| yes |" in (out / "report.md").read_text()
@@ -110,10 +118,10 @@ def test_interrupted_run_continues(tmp_path, monkeypatch):
         run_pipeline(validate(TINY), tmp_path, progress=False)
     done = {p.parent.name for p in tmp_path.glob("*/stage.json")}  # free_energy ran beside mc, stopped with it
     assert done - {"free_energy"} == {"md", "reference", "teacher", "evaluate_teacher", "train_regflow",
-                                      "train_baseline", "evaluate"}
+                                      "train_baseline", "evaluate", "plain_md"}
 
     monkeypatch.setattr(pipeline_run, "_mc", real)
-    for stage in ("_md", "_teacher", "_evaluate_teacher", "_train", "_evaluate"):
+    for stage in ("_md", "_teacher", "_evaluate_teacher", "_train", "_evaluate", "_plain_md"):
         monkeypatch.setattr(pipeline_run, stage, lambda *a, **k: pytest.fail("a finished stage ran again"))
     run_pipeline(validate(TINY), tmp_path, progress=False)
     assert (tmp_path / "report.md").is_file() and len(calls) == 1
@@ -132,7 +140,8 @@ def test_config_errors_are_one_line(tmp_path, capsys):
     assert "[mc].n_walkers must be an integer, got 'two'" in capsys.readouterr().err
     bad.write_text("[mc]\nn_iterations = 10\nadapt_segments = 3\n")
     assert main(["pipeline", "--config", str(bad), "--out", str(tmp_path / "run")]) == 2
-    assert "[mc].n_iterations = 10 must be a multiple of [mc].adapt_segments = 3" in capsys.readouterr().err
+    assert "[mc].adapt_iterations (or n_iterations) = 10 must be a multiple of [mc].adapt_segments = 3" in (
+        capsys.readouterr().err)
     bad.write_text('[free_energy]\ntfep_moved = "bonds"\n')
     assert main(["pipeline", "--config", str(bad), "--out", str(tmp_path / "run")]) == 2
     assert "[free_energy].tfep_moved must be 'circular' or 'all', got 'bonds'" in capsys.readouterr().err

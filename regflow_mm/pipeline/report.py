@@ -161,10 +161,10 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
               f"Langevin steps + {config['mc']['flow_moves_per_iteration']} flow independence move(s); "
               f"acceptance {mc['acceptance']:.2%}; "
               f"{md['phi_name']} > 0 population {_fmt(mc.get(md['phi_name'] + '_positive_fraction'))} "
-              f"+- {_fmt(mc.get(md['phi_name'] + '_positive_fraction_err'))}; sign changes per walker "
-              f"{mc.get(md['phi_name'] + '_sign_changes')} "
-              f"({sum(mc.get(md['phi_name'] + '_sign_changes') or [0]) / max(mc['cpu_s'], 1e-9):.3g} per CPU-s, "
-              f"{mc['cpu_s']:.0f} CPU-s; benchmarks/bench_crossings.py compares with plain MD at equal CPU time).", "", f"![MC]({figure('mc', mc['figure'])})", ""]
+              f"+- {_fmt(mc.get(md['phi_name'] + '_positive_fraction_err'))} (block error); sign changes between "
+              f"stored frames per walker {mc.get(md['phi_name'] + '_sign_changes')}; {mc['cpu_s']:.0f} CPU-s in all.",
+              "", f"![MC]({figure('mc', mc['figure'])})", ""]
+    lines += _crossing_lines(mc, res.get("plain_md"), fe, md["phi_name"])
     if "adaptive" in mc:
         ad, phi = mc["adaptive"], md["phi_name"]
         proposals = (f" and on {ad['finetune_proposals']} of its own samples weighted by exp(-u - log q) (Kish ESS "
@@ -260,6 +260,39 @@ def _rise(ad: dict) -> str:
     sigmas = _sigmas(ad["acceptance_rise"], ad["acceptance_rise_se"])
     return (f", a change of {100 * ad['acceptance_rise']:+.2f} +- {100 * ad['acceptance_rise_se']:.2f} points "
             f"(batch-means standard error{'; ' if sigmas else ''}{sigmas})")
+
+
+def _crossing_lines(mc: dict, plain: dict | None, fe: dict, phi: str) -> list[str]:
+    """Phi sign changes per CPU s of the hybrid chain against plain MD (both counted between consecutive chain
+    states), and the hybrid chain's phi > 0 population beside the reweighted flow's and the weighted data's."""
+    lines = []
+    hybrid = mc.get(f"{phi}_chain_sign_changes")
+    if hybrid is not None and mc.get("chain_cpu_s"):
+        rate = sum(hybrid) / mc["chain_cpu_s"]
+        text = (f"Basin crossings, counted between consecutive chain states (after every MD segment and every flow "
+                f"move): the hybrid chain changes the sign of {phi} **{sum(hybrid)} times in {mc['chain_cpu_s']:.1f} "
+                f"CPU-s ({rate:.3g} per CPU-s)**")
+        if plain is not None and plain.get(f"{phi}_chain_sign_changes") is not None:
+            n_plain, cpu = sum(plain[f"{phi}_chain_sign_changes"]), plain["chain_cpu_s"]
+            if n_plain:
+                ratio = f"**{rate / (n_plain / cpu):.0f}x** plain MD's rate"
+            else:  # no crossing: the ratio to a rate of one crossing in plain MD's CPU time, a lower bound
+                ratio = f"**more than {rate * cpu:.0f}x** plain MD's rate (the ratio to one crossing in its CPU time)"
+            text += (f"; plain MD of the same walkers, start and MD segment ({plain['ps']:.0f} ps in {cpu:.1f} CPU-s): "
+                     f"{n_plain} ({n_plain / cpu:.3g} per CPU-s), i.e. {ratio}")
+        lines += [text + ".", ""]
+    p, err = mc.get(f"{phi}_positive_fraction"), mc.get(f"{phi}_positive_fraction_err")
+    rows = []
+    for label, est in (("flow, reweighted", fe.get("flow", {})), ("MD training data, weighted", fe.get("md", {}))):
+        if "p_b" in est and est.get("ddelta_f") is not None:
+            # dF = -ln(p_b / p_a), p_a + p_b = 1: d p_b = p_a p_b d(dF)
+            rows.append((label, est["p_b"], est["p_a"] * est["p_b"] * est["ddelta_f"]))
+    if p is not None and err is not None and math.isfinite(err) and rows:
+        cells = "; ".join(f"{label} {q:.4f} +- {e:.4f} ({_sigmas(p - q, math.hypot(err, e)) or 'no error'})"
+                          for label, q, e in rows)
+        lines += [f"{phi} > 0 population of the hybrid chain {p:.4f} +- {err:.4f} (block error over its frames) "
+                  f"against {cells} (difference over combined error).", ""]
+    return lines
 
 
 def _sigmas(value: float, se: float) -> str:

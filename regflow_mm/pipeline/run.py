@@ -126,8 +126,17 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
         flows[config["baseline"]["method"]] = ("train_baseline", "flow")
     if reference is not None:
         run.wait(reference)
+    # plain MD, the baseline of the hybrid chain's crossings, on the second core beside the evaluation
+    plain_md = None
+    if config["mc"]["plain_md_iterations"] > 0:
+        plain_keys = ("plain_md_iterations", "md_steps_per_iteration", "n_walkers")
+        plain_md = run.start(Stage("plain_md", functools.partial(_plain_md, system_name=system_name, mc=config["mc"],
+                                                                 seed=seed),
+                                   {**{k: config["mc"][k] for k in plain_keys}, "seed": seed}))
     run.run(Stage("evaluate", lambda f, i: _evaluate(f, i, flows, config["evaluate"], seed),
                   {**config["evaluate"], "seed": seed}, needs=("md", *held_out, *{s for s, _ in flows.values()})))
+    if plain_md is not None:
+        run.wait(plain_md)
     # the free energy on the second core while the Monte Carlo and the export run here
     free_energy = run.start(Stage("free_energy", functools.partial(_free_energy, settings=config["free_energy"],
                                                                    seed=seed, progress=False),
@@ -397,10 +406,10 @@ def _mc(folder: Path, inputs: dict, system_name: str, mc: dict, seed: int, progr
 
     system = get_system(system_name)
     started = time.process_time()
-    run_hybrid_mc(system, inputs["evaluate"]["downstream"]["flow"], folder / "mc.h5", mc["n_iterations"],
-                  n_walkers=mc["n_walkers"], md_steps=mc["md_steps_per_iteration"],
-                  flow_moves=mc["flow_moves_per_iteration"], seed=seed,
-                  platform=resolve_platform("auto", system.n_atoms, system.system), progress=progress)
+    chain = run_hybrid_mc(system, inputs["evaluate"]["downstream"]["flow"], folder / "mc.h5", mc["n_iterations"],
+                          n_walkers=mc["n_walkers"], md_steps=mc["md_steps_per_iteration"],
+                          flow_moves=mc["flow_moves_per_iteration"], seed=seed,
+                          platform=resolve_platform("auto", system.n_atoms, system.system), progress=progress)
     summary = hybrid_summary(folder / "mc.h5")
     with h5py.File(folder / "mc.h5", "r") as fh:
         positions = fh["positions"][: int(fh.attrs["n_iterations"])]
@@ -408,12 +417,33 @@ def _mc(folder: Path, inputs: dict, system_name: str, mc: dict, seed: int, progr
     angles = np.stack([_phi(system, positions[:, w], name)[1] for w in range(positions.shape[1])], axis=1)
     mc_trace_plot(folder / "mc_trace.png", name, angles, summary["counters"], summary["acceptance"])
     summary.pop("settings", None)
-    result = {**summary, "cpu_s": time.process_time() - started, "figure": "mc_trace.png"}
+    # the chains' own CPU time (MD + flow moves), the base of crossings per CPU second
+    result = {**summary, "chain_cpu_s": chain["md_cpu_s"] + chain["flow_cpu_s"], "cpu_s": time.process_time() - started,
+              "figure": "mc_trace.png"}
     if mc["adapt_segments"] > 1:
         result["adaptive"] = _adaptive_mc(folder, inputs, system, mc, seed, progress)
     if mc["tempering_replicas"] >= 2:
         result["tempering"] = _flow_tempering(folder, inputs, system, mc, seed, progress)
     return result
+
+
+def _plain_md(folder: Path, inputs: dict, *, system_name: str, mc: dict, seed: int) -> dict:
+    """The hybrid chain's walkers, start and MD segment without flow moves: phi sign changes per CPU second of
+    plain MD, counted like the hybrid chain's (between consecutive chain states, here the MD segments' ends)."""
+    from ..sampling.hybrid import hybrid_summary, run_hybrid_mc
+    from ..systems import get_system
+    from ..systems.platforms import resolve_platform
+
+    system = get_system(system_name)
+    out = run_hybrid_mc(system, None, folder / "plain_md.h5", mc["plain_md_iterations"], n_walkers=mc["n_walkers"],
+                        md_steps=mc["md_steps_per_iteration"], flow_moves=0, seed=seed,
+                        platform=resolve_platform("auto", system.n_atoms, system.system), progress=False)
+    summary = hybrid_summary(folder / "plain_md.h5")
+    steps = summary["n_iterations"] * summary["n_walkers"] * mc["md_steps_per_iteration"]
+    ps = steps * summary["settings"]["timestep_fs"] * 1e-3
+    keep = {k: v for k, v in summary.items() if k.startswith("phi") or k in ("n_iterations", "n_walkers",
+                                                                             "n_chain_states")}
+    return {**keep, "chain_cpu_s": out["md_cpu_s"], "ps": ps}
 
 
 def _flow_tempering(folder: Path, inputs: dict, system, mc: dict, seed: int, progress: bool) -> dict:
@@ -435,7 +465,7 @@ def _adaptive_mc(folder: Path, inputs: dict, system, mc: dict, seed: int, progre
     from ..sampling.adaptive import AdaptSchedule, run_adaptive_mc, version_acceptance
     from ..systems.platforms import resolve_platform
 
-    n = mc["n_iterations"]
+    n = mc["adapt_iterations"] or mc["n_iterations"]
     summary = run_adaptive_mc(system, inputs["evaluate"]["downstream"]["flow"], folder / "adaptive.h5", n,
                               schedule=AdaptSchedule(n // mc["adapt_segments"]), train_data=inputs["md"]["dataset"],
                               finetune_steps=mc["finetune_steps"], finetune_lr=mc["finetune_lr"],

@@ -50,15 +50,15 @@ from regflow_mm.data.checkpointed_hdf5 import committed_checkpoint, truncate_unc
 from regflow_mm.files import check_resume_settings
 from regflow_mm.flows import flow_file_hash, load_flow, require_flow_file
 from regflow_mm.progress import progress_bar
-from regflow_mm.sampling.hybrid import HybridWalker, commit_block, phi_statistics, run_block
+from regflow_mm.sampling.hybrid import HybridWalker, commit_block, create_sign_changes, phi_statistics, run_block
 from regflow_mm.sampling.moves import FlowIndependenceMove, maxwell_boltzmann_velocities
 from regflow_mm.systems import MolecularSystem, check_spec_hash, system_from_spec_dict
 from regflow_mm.systems.platforms import openmm_seed
 
 log = logging.getLogger(__name__)
 
-FORMAT = "regflow-mm adaptive-mc 1"
-_DATASETS = ("positions", "accepted", "flow_version")
+FORMAT = "regflow-mm adaptive-mc 2"  # 2: sign_changes at every chain state (hybrid.run_block)
+_DATASETS = ("positions", "accepted", "flow_version", "sign_changes")
 
 
 @dataclass(frozen=True)
@@ -225,6 +225,7 @@ def run_adaptive_mc(system, flow_path: str | Path, out: str | Path, n_iterations
                                     seed=int(np.random.SeedSequence([seed, walker, version]).generate_state(1)[0]))
 
     active = schedule.n_updates(n_done)
+    watch = [] if molsys is None else [idx for name, idx in molsys.torsions.items() if name.startswith("phi")]
     walkers = []
     for w in range(n_walkers):
         state = move_states[w]
@@ -233,7 +234,7 @@ def run_adaptive_mc(system, flow_path: str | Path, out: str | Path, n_iterations
         walkers.append(HybridWalker(make_move(active, w, state) if active < len(versions) else None,
                                     positions[w], velocities[w], md_steps=md_steps, flow_moves=flow_moves,
                                     timestep_fs=timestep_fs, friction_per_ps=settings["friction_per_ps"],
-                                    random_seed=openmm_seed(seed, w, n_done), platform=platform))
+                                    random_seed=openmm_seed(seed, w, n_done), platform=platform, watch=watch))
 
     finetune_cpu = 0.0
     bar = progress_bar(total=n_iterations, initial=min(n_done, n_iterations), unit="it",
@@ -251,9 +252,8 @@ def run_adaptive_mc(system, flow_path: str | Path, out: str | Path, n_iterations
                 for w, walker in enumerate(walkers):
                     walker.flow_move = make_move(version, w, None)
             n_block = min(checkpoint_every, schedule.segment_end(n_done) - n_done, n_iterations - n_done)
-            frames, accepted = run_block(walkers, thermo, n_block, bar)
-            n_done = commit_block(out, {"positions": frames, "accepted": accepted,
-                                        "flow_version": np.full(n_block, version, np.int16)}, walkers, n_done)
+            rows = run_block(walkers, thermo, n_block, bar)
+            n_done = commit_block(out, {**rows, "flow_version": np.full(n_block, version, np.int16)}, walkers, n_done)
     finally:
         bar.close()
     summary = adaptive_summary(out)
@@ -353,6 +353,7 @@ def _create(out, molsys, system_hash, n_atoms, flow_path, flow_hash, settings, s
                           chunks=(64, w, n_atoms, 3))
         fh.create_dataset("accepted", shape=(0, w), maxshape=(None, w), dtype=np.int16, chunks=(256, w))
         fh.create_dataset("flow_version", shape=(0,), maxshape=(None,), dtype=np.int16, chunks=(256,))
+        create_sign_changes(fh, w, {} if molsys is None else molsys.torsions)
 
 
 def _prepare_resume(out, system_hash, flow_hash, settings, seed):
@@ -360,7 +361,9 @@ def _prepare_resume(out, system_hash, flow_hash, settings, seed):
     with h5py.File(out, "r+") as fh:
         md = json.loads(fh.attrs["metadata"])
         if md.get("format") != FORMAT:
-            raise ValueError(f"{out} is not an adaptive-MC file ({md.get('format')!r}): choose another --out")
+            older = str(md.get("format", "")).startswith("regflow-mm adaptive-mc")
+            raise ValueError(f"{out} is {'an adaptive-MC file of an older version' if older else 'not an adaptive-MC file'}"
+                             f" ({md.get('format')!r}): choose another --out")
         check_spec_hash(md["system_hash"], system_hash, str(out), verb="holds a run of", allow_unknown=False)
         if md["flow_hash"] != flow_hash:
             raise ValueError(f"{out} was started from another flow (hash {md['flow_hash'][:12]}, this one "
@@ -455,6 +458,7 @@ def adaptive_summary(path: str | Path) -> dict:
         version = fh["flow_version"][:n]
         versions = json.loads(fh.attrs["flow_versions"])
         positions = fh["positions"][:n] if md["system"] else None
+        changes = fh["sign_changes"][:n] if "sign_changes" in fh else None
     settings = md["settings"]
     schedule = AdaptSchedule(**settings["schedule"])
     k = settings["flow_moves"]
@@ -472,5 +476,5 @@ def adaptive_summary(path: str | Path) -> dict:
                    acceptance_rise_se=math.hypot(summary["acceptance_first_quarter_se"],
                                                  summary["acceptance_last_quarter_se"]))
     if positions is not None and n:
-        summary.update(phi_statistics(positions, system_from_spec_dict(md["system"]).torsions))
+        summary.update(phi_statistics(positions, system_from_spec_dict(md["system"]).torsions, changes))
     return summary

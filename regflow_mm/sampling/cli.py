@@ -44,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Walkers alternating Langevin MD and flow independence Metropolis-Hastings "
                                           "moves; writes frames incrementally to an HDF5 file and resumes after a kill.")
     p.add_argument("system", help="built-in system name or spec TOML")
-    p.add_argument("flow", help="saved flow file")
+    p.add_argument("flow", help="saved flow file ('none' with --flow-moves 0: plain MD of the same walkers and MD "
+                                "segments, the baseline of the chain's crossings per CPU second)")
     p.add_argument("--out", required=True, help="output HDF5 (rerun the same command to resume)")
     p.add_argument("--iterations", type=int, required=True, help="frames per walker (one per MD + flow iteration)")
     p.add_argument("--walkers", type=int, default=2, help="independent chains, each from the system's start "
@@ -151,7 +152,8 @@ def _mc(args) -> int:
             raise ValueError(f"--{given[0].replace('_', '-')} needs --adapt (it sets up adaptive flow MC)")
     else:
         return _adaptive_mc(args)
-    summary = run_hybrid_mc(get_system(args.system), args.flow, args.out, args.iterations, n_walkers=args.walkers,
+    flow = None if args.flow == "none" else args.flow
+    summary = run_hybrid_mc(get_system(args.system), flow, args.out, args.iterations, n_walkers=args.walkers,
                             md_steps=args.md_steps, timestep_fs=args.timestep_fs, friction_per_ps=args.friction,
                             flow_moves=args.flow_moves, reject_d_chirality=not args.allow_d,
                             batch_size=args.batch_size, seed=args.seed, platform=args.platform,
@@ -166,7 +168,8 @@ def _mc(args) -> int:
             print(f"| {key} | {value:.4f} +- {summary[key + '_err']:.4f} |")
         elif key.endswith("_sign_changes"):
             print(f"| {key} (per walker) | {value} |")
-    print(f"| CPU s per flow move (this run) | {summary['cpu_s_per_flow_move']:.2e} |")
+    print(f"| CPU s per flow move (this run) | {summary['cpu_s_per_flow_move']:.2e} |\n"
+          f"| CPU s in MD / flow moves (this run) | {summary['md_cpu_s']:.1f} / {summary['flow_cpu_s']:.1f} |")
     return 0
 
 

@@ -3,12 +3,16 @@
 One iteration of a walker = ``md_steps`` of Langevin dynamics (openmmtools ``LangevinDynamicsMove``
 with a seeded integrator) followed by ``flow_moves`` :class:`FlowIndependenceMove` proposals,
 i.e. the ``SequenceMove([LangevinDynamicsMove, FlowIndependenceMove])`` of
-``examples/hybrid_mc_recipe.py``; one frame per walker per iteration is stored.
+``examples/hybrid_mc_recipe.py``; one frame per walker per iteration is stored. ``flow_moves = 0``
+without a flow is the plain-MD chain of the same settings (the baseline of the crossing comparison).
 
 Output: one HDF5 file (h5py)::
 
     positions   (T, W, n_atoms, 3) float32 nm     one frame per iteration and walker
     accepted    (T, W) int16                      flow moves accepted in that iteration
+    sign_changes (T, W, P) int16                  sign changes of each phi torsion of the system (attrs
+                                                  "torsions") between consecutive chain states in that
+                                                  iteration: after the MD segment and after every flow move
     checkpoint/ positions, velocities (W, n, 3) float64; move_state (JSON per walker)
     attrs       metadata (JSON: system, flow hash, settings, seed), n_iterations (committed)
 
@@ -43,7 +47,7 @@ from regflow_mm.systems.platforms import resolve_platform
 
 log = logging.getLogger(__name__)
 
-FORMAT = "regflow-mm hybrid-mc 1"
+FORMAT = "regflow-mm hybrid-mc 2"  # 2: sign_changes at every chain state
 _RESUME_KEYS = ("md_steps", "timestep_fs", "friction_per_ps", "flow_moves", "reject_d_chirality", "batch_size",
                 "n_walkers")
 
@@ -76,11 +80,14 @@ class HybridWalker:
     flow_move: a ``FlowIndependenceMove``; positions (n, 3) nm, velocities (n, 3) nm/ps: the start.
     timestep_fs (fs), friction_per_ps (1/ps), random_seed (1..2^31-1) of the Langevin integrator;
     platform: OpenMM platform of the walker's context cache. ``md_cpu_s`` / ``flow_cpu_s``: CPU
-    seconds spent so far in MD and in flow moves.
+    seconds spent so far in MD and in flow moves. watch: torsions (P lists of 4 atom indices) whose
+    sign changes between consecutive chain states :meth:`step` counts (``last_sign_changes``, (P,)).
+    ``flow_move`` may be None with ``flow_moves = 0`` (plain MD), or until it is set before the first step.
     """
 
-    def __init__(self, flow_move: FlowIndependenceMove, positions, velocities, *, md_steps: int, flow_moves: int,
-                 timestep_fs: float, friction_per_ps: float, random_seed: int, platform: str = "Reference"):
+    def __init__(self, flow_move: FlowIndependenceMove | None, positions, velocities, *, md_steps: int,
+                 flow_moves: int, timestep_fs: float, friction_per_ps: float, random_seed: int,
+                 platform: str = "Reference", watch=()):
         self.flow_move = flow_move
         self.md_steps, self.flow_moves = int(md_steps), int(flow_moves)
         self.md_move = SeededLangevinDynamicsMove(
@@ -90,20 +97,44 @@ class HybridWalker:
                                           velocities=np.asarray(velocities) * unit.nanometer / unit.picosecond)
         self.context_cache = mm_cache.ContextCache(platform=openmm.Platform.getPlatformByName(platform), capacity=2)
         self.md_cpu_s = self.flow_cpu_s = 0.0
+        self.watch = [list(t) for t in watch]
+        self._positive = self._signs()
+        self.last_sign_changes = np.zeros(len(self.watch), np.int64)
+
+    def _signs(self) -> np.ndarray:
+        """(P,) bool: the watched torsions of the current state are > 0."""
+        if not self.watch:
+            return np.zeros(0, bool)
+        from regflow_mm.data.dataset import dihedrals
+
+        return dihedrals(self.positions[None].astype(np.float64), self.watch)[0] > 0
+
+    def _count_state(self) -> None:
+        positive = self._signs()
+        self.last_sign_changes += positive != self._positive
+        self._positive = positive
 
     def step(self, thermo: ThermodynamicState, where: str = "this walker") -> int:
-        """One iteration at ``thermo``; returns the number of flow moves accepted. An MD blow-up is a
-        one-line RuntimeError naming ``where``."""
+        """One iteration at ``thermo``; returns the number of flow moves accepted and sets
+        ``last_sign_changes``. An MD blow-up is a one-line RuntimeError naming ``where``."""
+        if self.flow_moves and self.flow_move is None:
+            raise ValueError(f"flow_moves = {self.flow_moves} needs a flow move (None only for plain MD, flow_moves = 0)")
+        self.last_sign_changes = np.zeros(len(self.watch), np.int64)
         t0 = time.process_time()
         if self.md_steps:
             _md_step(self.md_move, thermo, self.sampler_state, self.context_cache, where)
+            self._count_state()
         t1 = time.process_time()
-        before = self.flow_move.n_accepted
+        accepted = 0
         for _ in range(self.flow_moves):
+            before = self.flow_move.n_accepted
             self.flow_move.apply(thermo, self.sampler_state, context_cache=self.context_cache)
+            if self.flow_move.n_accepted != before:  # a rejected move leaves the state, and its signs, as they were
+                accepted += 1
+                self._count_state()
         self.flow_cpu_s += time.process_time() - t1
         self.md_cpu_s += t1 - t0
-        return self.flow_move.n_accepted - before
+        return accepted
 
     @property
     def positions(self) -> np.ndarray:
@@ -117,23 +148,26 @@ class HybridWalker:
 
 
 def run_block(walkers: list[HybridWalker], thermo: ThermodynamicState, n_block: int, bar=None, *,
-              where: str = "", first_iteration: int = 1):
-    """``n_block`` iterations of every walker -> frames (n_block, W, n, 3) float32 nm, accepted (n_block, W).
+              where: str = "", first_iteration: int = 1) -> dict[str, np.ndarray]:
+    """``n_block`` iterations of every walker -> rows for :func:`commit_block`: positions (n_block, W, n, 3)
+    float32 nm, accepted (n_block, W), sign_changes (n_block, W, P) of the walkers' watched torsions.
 
     ``where`` / ``first_iteration`` name the place of an MD blow-up in its error message."""
     frames = np.empty((n_block, len(walkers)) + walkers[0].positions.shape, np.float32)
     accepted = np.zeros((n_block, len(walkers)), np.int16)
+    changes = np.zeros((n_block, len(walkers), len(walkers[0].watch)), np.int16)
     for k in range(n_block):
         for w, walker in enumerate(walkers):
             accepted[k, w] = walker.step(thermo, f"walker {w}, iteration {first_iteration + k} {where}".strip())
             frames[k, w] = walker.positions
+            changes[k, w] = walker.last_sign_changes
         if bar is not None:
             bar.update(1)
             if walkers[0].flow_moves:
                 rate = (sum(wk.flow_move.n_accepted for wk in walkers)
                         / max(sum(wk.flow_move.n_proposed for wk in walkers), 1))
                 bar.set_postfix(acceptance=f"{rate:.3f}", refresh=False)
-    return frames, accepted
+    return {"positions": frames, "accepted": accepted, "sign_changes": changes}
 
 
 def commit_block(out, rows: dict[str, np.ndarray], walkers: list[HybridWalker], n_done: int) -> int:
@@ -142,7 +176,7 @@ def commit_block(out, rows: dict[str, np.ndarray], walkers: list[HybridWalker], 
     n_new = n_done + next(iter(rows.values())).shape[0]
     positions = np.stack([wk.positions for wk in walkers])
     velocities = np.stack([wk.velocities for wk in walkers])
-    move_states = [json.dumps(wk.flow_move.__getstate__()) for wk in walkers]
+    move_states = [json.dumps(wk.flow_move.__getstate__() if wk.flow_move is not None else None) for wk in walkers]
     with h5py.File(out, "r+") as fh:
         for name, arr in rows.items():
             fh[name].resize(n_new, axis=0)
@@ -170,7 +204,8 @@ def run_hybrid_mc(system, flow_path: str | Path, out: str | Path, n_iterations: 
     """Run ``n_walkers`` hybrid chains until ``out`` holds ``n_iterations`` frames per walker.
 
     system: ``MolecularSystem`` or a name for ``get_system``; flow_path: a saved flow of that
-    system. md_steps: Langevin steps of ``timestep_fs`` fs per iteration (0 = flow moves only);
+    system (None with ``flow_moves = 0``: plain MD, the chain's baseline at the same settings).
+    md_steps: Langevin steps of ``timestep_fs`` fs per iteration (0 = flow moves only);
     friction_per_ps defaults to the system's. platform: OpenMM platform of the walkers' contexts.
     Reruns with the same ``out`` resume. Returns the summary of :func:`hybrid_summary` plus timings
     of this run (CPU seconds in MD and in flow moves).
@@ -185,16 +220,21 @@ def run_hybrid_mc(system, flow_path: str | Path, out: str | Path, n_iterations: 
         raise ValueError("n_iterations, n_walkers, checkpoint_every, batch_size must be >= 1 and md_steps, flow_moves "
                          f">= 0; got {n_iterations}, {n_walkers}, {checkpoint_every}, {batch_size}, {md_steps}, "
                          f"{flow_moves}")
+    if flow_path is None and flow_moves:
+        raise ValueError(f"flow_moves = {flow_moves} needs a flow file (flow_path None is plain MD: flow_moves = 0)")
+    if md_steps == 0 and not flow_moves:
+        raise ValueError("md_steps and flow_moves are both 0: the chain would never move")
     check_langevin(timestep_fs, friction_per_ps)
     platform = resolve_platform(platform, system.n_atoms, system.system)
-    flow_path = require_flow_file(flow_path)
+    flow_path = None if flow_path is None else require_flow_file(flow_path)
     out = Path(out)
     settings = {"md_steps": int(md_steps), "timestep_fs": float(timestep_fs),
                 "friction_per_ps": float(system.spec.friction if friction_per_ps is None else friction_per_ps),
                 "flow_moves": int(flow_moves), "reject_d_chirality": bool(reject_d_chirality),
                 "batch_size": int(batch_size), "n_walkers": int(n_walkers), "platform": platform}
-    flow_hash = flow_file_hash(flow_path)
-    flow = load_flow(flow_path, system=system)  # a flow of another system fails here, before any file is made
+    flow_hash = None if flow_path is None else flow_file_hash(flow_path)
+    # a flow of another system fails here, before any file is made
+    flow = None if flow_path is None else load_flow(flow_path, system=system)
     thermo = ThermodynamicState(system.system, system.temperature * unit.kelvin)
 
     resume = _prepare_resume(out, system, flow_hash, settings, seed) if out.exists() else None
@@ -208,8 +248,11 @@ def run_hybrid_mc(system, flow_path: str | Path, out: str | Path, n_iterations: 
                                for w in range(n_walkers)])
 
     walkers = []
+    watch = [idx for name, idx in system.torsions.items() if name.startswith("phi")]
     for w in range(n_walkers):
-        if move_states[w] is None:
+        if flow is None:
+            flow_move = None
+        elif move_states[w] is None:
             flow_move = FlowIndependenceMove(flow, flow_path=flow_path, molecular_system=system,
                                              reject_d_chirality=reject_d_chirality, batch_size=batch_size,
                                              seed=int(np.random.SeedSequence([seed, w]).generate_state(1)[0]))
@@ -219,20 +262,20 @@ def run_hybrid_mc(system, flow_path: str | Path, out: str | Path, n_iterations: 
         walkers.append(HybridWalker(flow_move, positions[w], velocities[w], md_steps=md_steps,
                                     flow_moves=flow_moves, timestep_fs=timestep_fs,
                                     friction_per_ps=settings["friction_per_ps"],
-                                    random_seed=_openmm_seed(seed, w, n_done), platform=platform))
+                                    random_seed=_openmm_seed(seed, w, n_done), platform=platform, watch=watch))
 
     if resume is None:
         out.parent.mkdir(parents=True, exist_ok=True)
         _create(out, system, flow_path, flow_hash, settings, seed)
-    proposed_before = sum(wk.flow_move.n_proposed for wk in walkers)
+    proposed_before = sum(wk.flow_move.n_proposed for wk in walkers if wk.flow_move is not None)
     bar = progress_bar(total=n_iterations, initial=min(n_done, n_iterations), unit="it",
-                       desc=f"hybrid MC {system.name}", disable=not progress, dynamic_ncols=True, mininterval=1.0)
+                       desc=f"{'hybrid MC' if flow is not None else 'plain MD chain'} {system.name}", disable=not progress, dynamic_ncols=True, mininterval=1.0)
     try:
         while n_done < n_iterations:
             n_block = min(checkpoint_every, n_iterations - n_done)
-            frames, accepted = run_block(walkers, thermo, n_block, bar, where=f"of {out} ({n_done} committed)",
-                                         first_iteration=n_done + 1)
-            n_done = commit_block(out, {"positions": frames, "accepted": accepted}, walkers, n_done)
+            rows = run_block(walkers, thermo, n_block, bar, where=f"of {out} ({n_done} committed)",
+                             first_iteration=n_done + 1)
+            n_done = commit_block(out, rows, walkers, n_done)
     except BaseException:
         if n_done == 0:
             out.unlink(missing_ok=True)  # a failed start leaves no file behind
@@ -242,7 +285,7 @@ def run_hybrid_mc(system, flow_path: str | Path, out: str | Path, n_iterations: 
     md_cpu = sum(wk.md_cpu_s for wk in walkers)
     flow_cpu = sum(wk.flow_cpu_s for wk in walkers)
     summary = hybrid_summary(out)
-    n_flow = sum(wk.flow_move.n_proposed for wk in walkers) - proposed_before
+    n_flow = sum(wk.flow_move.n_proposed for wk in walkers if wk.flow_move is not None) - proposed_before
     summary.update(md_cpu_s=md_cpu, flow_cpu_s=flow_cpu,
                    cpu_s_per_flow_move=flow_cpu / n_flow if n_flow else float("nan"))
     return summary
@@ -269,7 +312,7 @@ def _md_step(md_move, thermo, sampler_state, context_cache, where: str) -> None:
 def _create(out, system, flow_path, flow_hash, settings, seed):
     n, w = system.n_atoms, settings["n_walkers"]
     metadata = {"format": FORMAT, "system": system.spec.to_dict(), "system_hash": system.spec_hash,
-                "flow_path": str(Path(flow_path).resolve()), "flow_hash": flow_hash, "settings": settings,
+                "flow_path": None if flow_path is None else str(Path(flow_path).resolve()), "flow_hash": flow_hash, "settings": settings,
                 "seed": int(seed), "temperature": system.temperature,
                 "units": {"positions": "nm", "time": "ps", "temperature": "K"}}
     with h5py.File(out, "w") as fh:
@@ -278,6 +321,16 @@ def _create(out, system, flow_path, flow_hash, settings, seed):
         fh.create_dataset("positions", shape=(0, w, n, 3), maxshape=(None, w, n, 3), dtype=np.float32,
                           chunks=(64, w, n, 3), **CHECKSUM)
         fh.create_dataset("accepted", shape=(0, w), maxshape=(None, w), dtype=np.int16, chunks=(256, w), **CHECKSUM)
+        create_sign_changes(fh, w, system.torsions)
+
+
+def create_sign_changes(fh, n_walkers: int, torsions: dict) -> None:
+    """The empty ``sign_changes`` (T, W, P) dataset of a chain file for the phi torsions of ``torsions``."""
+    names = [name for name in torsions if name.startswith("phi")]
+    # (an unlimited last axis: h5py refuses a chunk of 1 on a fixed axis of length 0, a system without phi torsions)
+    ds = fh.create_dataset("sign_changes", shape=(0, n_walkers, len(names)), maxshape=(None, n_walkers, None),
+                           dtype=np.int16, chunks=(256, n_walkers, max(len(names), 1)), **CHECKSUM)
+    ds.attrs["torsions"] = json.dumps(names)
 
 
 def _prepare_resume(out, system, flow_hash, settings, seed):
@@ -288,7 +341,9 @@ def _prepare_resume(out, system, flow_hash, settings, seed):
     with hdf5_file(out, "r", "hybrid-MC file", hint=": choose another --out") as fh:
         md = json.loads(fh.attrs["metadata"])
         if md.get("format") != FORMAT:
-            raise ValueError(f"{out} is not a hybrid-MC file ({md.get('format')!r}): choose another --out")
+            older = str(md.get("format", "")).startswith("regflow-mm hybrid-mc")
+            raise ValueError(f"{out} is {'a hybrid-MC file of an older version' if older else 'not a hybrid-MC file'} "
+                             f"({md.get('format')!r}): choose another --out")
         ck = committed_checkpoint(fh, "n_iterations")
         n_done = int(fh.attrs["n_iterations"])
         if n_done > 0 and ck is not None:
@@ -301,7 +356,7 @@ def _prepare_resume(out, system, flow_hash, settings, seed):
             move_states = [json.loads(s) for s in ck.attrs["move_state"]]
     if n_done > 0 and ck is not None:
         with hdf5_file(out, "r+", "hybrid-MC file") as fh:
-            truncate_uncommitted(fh, "n_iterations", ("positions", "accepted"))
+            truncate_uncommitted(fh, "n_iterations", ("positions", "accepted", "sign_changes"))
         log.info("resuming %s at iteration %d", out, n_done)
         return n_done, positions, velocities, move_states
     log.info("%s committed no block before it stopped: starting it over", out)
@@ -313,18 +368,18 @@ def hybrid_summary(path: str | Path) -> dict:
     """Acceptance and basin statistics of a hybrid-MC file.
 
     Returns n_iterations, n_walkers, per-walker and overall acceptance (accepted / proposed flow
-    moves), proposal counters, and for every phi torsion of the system: phi > 0 population
-    (mean over walkers with the standard error between walkers) and sign changes per walker.
+    moves; NaN for plain MD), proposal counters, and :func:`phi_statistics` of the frames and of the
+    chain's sign changes at every state.
     """
-    from regflow_mm.data.dataset import dihedrals
-
     with hdf5_file(path, "r", "hybrid-MC file") as fh:
         md = json.loads(fh.attrs["metadata"])
         n = int(fh.attrs["n_iterations"])
         positions = fh["positions"][:n]
         accepted = fh["accepted"][:n]
+        changes = fh["sign_changes"][:n] if "sign_changes" in fh else None
         states = [json.loads(s) for s in fh["checkpoint"].attrs["move_state"]] if "checkpoint" in fh else []
     settings = md["settings"]
+    states = [s for s in states if s is not None]  # None: the walkers of a plain-MD chain have no flow move
     proposed = np.array([s["n_proposed"] for s in states]) if states else np.zeros(settings["n_walkers"])
     acc = np.array([s["n_accepted"] for s in states]) if states else np.zeros(settings["n_walkers"])
     summary = {"n_iterations": n, "n_walkers": settings["n_walkers"], "settings": settings,
@@ -334,31 +389,35 @@ def hybrid_summary(path: str | Path) -> dict:
                "counters": [{k: s[k] for k in ("n_proposed", "n_accepted", "n_rejected_nonfinite",
                                                "n_rejected_chirality")} for s in states]}
     if n:
-        summary.update(phi_statistics(positions, system_from_spec_dict(md["system"]).torsions))
+        summary.update(phi_statistics(positions, system_from_spec_dict(md["system"]).torsions, changes))
+        summary["n_chain_states"] = n * ((settings["md_steps"] > 0) + settings["flow_moves"]) * settings["n_walkers"]
     return summary
 
 
-def phi_statistics(positions: np.ndarray, torsions: dict) -> dict:
+def phi_statistics(positions: np.ndarray, torsions: dict, sign_changes: np.ndarray | None = None,
+                   n_blocks: int = 10) -> dict:
     """Basin statistics of walker frames ``positions`` (T, W, n, 3) nm for every phi torsion.
 
     Returns ``<phi>_positive_fraction`` (mean over walkers of the fraction of frames with phi > 0),
-    ``<phi>_positive_fraction_err`` (standard error between walkers; NaN for one walker) and
-    ``<phi>_sign_changes`` (list, per walker).
+    ``<phi>_positive_fraction_err`` (block error: ``n_blocks`` contiguous blocks per walker, combined
+    over walkers), ``<phi>_sign_changes`` (list, per walker, between stored frames) and, given the
+    chain file's ``sign_changes`` (T, W, P) in the order of the phi torsions, ``<phi>_chain_sign_changes``
+    (list, per walker, between consecutive chain states: every flow move counts).
     """
     from regflow_mm.data.dataset import dihedrals
 
+    from .crossings import walkers_mean_error
+
     out = {}
-    for name, idx in torsions.items():
-        if not name.startswith("phi"):
-            continue
-        angles = np.stack([dihedrals(positions[:, w].astype(np.float64), [idx])[:, 0]
+    phis = [name for name in torsions if name.startswith("phi")]
+    for p, name in enumerate(phis):
+        angles = np.stack([dihedrals(positions[:, w].astype(np.float64), [torsions[name]])[:, 0]
                            for w in range(positions.shape[1])], axis=1)  # (T, W)
         positive = angles > 0
-        per_walker = positive.mean(axis=0)
-        err = per_walker.std(ddof=1) / np.sqrt(per_walker.size) if per_walker.size > 1 else float("nan")
-        out[f"{name}_positive_fraction"] = float(per_walker.mean())
-        out[f"{name}_positive_fraction_err"] = float(err)
+        out[f"{name}_positive_fraction"], out[f"{name}_positive_fraction_err"] = walkers_mean_error(positive, n_blocks)
         out[f"{name}_sign_changes"] = [int(c) for c in np.abs(np.diff(positive.astype(np.int8), axis=0)).sum(axis=0)]
+        if sign_changes is not None:
+            out[f"{name}_chain_sign_changes"] = [int(c) for c in sign_changes[:, :, p].sum(axis=0)]
     return out
 
 
