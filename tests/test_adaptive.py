@@ -90,7 +90,7 @@ def test_resume_after_kills_repeats_the_uninterrupted_chain(harmonic_oscillator,
     part = tmp_path / "part.h5"
     _run(ho, path, part, 30, schedule=schedule)
     with h5py.File(part, "r+") as fh:  # a kill in the middle of the next block
-        for name in ("positions", "accepted", "flow_version", "sign_changes"):
+        for name in ("positions", "accepted", "flow_version", "sign_changes", "positive_states"):
             fh[name].resize(33, axis=0)
     _run(ho, path, part, 40, schedule=schedule)
 
@@ -107,7 +107,7 @@ def test_resume_after_kills_repeats_the_uninterrupted_chain(harmonic_oscillator,
     resumed = _run(ho, path, part, 60, schedule=schedule)
 
     with h5py.File(tmp_path / "full.h5") as a, h5py.File(part) as b:
-        for name in ("positions", "accepted", "flow_version", "sign_changes"):
+        for name in ("positions", "accepted", "flow_version", "sign_changes", "positive_states"):
             assert a[name].shape == b[name].shape
             np.testing.assert_array_equal(a[name][()], b[name][()])
         assert json.loads(a.attrs["flow_versions"]) == json.loads(b.attrs["flow_versions"])

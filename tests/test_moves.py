@@ -268,6 +268,9 @@ def test_walker_counts_sign_changes_at_every_chain_state():
     frames = dihedrals(rows["positions"][:, 0].astype(np.float64), [phi])[:, 0]
     start = dihedrals(aldp.positions[None], [phi])[0, 0]
     assert np.all(np.sign(frames) == np.sign(start) * np.array([-1, -1, 1, 1]))  # after 3, 5, 8, 10 mirrors
+    mirrors = (np.arange(1, 21) + 1) // 2  # after proposal k: ceil(k / 2) mirror images
+    positive_after = (start > 0) ^ (mirrors % 2 == 1)  # every proposal, accepted or not, is a chain state
+    assert rows["positive_states"].ravel().tolist() == positive_after.reshape(4, 5).sum(axis=1).tolist()
     with pytest.raises(ValueError, match="needs a flow move"):
         HybridWalker(None, aldp.positions, np.zeros_like(aldp.positions), md_steps=10, flow_moves=1, timestep_fs=1.0,
                      friction_per_ps=1.0, random_seed=1).step(thermo)
@@ -295,6 +298,8 @@ def test_plain_md_chain_counts_what_its_frames_show(tmp_path):
         signs = np.concatenate([[start], dihedrals(positions[:, w].astype(np.float64), [phi])[:, 0] > 0])
         assert summary["phi1_chain_sign_changes"][w] == int(np.count_nonzero(signs[1:] != signs[:-1]))
     assert hybrid_summary(out)["phi1_chain_sign_changes"] == summary["phi1_chain_sign_changes"]
+    # one chain state per iteration, the stored frame: the chain's population is the frames'
+    assert summary["phi1_chain_positive_fraction"] == summary["phi1_positive_fraction"]
     with pytest.raises(ValueError, match="needs a flow file"):
         run_hybrid_mc(aldp, None, tmp_path / "x.h5", 2, flow_moves=1, progress=False)
     with pytest.raises(ValueError, match="never move"):

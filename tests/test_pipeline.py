@@ -36,7 +36,7 @@ def test_report_holds_this_runs_numbers(finished_run):
     metrics = json.loads((out / "metrics.json").read_text())
     stages = metrics["stages"]
     assert set(stages) == {"md", "reference", "teacher", "evaluate_teacher", "train_regflow", "train_baseline",
-                           "evaluate", "plain_md", "mc", "free_energy", "export"}
+                           "evaluate", "plain_md", "mc", "mc_tempering", "free_energy", "export"}
     # the teacher CNF is a stage of its own, reused (not retrained) by the student, and evaluated like a flow
     assert stages["teacher"]["teacher_train_s"] > 0 and "teacher_train_s" not in stages["train_regflow"]
     teacher = stages["evaluate_teacher"]["metrics"]
@@ -79,7 +79,7 @@ def test_report_holds_this_runs_numbers(finished_run):
     assert abs(adaptive["acceptance_rise"] - (adaptive["acceptance_last_quarter"]
                                               - adaptive["acceptance_first_quarter"])) < 1e-12
     assert "and on 64 of its own samples weighted by exp(-u - log q)" in text
-    tempering = stages["mc"]["tempering"]  # flow moves inside parallel tempering, 300 and 400 K
+    tempering = stages["mc_tempering"]  # flow moves inside parallel tempering, 300 and 400 K
     assert tempering["n_iterations"] == 2 and [round(t) for t in tempering["temperatures_K"]] == [300, 400]
     assert all(f["n_proposed"] == 2 * 1 for f in tempering["flow"]) and "Parallel tempering with flow moves" in text
     assert "Ramachandran basins" in text and "| 1 | beta |" in text
@@ -99,29 +99,30 @@ def test_report_holds_this_runs_numbers(finished_run):
 def test_second_run_does_no_work(finished_run, monkeypatch):
     out, _ = finished_run
     for stage in ("_md", "_reference_md", "_teacher", "_evaluate_teacher", "_train", "_evaluate", "_plain_md", "_mc",
-                  "_free_energy", "_export"):
+                  "_flow_tempering", "_free_energy", "_export"):
         monkeypatch.setattr(pipeline_run, stage, lambda *a, **k: pytest.fail("a cached stage ran again"))
     run_pipeline(validate(TINY), out, progress=False)
     assert "| md | " in (out / "report.md").read_text() and "| yes |" in (out / "report.md").read_text()
 
 
 def test_interrupted_run_continues(tmp_path, monkeypatch):
-    real = pipeline_run._mc
+    real = pipeline_run._export
     calls = []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline_run, "_mc", interrupted)
+    monkeypatch.setattr(pipeline_run, "_export", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(validate(TINY), tmp_path, progress=False)
-    done = {p.parent.name for p in tmp_path.glob("*/stage.json")}  # free_energy ran beside mc, stopped with it
-    assert done - {"free_energy"} == {"md", "reference", "teacher", "evaluate_teacher", "train_regflow",
-                                      "train_baseline", "evaluate", "plain_md"}
+    done = {p.parent.name for p in tmp_path.glob("*/stage.json")}  # mc ran beside the export, stopped with it
+    assert done - {"mc"} == {"md", "reference", "teacher", "evaluate_teacher", "train_regflow", "train_baseline",
+                             "evaluate", "plain_md", "free_energy", "mc_tempering"}
 
-    monkeypatch.setattr(pipeline_run, "_mc", real)
-    for stage in ("_md", "_teacher", "_evaluate_teacher", "_train", "_evaluate", "_plain_md"):
+    monkeypatch.setattr(pipeline_run, "_export", real)
+    for stage in ("_md", "_teacher", "_evaluate_teacher", "_train", "_evaluate", "_plain_md", "_free_energy",
+                  "_flow_tempering"):
         monkeypatch.setattr(pipeline_run, stage, lambda *a, **k: pytest.fail("a finished stage ran again"))
     run_pipeline(validate(TINY), tmp_path, progress=False)
     assert (tmp_path / "report.md").is_file() and len(calls) == 1

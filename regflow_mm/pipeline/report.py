@@ -186,8 +186,9 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
                       f"**{va['acceptance_a']:.2%} +- {va['acceptance_a_se']:.2%} -> {va['acceptance_b']:.2%} +- "
                       f"{va['acceptance_b_se']:.2%}**, a paired change of {100 * va['change']:+.2f} +- "
                       f"{100 * va['change_se']:.2f} points{_in_brackets(_sigmas(va['change'], va['change_se']))}.", ""]
-    if "tempering" in mc:
-        pt, phi = mc["tempering"], md["phi_name"]
+    pt = res.get("mc_tempering") or mc.get("tempering")  # a stage of its own (older runs: inside mc)
+    if pt:
+        phi = md["phi_name"]
         per_t = ", ".join(f"{t:.0f} K {f['acceptance']:.1%}" for t, f in zip(pt["temperatures_K"], pt["flow"]))
         lines += [f"Parallel tempering with flow moves (openmmtools, {len(pt['temperatures_K'])} replicas "
                   f"{pt['temperatures_K'][0]:.0f}-{pt['temperatures_K'][-1]:.0f} K, {pt['n_iterations']} exchange "
@@ -281,7 +282,9 @@ def _crossing_lines(mc: dict, plain: dict | None, fe: dict, phi: str) -> list[st
             text += (f"; plain MD of the same walkers, start and MD segment ({plain['ps']:.0f} ps in {cpu:.1f} CPU-s): "
                      f"{n_plain} ({n_plain / cpu:.3g} per CPU-s), i.e. {ratio}")
         lines += [text + ".", ""]
-    p, err = mc.get(f"{phi}_positive_fraction"), mc.get(f"{phi}_positive_fraction_err")
+    every_state = f"{phi}_chain_positive_fraction" in mc  # over every chain state (older runs: stored frames)
+    key = f"{phi}_chain_positive_fraction" if every_state else f"{phi}_positive_fraction"
+    p, err = mc.get(key), mc.get(key + "_err")
     rows = []
     for label, est in (("flow, reweighted", fe.get("flow", {})), ("MD training data, weighted", fe.get("md", {}))):
         if "p_b" in est and est.get("ddelta_f") is not None:
@@ -290,7 +293,8 @@ def _crossing_lines(mc: dict, plain: dict | None, fe: dict, phi: str) -> list[st
     if p is not None and err is not None and math.isfinite(err) and rows:
         cells = "; ".join(f"{label} {q:.4f} +- {e:.4f} ({_sigmas(p - q, math.hypot(err, e)) or 'no error'})"
                           for label, q, e in rows)
-        lines += [f"{phi} > 0 population of the hybrid chain {p:.4f} +- {err:.4f} (block error over its frames) "
+        lines += [f"{phi} > 0 population of the hybrid chain {p:.4f} +- {err:.4f} (over "
+                  f"{'its ' + str(mc['n_chain_states']) + ' chain states' if every_state else 'its frames'}, block error) "
                   f"against {cells} (difference over combined error).", ""]
     return lines
 

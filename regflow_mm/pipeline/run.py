@@ -137,21 +137,29 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
                   {**config["evaluate"], "seed": seed}, needs=("md", *held_out, *{s for s, _ in flows.values()})))
     if plain_md is not None:
         run.wait(plain_md)
-    # the free energy on the second core while the Monte Carlo and the export run here
-    free_energy = run.start(Stage("free_energy", functools.partial(_free_energy, settings=config["free_energy"],
-                                                                   seed=seed, progress=False),
-                                  {**config["free_energy"], "seed": seed}, needs=("md", *held_out, "evaluate")))
+    # the Monte Carlo chains (hybrid, then adaptive) on the second core while the free energy, the tempering
+    # chain and the export run here
+    mc = run.start(Stage("mc", functools.partial(_mc, system_name=system_name, mc=config["mc"], seed=seed,
+                                                 threads=threads),
+                         {**config["mc"], "seed": seed}, needs=("md", "evaluate")))
     try:
-        run.run(Stage("mc", lambda f, i: _mc(f, i, system_name, config["mc"], seed, progress),
-                      {**config["mc"], "seed": seed}, needs=("md", "evaluate")))
+        run.run(Stage("free_energy", functools.partial(_free_energy, settings=config["free_energy"], seed=seed,
+                                                       progress=progress),
+                      {**config["free_energy"], "seed": seed}, needs=("md", *held_out, "evaluate")))
+        if config["mc"]["tempering_replicas"] >= 2:
+            tempering_keys = ("tempering_replicas", "tempering_iterations", "tempering_max_K", "md_steps_per_iteration",
+                              "flow_moves_per_iteration")
+            run.run(Stage("mc_tempering", functools.partial(_flow_tempering, system_name=system_name,
+                                                            mc=config["mc"], seed=seed, progress=progress),
+                          {**{k: config["mc"][k] for k in tempering_keys}, "seed": seed}, needs=("md", "evaluate")))
         run.run(Stage("export", lambda f, i: _export(f, i, config["export"], seed),
                       {**config["export"], "seed": seed}, needs=("md", "evaluate")))
     except BaseException:
-        if free_energy.process is not None:  # no stage left running on its own: a rerun starts it afresh
-            free_energy.process.terminate()
-            free_energy.process.join()
+        if mc.process is not None:  # no stage left running on its own: a rerun resumes its chains
+            mc.process.terminate()
+            mc.process.join()
         raise
-    run.wait(free_energy)
+    run.wait(mc)
     if smooth is not None:
         run.run(Stage("smooth", functools.partial(_smooth, settings=smooth, smooth=config["smooth"], flows=flows,
                                                   seed=seed, threads=threads, progress=progress),
@@ -396,20 +404,24 @@ def _finite_or_inf(value) -> float:
     return float(value) if value is not None and np.isfinite(value) else float("inf")
 
 
-def _mc(folder: Path, inputs: dict, system_name: str, mc: dict, seed: int, progress: bool) -> dict:
+def _mc(folder: Path, inputs: dict, *, system_name: str, mc: dict, seed: int, threads: int) -> dict:
+    """The hybrid chain, its plot and summary, then (adapt_segments > 1) the adaptive chain; a stage of its own
+    process (no progress bars)."""
     import h5py
+    import torch
 
     from ..sampling.hybrid import hybrid_summary, run_hybrid_mc
     from ..systems import get_system
     from ..systems.platforms import resolve_platform
     from ..training.plots import mc_trace_plot
 
+    torch.set_num_threads(threads)  # a spawned stage process starts with torch's default (all cores)
     system = get_system(system_name)
     started = time.process_time()
     chain = run_hybrid_mc(system, inputs["evaluate"]["downstream"]["flow"], folder / "mc.h5", mc["n_iterations"],
                           n_walkers=mc["n_walkers"], md_steps=mc["md_steps_per_iteration"],
                           flow_moves=mc["flow_moves_per_iteration"], seed=seed,
-                          platform=resolve_platform("auto", system.n_atoms, system.system), progress=progress)
+                          platform=resolve_platform("auto", system.n_atoms, system.system), progress=False)
     summary = hybrid_summary(folder / "mc.h5")
     with h5py.File(folder / "mc.h5", "r") as fh:
         positions = fh["positions"][: int(fh.attrs["n_iterations"])]
@@ -421,9 +433,7 @@ def _mc(folder: Path, inputs: dict, system_name: str, mc: dict, seed: int, progr
     result = {**summary, "chain_cpu_s": chain["md_cpu_s"] + chain["flow_cpu_s"], "cpu_s": time.process_time() - started,
               "figure": "mc_trace.png"}
     if mc["adapt_segments"] > 1:
-        result["adaptive"] = _adaptive_mc(folder, inputs, system, mc, seed, progress)
-    if mc["tempering_replicas"] >= 2:
-        result["tempering"] = _flow_tempering(folder, inputs, system, mc, seed, progress)
+        result["adaptive"] = _adaptive_mc(folder, inputs, system, mc, seed, progress=False)
     return result
 
 
@@ -446,11 +456,13 @@ def _plain_md(folder: Path, inputs: dict, *, system_name: str, mc: dict, seed: i
     return {**keep, "chain_cpu_s": out["md_cpu_s"], "ps": ps}
 
 
-def _flow_tempering(folder: Path, inputs: dict, system, mc: dict, seed: int, progress: bool) -> dict:
+def _flow_tempering(folder: Path, inputs: dict, *, system_name: str, mc: dict, seed: int, progress: bool) -> dict:
     """Parallel tempering with the chain's MD segment and flow moves in every replica."""
     from ..sampling.tempering import run_flow_tempering
+    from ..systems import get_system
     from ..systems.platforms import resolve_platform
 
+    system = get_system(system_name)
     started = time.process_time()
     summary = run_flow_tempering(system, inputs["evaluate"]["downstream"]["flow"], folder / "tempering.nc",
                                  mc["tempering_iterations"], n_replicas=mc["tempering_replicas"],

@@ -50,15 +50,16 @@ from regflow_mm.data.checkpointed_hdf5 import committed_checkpoint, truncate_unc
 from regflow_mm.files import check_resume_settings
 from regflow_mm.flows import flow_file_hash, load_flow, require_flow_file
 from regflow_mm.progress import progress_bar
-from regflow_mm.sampling.hybrid import HybridWalker, commit_block, create_sign_changes, phi_statistics, run_block
+from regflow_mm.sampling.hybrid import (CHAIN_COUNTS, HybridWalker, commit_block, create_chain_counts, phi_statistics,
+                                        run_block)
 from regflow_mm.sampling.moves import FlowIndependenceMove, maxwell_boltzmann_velocities
 from regflow_mm.systems import MolecularSystem, check_spec_hash, system_from_spec_dict
 from regflow_mm.systems.platforms import openmm_seed
 
 log = logging.getLogger(__name__)
 
-FORMAT = "regflow-mm adaptive-mc 2"  # 2: sign_changes at every chain state (hybrid.run_block)
-_DATASETS = ("positions", "accepted", "flow_version", "sign_changes")
+FORMAT = "regflow-mm adaptive-mc 2"  # 2: counts at every chain state (hybrid.run_block)
+_DATASETS = ("positions", "accepted", "flow_version") + CHAIN_COUNTS
 
 
 @dataclass(frozen=True)
@@ -353,7 +354,7 @@ def _create(out, molsys, system_hash, n_atoms, flow_path, flow_hash, settings, s
                           chunks=(64, w, n_atoms, 3))
         fh.create_dataset("accepted", shape=(0, w), maxshape=(None, w), dtype=np.int16, chunks=(256, w))
         fh.create_dataset("flow_version", shape=(0,), maxshape=(None,), dtype=np.int16, chunks=(256,))
-        create_sign_changes(fh, w, {} if molsys is None else molsys.torsions)
+        create_chain_counts(fh, w, {} if molsys is None else molsys.torsions)
 
 
 def _prepare_resume(out, system_hash, flow_hash, settings, seed):
@@ -458,7 +459,7 @@ def adaptive_summary(path: str | Path) -> dict:
         version = fh["flow_version"][:n]
         versions = json.loads(fh.attrs["flow_versions"])
         positions = fh["positions"][:n] if md["system"] else None
-        changes = fh["sign_changes"][:n] if "sign_changes" in fh else None
+        counts = {k: fh[k][:n] for k in CHAIN_COUNTS if k in fh}
     settings = md["settings"]
     schedule = AdaptSchedule(**settings["schedule"])
     k = settings["flow_moves"]
@@ -476,5 +477,6 @@ def adaptive_summary(path: str | Path) -> dict:
                    acceptance_rise_se=math.hypot(summary["acceptance_first_quarter_se"],
                                                  summary["acceptance_last_quarter_se"]))
     if positions is not None and n:
-        summary.update(phi_statistics(positions, system_from_spec_dict(md["system"]).torsions, changes))
+        summary.update(phi_statistics(positions, system_from_spec_dict(md["system"]).torsions, counts,
+                                      (settings["md_steps"] > 0) + settings["flow_moves"]))
     return summary

@@ -13,6 +13,7 @@ Output: one HDF5 file (h5py)::
     sign_changes (T, W, P) int16                  sign changes of each phi torsion of the system (attrs
                                                   "torsions") between consecutive chain states in that
                                                   iteration: after the MD segment and after every flow move
+    positive_states (T, W, P) int16               chain states of that iteration with the torsion > 0
     checkpoint/ positions, velocities (W, n, 3) float64; move_state (JSON per walker)
     attrs       metadata (JSON: system, flow hash, settings, seed), n_iterations (committed)
 
@@ -47,7 +48,7 @@ from regflow_mm.systems.platforms import resolve_platform
 
 log = logging.getLogger(__name__)
 
-FORMAT = "regflow-mm hybrid-mc 2"  # 2: sign_changes at every chain state
+FORMAT = "regflow-mm hybrid-mc 2"  # 2: sign_changes and positive_states at every chain state
 _RESUME_KEYS = ("md_steps", "timestep_fs", "friction_per_ps", "flow_moves", "reject_d_chirality", "batch_size",
                 "n_walkers")
 
@@ -81,7 +82,9 @@ class HybridWalker:
     timestep_fs (fs), friction_per_ps (1/ps), random_seed (1..2^31-1) of the Langevin integrator;
     platform: OpenMM platform of the walker's context cache. ``md_cpu_s`` / ``flow_cpu_s``: CPU
     seconds spent so far in MD and in flow moves. watch: torsions (P lists of 4 atom indices) whose
-    sign changes between consecutive chain states :meth:`step` counts (``last_sign_changes``, (P,)).
+    sign changes between consecutive chain states and states > 0 :meth:`step` counts (``last_sign_changes``,
+    ``last_positive_states``, (P,)); the chain states of an iteration are the state after its MD segment and
+    after each flow move, accepted or not.
     ``flow_move`` may be None with ``flow_moves = 0`` (plain MD), or until it is set before the first step.
     """
 
@@ -100,6 +103,7 @@ class HybridWalker:
         self.watch = [list(t) for t in watch]
         self._positive = self._signs()
         self.last_sign_changes = np.zeros(len(self.watch), np.int64)
+        self.last_positive_states = np.zeros(len(self.watch), np.int64)
 
     def _signs(self) -> np.ndarray:
         """(P,) bool: the watched torsions of the current state are > 0."""
@@ -109,10 +113,13 @@ class HybridWalker:
 
         return dihedrals(self.positions[None].astype(np.float64), self.watch)[0] > 0
 
-    def _count_state(self) -> None:
-        positive = self._signs()
-        self.last_sign_changes += positive != self._positive
-        self._positive = positive
+    def _count_state(self, moved: bool = True) -> None:
+        """Count the current chain state; ``moved`` False: the state is the previous one (a rejected move)."""
+        if moved:
+            positive = self._signs()
+            self.last_sign_changes += positive != self._positive
+            self._positive = positive
+        self.last_positive_states += self._positive
 
     def step(self, thermo: ThermodynamicState, where: str = "this walker") -> int:
         """One iteration at ``thermo``; returns the number of flow moves accepted and sets
@@ -120,6 +127,7 @@ class HybridWalker:
         if self.flow_moves and self.flow_move is None:
             raise ValueError(f"flow_moves = {self.flow_moves} needs a flow move (None only for plain MD, flow_moves = 0)")
         self.last_sign_changes = np.zeros(len(self.watch), np.int64)
+        self.last_positive_states = np.zeros(len(self.watch), np.int64)
         t0 = time.process_time()
         if self.md_steps:
             _md_step(self.md_move, thermo, self.sampler_state, self.context_cache, where)
@@ -129,9 +137,9 @@ class HybridWalker:
         for _ in range(self.flow_moves):
             before = self.flow_move.n_accepted
             self.flow_move.apply(thermo, self.sampler_state, context_cache=self.context_cache)
-            if self.flow_move.n_accepted != before:  # a rejected move leaves the state, and its signs, as they were
-                accepted += 1
-                self._count_state()
+            moved = self.flow_move.n_accepted != before  # a rejected move leaves the state as it was
+            accepted += moved
+            self._count_state(moved)
         self.flow_cpu_s += time.process_time() - t1
         self.md_cpu_s += t1 - t0
         return accepted
@@ -150,24 +158,27 @@ class HybridWalker:
 def run_block(walkers: list[HybridWalker], thermo: ThermodynamicState, n_block: int, bar=None, *,
               where: str = "", first_iteration: int = 1) -> dict[str, np.ndarray]:
     """``n_block`` iterations of every walker -> rows for :func:`commit_block`: positions (n_block, W, n, 3)
-    float32 nm, accepted (n_block, W), sign_changes (n_block, W, P) of the walkers' watched torsions.
+    float32 nm, accepted (n_block, W), sign_changes and positive_states (n_block, W, P) of the walkers' watched
+    torsions.
 
     ``where`` / ``first_iteration`` name the place of an MD blow-up in its error message."""
     frames = np.empty((n_block, len(walkers)) + walkers[0].positions.shape, np.float32)
     accepted = np.zeros((n_block, len(walkers)), np.int16)
     changes = np.zeros((n_block, len(walkers), len(walkers[0].watch)), np.int16)
+    positive = np.zeros_like(changes)
     for k in range(n_block):
         for w, walker in enumerate(walkers):
             accepted[k, w] = walker.step(thermo, f"walker {w}, iteration {first_iteration + k} {where}".strip())
             frames[k, w] = walker.positions
             changes[k, w] = walker.last_sign_changes
+            positive[k, w] = walker.last_positive_states
         if bar is not None:
             bar.update(1)
             if walkers[0].flow_moves:
                 rate = (sum(wk.flow_move.n_accepted for wk in walkers)
                         / max(sum(wk.flow_move.n_proposed for wk in walkers), 1))
                 bar.set_postfix(acceptance=f"{rate:.3f}", refresh=False)
-    return {"positions": frames, "accepted": accepted, "sign_changes": changes}
+    return {"positions": frames, "accepted": accepted, "sign_changes": changes, "positive_states": positive}
 
 
 def commit_block(out, rows: dict[str, np.ndarray], walkers: list[HybridWalker], n_done: int) -> int:
@@ -321,16 +332,21 @@ def _create(out, system, flow_path, flow_hash, settings, seed):
         fh.create_dataset("positions", shape=(0, w, n, 3), maxshape=(None, w, n, 3), dtype=np.float32,
                           chunks=(64, w, n, 3), **CHECKSUM)
         fh.create_dataset("accepted", shape=(0, w), maxshape=(None, w), dtype=np.int16, chunks=(256, w), **CHECKSUM)
-        create_sign_changes(fh, w, system.torsions)
+        create_chain_counts(fh, w, system.torsions)
 
 
-def create_sign_changes(fh, n_walkers: int, torsions: dict) -> None:
-    """The empty ``sign_changes`` (T, W, P) dataset of a chain file for the phi torsions of ``torsions``."""
+CHAIN_COUNTS = ("sign_changes", "positive_states")
+
+
+def create_chain_counts(fh, n_walkers: int, torsions: dict) -> None:
+    """The empty ``sign_changes`` and ``positive_states`` (T, W, P) datasets of a chain file for the phi
+    torsions of ``torsions``."""
     names = [name for name in torsions if name.startswith("phi")]
-    # (an unlimited last axis: h5py refuses a chunk of 1 on a fixed axis of length 0, a system without phi torsions)
-    ds = fh.create_dataset("sign_changes", shape=(0, n_walkers, len(names)), maxshape=(None, n_walkers, None),
-                           dtype=np.int16, chunks=(256, n_walkers, max(len(names), 1)), **CHECKSUM)
-    ds.attrs["torsions"] = json.dumps(names)
+    for name in CHAIN_COUNTS:
+        # (an unlimited last axis: h5py refuses a chunk of 1 on a fixed axis of length 0, no phi torsion)
+        ds = fh.create_dataset(name, shape=(0, n_walkers, len(names)), maxshape=(None, n_walkers, None),
+                               dtype=np.int16, chunks=(256, n_walkers, max(len(names), 1)), **CHECKSUM)
+        ds.attrs["torsions"] = json.dumps(names)
 
 
 def _prepare_resume(out, system, flow_hash, settings, seed):
@@ -356,7 +372,7 @@ def _prepare_resume(out, system, flow_hash, settings, seed):
             move_states = [json.loads(s) for s in ck.attrs["move_state"]]
     if n_done > 0 and ck is not None:
         with hdf5_file(out, "r+", "hybrid-MC file") as fh:
-            truncate_uncommitted(fh, "n_iterations", ("positions", "accepted", "sign_changes"))
+            truncate_uncommitted(fh, "n_iterations", ("positions", "accepted") + CHAIN_COUNTS)
         log.info("resuming %s at iteration %d", out, n_done)
         return n_done, positions, velocities, move_states
     log.info("%s committed no block before it stopped: starting it over", out)
@@ -376,7 +392,7 @@ def hybrid_summary(path: str | Path) -> dict:
         n = int(fh.attrs["n_iterations"])
         positions = fh["positions"][:n]
         accepted = fh["accepted"][:n]
-        changes = fh["sign_changes"][:n] if "sign_changes" in fh else None
+        counts = {k: fh[k][:n] for k in CHAIN_COUNTS if k in fh}
         states = [json.loads(s) for s in fh["checkpoint"].attrs["move_state"]] if "checkpoint" in fh else []
     settings = md["settings"]
     states = [s for s in states if s is not None]  # None: the walkers of a plain-MD chain have no flow move
@@ -389,20 +405,24 @@ def hybrid_summary(path: str | Path) -> dict:
                "counters": [{k: s[k] for k in ("n_proposed", "n_accepted", "n_rejected_nonfinite",
                                                "n_rejected_chirality")} for s in states]}
     if n:
-        summary.update(phi_statistics(positions, system_from_spec_dict(md["system"]).torsions, changes))
-        summary["n_chain_states"] = n * ((settings["md_steps"] > 0) + settings["flow_moves"]) * settings["n_walkers"]
+        per_iteration = (settings["md_steps"] > 0) + settings["flow_moves"]
+        summary.update(phi_statistics(positions, system_from_spec_dict(md["system"]).torsions, counts, per_iteration))
+        summary["n_chain_states"] = n * per_iteration * settings["n_walkers"]
     return summary
 
 
-def phi_statistics(positions: np.ndarray, torsions: dict, sign_changes: np.ndarray | None = None,
+def phi_statistics(positions: np.ndarray, torsions: dict, counts: dict | None = None, states_per_iteration: int = 1,
                    n_blocks: int = 10) -> dict:
     """Basin statistics of walker frames ``positions`` (T, W, n, 3) nm for every phi torsion.
 
     Returns ``<phi>_positive_fraction`` (mean over walkers of the fraction of frames with phi > 0),
     ``<phi>_positive_fraction_err`` (block error: ``n_blocks`` contiguous blocks per walker, combined
-    over walkers), ``<phi>_sign_changes`` (list, per walker, between stored frames) and, given the
-    chain file's ``sign_changes`` (T, W, P) in the order of the phi torsions, ``<phi>_chain_sign_changes``
-    (list, per walker, between consecutive chain states: every flow move counts).
+    over walkers), ``<phi>_sign_changes`` (list, per walker, between stored frames). Given the chain
+    file's ``counts`` ({"sign_changes", "positive_states"}: (T, W, P) in the order of the phi torsions)
+    and the chain states per iteration: ``<phi>_chain_sign_changes`` (list, per walker, between
+    consecutive chain states: every flow move counts) and ``<phi>_chain_positive_fraction`` (+ ``_err``,
+    block error as above) over every chain state (each state of an exact chain is a draw from the target,
+    so this average uses all of them, not only the stored frames).
     """
     from regflow_mm.data.dataset import dihedrals
 
@@ -416,8 +436,12 @@ def phi_statistics(positions: np.ndarray, torsions: dict, sign_changes: np.ndarr
         positive = angles > 0
         out[f"{name}_positive_fraction"], out[f"{name}_positive_fraction_err"] = walkers_mean_error(positive, n_blocks)
         out[f"{name}_sign_changes"] = [int(c) for c in np.abs(np.diff(positive.astype(np.int8), axis=0)).sum(axis=0)]
-        if sign_changes is not None:
-            out[f"{name}_chain_sign_changes"] = [int(c) for c in sign_changes[:, :, p].sum(axis=0)]
+        if counts and "sign_changes" in counts:
+            out[f"{name}_chain_sign_changes"] = [int(c) for c in counts["sign_changes"][:, :, p].sum(axis=0)]
+        if counts and "positive_states" in counts:
+            fraction = counts["positive_states"][:, :, p] / states_per_iteration  # (T, W)
+            out[f"{name}_chain_positive_fraction"], out[f"{name}_chain_positive_fraction_err"] = (
+                walkers_mean_error(fraction, n_blocks))
     return out
 
 
