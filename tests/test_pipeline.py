@@ -36,7 +36,7 @@ def test_report_holds_this_runs_numbers(finished_run):
     metrics = json.loads((out / "metrics.json").read_text())
     stages = metrics["stages"]
     assert set(stages) == {"md", "reference", "teacher", "evaluate_teacher", "train_regflow", "train_baseline",
-                           "evaluate", "plain_md", "mc", "mc_tempering", "free_energy", "export"}
+                           "evaluate", "plain_md", "mc", "mc_adaptive", "mc_tempering", "free_energy", "export"}
     # the teacher CNF is a stage of its own, reused (not retrained) by the student, and evaluated like a flow
     assert stages["teacher"]["teacher_train_s"] > 0 and "teacher_train_s" not in stages["train_regflow"]
     teacher = stages["evaluate_teacher"]["metrics"]
@@ -67,7 +67,7 @@ def test_report_holds_this_runs_numbers(finished_run):
     assert all(h >= f for h, f in zip(mc["phi1_chain_sign_changes"], mc["phi1_sign_changes"]))
     assert (f"changes the sign of phi1 **{sum(mc['phi1_chain_sign_changes'])} times in {mc['chain_cpu_s']:.1f} CPU-s"
             in text and "plain MD of the same walkers, start and MD segment" in text)
-    adaptive = stages["mc"]["adaptive"]  # the adaptive chain: two segments, one fine-tuning between them
+    adaptive = stages["mc_adaptive"]  # the adaptive chain: two segments, one fine-tuning between them
     assert [seg["flow_version"] for seg in adaptive["segments"]] == [0, 1] and adaptive["n_versions"] == 2
     assert [seg["stop"] for seg in adaptive["segments"]] == [2, 4]  # adapt_iterations, not n_iterations
     assert f"acceptance **{adaptive['acceptance_first_quarter']:.2%} in the first quarter" in text
@@ -99,7 +99,7 @@ def test_report_holds_this_runs_numbers(finished_run):
 def test_second_run_does_no_work(finished_run, monkeypatch):
     out, _ = finished_run
     for stage in ("_md", "_reference_md", "_teacher", "_evaluate_teacher", "_train", "_evaluate", "_plain_md", "_mc",
-                  "_flow_tempering", "_free_energy", "_export"):
+                  "_adaptive_mc", "_flow_tempering", "_free_energy", "_export"):
         monkeypatch.setattr(pipeline_run, stage, lambda *a, **k: pytest.fail("a cached stage ran again"))
     run_pipeline(validate(TINY), out, progress=False)
     assert "| md | " in (out / "report.md").read_text() and "| yes |" in (out / "report.md").read_text()
@@ -116,12 +116,12 @@ def test_interrupted_run_continues(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline_run, "_export", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(validate(TINY), tmp_path, progress=False)
-    done = {p.parent.name for p in tmp_path.glob("*/stage.json")}  # mc ran beside the export, stopped with it
-    assert done - {"mc"} == {"md", "reference", "teacher", "evaluate_teacher", "train_regflow", "train_baseline",
-                             "evaluate", "plain_md", "free_energy", "mc_tempering"}
+    done = {p.parent.name for p in tmp_path.glob("*/stage.json")}  # mc_adaptive ran beside, stopped with it
+    assert done - {"mc_adaptive"} == {"md", "reference", "teacher", "evaluate_teacher", "train_regflow",
+                                      "train_baseline", "evaluate", "plain_md", "mc", "free_energy", "mc_tempering"}
 
     monkeypatch.setattr(pipeline_run, "_export", real)
-    for stage in ("_md", "_teacher", "_evaluate_teacher", "_train", "_evaluate", "_plain_md", "_free_energy",
+    for stage in ("_md", "_teacher", "_evaluate_teacher", "_train", "_evaluate", "_plain_md", "_mc", "_free_energy",
                   "_flow_tempering"):
         monkeypatch.setattr(pipeline_run, stage, lambda *a, **k: pytest.fail("a finished stage ran again"))
     run_pipeline(validate(TINY), tmp_path, progress=False)

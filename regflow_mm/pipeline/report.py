@@ -165,8 +165,9 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
               f"stored frames per walker {mc.get(md['phi_name'] + '_sign_changes')}; {mc['cpu_s']:.0f} CPU-s in all.",
               "", f"![MC]({figure('mc', mc['figure'])})", ""]
     lines += _crossing_lines(mc, res.get("plain_md"), fe, md["phi_name"])
-    if "adaptive" in mc:
-        ad, phi = mc["adaptive"], md["phi_name"]
+    ad = res.get("mc_adaptive") or mc.get("adaptive")  # a stage of its own (older runs: inside mc)
+    if ad:
+        phi = md["phi_name"]
         proposals = (f" and on {ad['finetune_proposals']} of its own samples weighted by exp(-u - log q) (Kish ESS "
                      + ", ".join(f"{e:.0f}" for e in ad["proposal_ess"]) + " of them at the updates)"
                      if ad.get("finetune_proposals") else "")

@@ -137,29 +137,38 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
                   {**config["evaluate"], "seed": seed}, needs=("md", *held_out, *{s for s, _ in flows.values()})))
     if plain_md is not None:
         run.wait(plain_md)
-    # the Monte Carlo chains (hybrid, then adaptive) on the second core while the free energy, the tempering
-    # chain and the export run here
-    mc = run.start(Stage("mc", functools.partial(_mc, system_name=system_name, mc=config["mc"], seed=seed,
-                                                 threads=threads),
-                         {**config["mc"], "seed": seed}, needs=("md", "evaluate")))
+    # the adaptive chain (its fine-tuning is the longest part of the Monte Carlo) on the second core while the
+    # hybrid chain, the free energy, the tempering chain and the export run here
+    mc = config["mc"]
+    chain_keys = ("md_steps_per_iteration", "n_walkers", "flow_moves_per_iteration")
+    adaptive = None
+    if mc["adapt_segments"] > 1:
+        adaptive_keys = chain_keys + ("n_iterations", "adapt_iterations", "adapt_segments", "finetune_steps",
+                                      "finetune_lr", "finetune_proposals", "acceptance_samples")
+        adaptive = run.start(Stage("mc_adaptive", functools.partial(_adaptive_mc, system_name=system_name, mc=mc,
+                                                                    seed=seed, threads=threads),
+                                   {**{k: mc[k] for k in adaptive_keys}, "seed": seed}, needs=("md", "evaluate")))
     try:
+        run.run(Stage("mc", functools.partial(_mc, system_name=system_name, mc=mc, seed=seed, progress=progress),
+                      {**{k: mc[k] for k in chain_keys + ("n_iterations",)}, "seed": seed}, needs=("md", "evaluate")))
         run.run(Stage("free_energy", functools.partial(_free_energy, settings=config["free_energy"], seed=seed,
                                                        progress=progress),
                       {**config["free_energy"], "seed": seed}, needs=("md", *held_out, "evaluate")))
-        if config["mc"]["tempering_replicas"] >= 2:
-            tempering_keys = ("tempering_replicas", "tempering_iterations", "tempering_max_K", "md_steps_per_iteration",
-                              "flow_moves_per_iteration")
-            run.run(Stage("mc_tempering", functools.partial(_flow_tempering, system_name=system_name,
-                                                            mc=config["mc"], seed=seed, progress=progress),
-                          {**{k: config["mc"][k] for k in tempering_keys}, "seed": seed}, needs=("md", "evaluate")))
+        if mc["tempering_replicas"] >= 2:
+            tempering_keys = chain_keys[:1] + chain_keys[2:] + ("tempering_replicas", "tempering_iterations",
+                                                                "tempering_max_K")
+            run.run(Stage("mc_tempering", functools.partial(_flow_tempering, system_name=system_name, mc=mc,
+                                                            seed=seed, progress=progress),
+                          {**{k: mc[k] for k in tempering_keys}, "seed": seed}, needs=("md", "evaluate")))
         run.run(Stage("export", lambda f, i: _export(f, i, config["export"], seed),
                       {**config["export"], "seed": seed}, needs=("md", "evaluate")))
     except BaseException:
-        if mc.process is not None:  # no stage left running on its own: a rerun resumes its chains
-            mc.process.terminate()
-            mc.process.join()
+        if adaptive is not None and adaptive.process is not None:  # nothing left running: a rerun resumes the chain
+            adaptive.process.terminate()
+            adaptive.process.join()
         raise
-    run.wait(mc)
+    if adaptive is not None:
+        run.wait(adaptive)
     if smooth is not None:
         run.run(Stage("smooth", functools.partial(_smooth, settings=smooth, smooth=config["smooth"], flows=flows,
                                                   seed=seed, threads=threads, progress=progress),
@@ -404,24 +413,21 @@ def _finite_or_inf(value) -> float:
     return float(value) if value is not None and np.isfinite(value) else float("inf")
 
 
-def _mc(folder: Path, inputs: dict, *, system_name: str, mc: dict, seed: int, threads: int) -> dict:
-    """The hybrid chain, its plot and summary, then (adapt_segments > 1) the adaptive chain; a stage of its own
-    process (no progress bars)."""
+def _mc(folder: Path, inputs: dict, *, system_name: str, mc: dict, seed: int, progress: bool) -> dict:
+    """The hybrid chain, its trace plot and summary."""
     import h5py
-    import torch
 
     from ..sampling.hybrid import hybrid_summary, run_hybrid_mc
     from ..systems import get_system
     from ..systems.platforms import resolve_platform
     from ..training.plots import mc_trace_plot
 
-    torch.set_num_threads(threads)  # a spawned stage process starts with torch's default (all cores)
     system = get_system(system_name)
     started = time.process_time()
     chain = run_hybrid_mc(system, inputs["evaluate"]["downstream"]["flow"], folder / "mc.h5", mc["n_iterations"],
                           n_walkers=mc["n_walkers"], md_steps=mc["md_steps_per_iteration"],
                           flow_moves=mc["flow_moves_per_iteration"], seed=seed,
-                          platform=resolve_platform("auto", system.n_atoms, system.system), progress=False)
+                          platform=resolve_platform("auto", system.n_atoms, system.system), progress=progress)
     summary = hybrid_summary(folder / "mc.h5")
     with h5py.File(folder / "mc.h5", "r") as fh:
         positions = fh["positions"][: int(fh.attrs["n_iterations"])]
@@ -432,8 +438,6 @@ def _mc(folder: Path, inputs: dict, *, system_name: str, mc: dict, seed: int, th
     # the chains' own CPU time (MD + flow moves), the base of crossings per CPU second
     result = {**summary, "chain_cpu_s": chain["md_cpu_s"] + chain["flow_cpu_s"], "cpu_s": time.process_time() - started,
               "figure": "mc_trace.png"}
-    if mc["adapt_segments"] > 1:
-        result["adaptive"] = _adaptive_mc(folder, inputs, system, mc, seed, progress=False)
     return result
 
 
@@ -472,10 +476,18 @@ def _flow_tempering(folder: Path, inputs: dict, *, system_name: str, mc: dict, s
     return {**summary, "cpu_s": time.process_time() - started}
 
 
-def _adaptive_mc(folder: Path, inputs: dict, system, mc: dict, seed: int, progress: bool) -> dict:
-    """The same chain with its flow fine-tuned between ``adapt_segments`` segments; acceptance per segment."""
+def _adaptive_mc(folder: Path, inputs: dict, *, system_name: str, mc: dict, seed: int, threads: int) -> dict:
+    """The hybrid chain's settings with its flow fine-tuned between ``adapt_segments`` segments; acceptance per
+    segment. A stage of its own process (no progress bar)."""
+    import torch
+
     from ..sampling.adaptive import AdaptSchedule, run_adaptive_mc, version_acceptance
+    from ..systems import get_system
     from ..systems.platforms import resolve_platform
+
+    torch.set_num_threads(threads)  # a spawned stage process starts with torch's default (all cores)
+    system = get_system(system_name)
+    progress = False
 
     n = mc["adapt_iterations"] or mc["n_iterations"]
     summary = run_adaptive_mc(system, inputs["evaluate"]["downstream"]["flow"], folder / "adaptive.h5", n,
