@@ -155,8 +155,8 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
                                                        progress=progress),
                       {**config["free_energy"], "seed": seed}, needs=("md", *held_out, "evaluate")))
         if mc["tempering_replicas"] >= 2:
-            tempering_keys = chain_keys[:1] + chain_keys[2:] + ("tempering_replicas", "tempering_iterations",
-                                                                "tempering_max_K")
+            tempering_keys = ("md_steps_per_iteration", "flow_moves_per_iteration", "tempering_replicas",
+                              "tempering_iterations", "tempering_max_K")
             run.run(Stage("mc_tempering", functools.partial(_flow_tempering, system_name=system_name, mc=mc,
                                                             seed=seed, progress=progress),
                           {**{k: mc[k] for k in tempering_keys}, "seed": seed}, needs=("md", "evaluate")))
@@ -487,7 +487,6 @@ def _adaptive_mc(folder: Path, inputs: dict, *, system_name: str, mc: dict, seed
 
     torch.set_num_threads(threads)  # a spawned stage process starts with torch's default (all cores)
     system = get_system(system_name)
-    progress = False
 
     n = mc["adapt_iterations"] or mc["n_iterations"]
     summary = run_adaptive_mc(system, inputs["evaluate"]["downstream"]["flow"], folder / "adaptive.h5", n,
@@ -496,7 +495,7 @@ def _adaptive_mc(folder: Path, inputs: dict, *, system_name: str, mc: dict, seed
                               finetune_proposals=mc["finetune_proposals"],
                               n_walkers=mc["n_walkers"], md_steps=mc["md_steps_per_iteration"],
                               flow_moves=mc["flow_moves_per_iteration"], seed=seed,
-                              platform=resolve_platform("auto", system.n_atoms, system.system), progress=progress)
+                              platform=resolve_platform("auto", system.n_atoms, system.system), progress=False)
     keep = ("acceptance", "acceptance_first_quarter", "acceptance_last_quarter", "acceptance_first_quarter_se",
             "acceptance_last_quarter_se", "acceptance_rise", "acceptance_rise_se", "segments", "md_cpu_s", "flow_cpu_s",
             "finetune_cpu_s")
