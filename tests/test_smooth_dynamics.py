@@ -238,3 +238,16 @@ def test_langevin_runs_are_reproducible_with_seed_zero(aldp, frames):
     np.testing.assert_array_equal(runs[0].positions, runs[1].positions)
     np.testing.assert_array_equal(runs[3].positions, runs[4].positions)
     assert np.abs(runs[0].positions - runs[2].positions).max() > 1e-3
+
+
+def test_a_runaway_kinetic_temperature_is_a_reported_failure(aldp, frames):
+    """A trajectory that heats far above its thermostat stays finite for long: run_md reports it with its step.
+    Here the threshold is set below the system's own temperature, so the first report (step 0) is a runaway."""
+    run = run_md(aldp, frames[0], None, mode="forcefield", integrator="langevin", steps=50, report_every=10, seed=0,
+                 max_temperature_factor=0.5)
+    assert not run.finite and run.steps_done == 0 and run.failure["step"] == 0
+    assert run.failure["reason"].startswith("ran away: kinetic temperature") and "0.5 x 300 K" in run.failure["reason"]
+    fine = run_md(aldp, frames[0], None, mode="forcefield", integrator="langevin", steps=50, report_every=10, seed=0)
+    assert fine.finite and fine.failure is None  # the default (10x) leaves a sane run alone
+    with pytest.raises(ValueError, match="max_temperature_factor must be > 0"):
+        run_md(aldp, frames[0], None, mode="forcefield", max_temperature_factor=0.0)

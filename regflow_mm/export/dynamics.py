@@ -88,6 +88,9 @@ class MDRun:
         return out
 
 
+# kJ/mol/K
+MOLAR_GAS_CONSTANT_KJ = 0.00831446261815324
+
 def _kj(quantity) -> float:
     return quantity.value_in_unit(unit.kilojoule_per_mole)
 
@@ -130,20 +133,22 @@ def run_md(molecular_system, positions, flow=None, *, mode: str = "flow", integr
            steps: int = 1000, timestep_fs: float = 1.0, temperature_K: float | None = None,
            friction_per_ps: float = 1.0, equilibrate_steps: int = 0, hydrogen_mass_amu: float | None = None,
            backend: str = "torch", flow_group: int = 1, report_every: int = 10, save_every: int = 0,
-           check_every: int = 1, seed: int = 0, model_path=None) -> MDRun:
+           check_every: int = 1, seed: int = 0, model_path=None, max_temperature_factor: float = 10.0) -> MDRun:
     """One trajectory from ``positions`` (n_atoms, 3) nm; see the module docstring.
 
     Velocities are drawn at ``temperature_K`` (default: the system's) with ``seed``; the Langevin
     integrators use ``seed`` too. ``check_every``: steps between position checks (1: every step, so a
-    failure is reported at its exact step).
+    failure is reported at its exact step). A kinetic temperature above ``max_temperature_factor`` x
+    ``temperature_K`` at a report is a failure too (a runaway on a too-stiff potential stays finite for long).
     """
     if integrator not in INTEGRATORS:
         raise ValueError(f"integrator must be one of {INTEGRATORS}, got {integrator!r}")
     for name, value in (("steps", steps), ("report_every", report_every), ("check_every", check_every)):
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    if not timestep_fs > 0:
-        raise ValueError(f"timestep_fs must be > 0, got {timestep_fs}")
+    if not timestep_fs > 0 or not max_temperature_factor > 0:
+        raise ValueError(f"timestep_fs and max_temperature_factor must be > 0, got {timestep_fs}, "
+                         f"{max_temperature_factor}")
     temperature = float(temperature_K or molecular_system.temperature)
     system = build_md_system(molecular_system, flow, mode, backend, flow_group, hydrogen_mass_amu,
                              model_path=model_path)
@@ -180,6 +185,9 @@ def run_md(molecular_system, positions, flow=None, *, mode: str = "flow", integr
             context.setVelocities(state.getVelocities())
         del eq_context
 
+    # Every potential here is invariant under rigid motions (flow: internal coordinates or mean-free;
+    # force field: no cutoff or periodic box, CMMotionRemover dropped): 6 conserved DOF are not counted.
+    n_dof = 3 * system.getNumParticles() - 6
     report_steps, pot, kin, flow_e, frames = [], [], [], [], []
     done, started = 0, time.perf_counter()
     if failure is None:
@@ -197,6 +205,13 @@ def run_md(molecular_system, positions, flow=None, *, mode: str = "flow", integr
                     failure = {"step": done, "time_ps": done * dt,
                                "reason": f"non-finite energy (potential {e_pot}, kinetic {e_kin} kJ/mol)"}
                     break
+                t_kin = 2.0 * e_kin / (n_dof * MOLAR_GAS_CONSTANT_KJ)
+                if t_kin > max_temperature_factor * temperature:
+                    failure = {"step": done, "time_ps": done * dt,
+                               "reason": f"ran away: kinetic temperature {t_kin:.4g} K, more than "
+                                         f"{max_temperature_factor:g} x {temperature:g} K (a smaller timestep, or a "
+                                         f"smoother potential)"}
+                    break
             if save_every and done % save_every == 0:
                 frames.append(context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer))
             if done >= steps:
@@ -209,9 +224,6 @@ def run_md(molecular_system, positions, flow=None, *, mode: str = "flow", integr
             if failure is not None:
                 break
     seconds = time.perf_counter() - started
-    # Every potential here is invariant under rigid motions (flow: internal coordinates or mean-free;
-    # force field: no cutoff or periodic box, CMMotionRemover dropped): 6 conserved DOF are not counted.
-    n_dof = 3 * system.getNumParticles() - 6
     return MDRun(mode=mode, integrator=integrator, timestep_ps=dt, steps=int(steps), steps_done=done, n_dof=n_dof,
                  report_steps=np.array(report_steps), potential=np.array(pot), kinetic=np.array(kin),
                  flow_energy=np.array(flow_e) if flow_groups is not None else None,
