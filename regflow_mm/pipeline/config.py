@@ -62,18 +62,20 @@ SCHEMA: dict[str, dict] = {
     # plain_md_iterations > 0: the plain-MD chain of the same walkers, start and MD segment without flow moves, that
     # many iterations (choose it so that its CPU time is about the hybrid chain's): the baseline of the hybrid
     # chain's phi sign changes per CPU second, both counted between consecutive chain states.
-    # adapt_segments > 1: after the hybrid chain, an adaptive one (``sampling.adaptive``) of adapt_iterations
-    # iterations (0: n_iterations) and the same settings, its proposal flow fine-tuned between adapt_segments equal segments (finetune_steps Adam steps at
-    # finetune_lr, weighted NLL on the chain's frames + the training data's train split with its frame weights,
-    # and, with finetune_proposals > 0, on that many flow samples weighted by their importance weights, at half the
-    # mass of the batches). acceptance_samples > 0: the first and the last flow version's stationary acceptance as
-    # independence proposals, each from that many samples on the same latent draws (``adaptive.version_acceptance``):
-    # the chain's quarters differ by ~2 points of noise, the paired estimate resolves a change of a few tenths.
+    # adapt_segments > 1: beside the hybrid chain, an adaptive one (``sampling.adaptive``) of adapt_iterations
+    # iterations (0: n_iterations) and the same settings, its proposal flow fine-tuned between adapt_segments equal
+    # segments (finetune_steps Adam steps at finetune_lr, weighted NLL on the chain's frames + the training data's
+    # train split with its frame weights, and, with finetune_proposals > 0, on that many flow samples weighted by
+    # their importance weights, at half the mass of the batches). acceptance_samples > 0: the first and the last
+    # flow version's stationary acceptance as independence proposals, each from that many samples on the same latent
+    # draws (``adaptive.version_acceptance``): the chain's quarters differ by ~2 points of noise, the paired estimate
+    # resolves a change of a few tenths.
     # tempering_replicas >= 2: also openmmtools parallel tempering (``sampling.tempering``) with the same MD
     # segment and flow moves in every replica, on a geometric ladder up to tempering_max_K, for
     # tempering_iterations exchange iterations.
     "mc": {"n_iterations": 200, "md_steps_per_iteration": 500, "n_walkers": 2, "flow_moves_per_iteration": 1,
-           "plain_md_iterations": 0, "adapt_iterations": 0, "adapt_segments": 0, "finetune_steps": 300, "finetune_lr": 2e-4, "finetune_proposals": 0,
+           "plain_md_iterations": 0, "adapt_iterations": 0, "adapt_segments": 0, "finetune_steps": 300,
+           "finetune_lr": 2e-4, "finetune_proposals": 0,
            "acceptance_samples": 20000, "tempering_replicas": 0, "tempering_iterations": 50, "tempering_max_K": 600.0},
     # tfep: also TFEP between phi < 0 and phi > 0 (``sampling.tfep``): a map trained energy-free by RegFlow on
     # OT pairs of tfep_n_train weight-resampled training frames per state (tfep_steps regression steps, a
@@ -135,8 +137,8 @@ def validate(raw: dict, source: str = "config") -> dict:
     mc = config["mc"]
     for key in ("plain_md_iterations", "adapt_iterations"):
         if mc[key] < 0:
-            raise ValueError(f"{source}: [mc].{key} must be >= 0 (0: {'off' if key.startswith('plain') else 'n_iterations'})"
-                             f", got {mc[key]}")
+            zero = "off" if key == "plain_md_iterations" else "n_iterations"
+            raise ValueError(f"{source}: [mc].{key} must be >= 0 (0: {zero}), got {mc[key]}")
     adapt_iterations = mc["adapt_iterations"] or mc["n_iterations"]
     if mc["adapt_segments"] > 1 and adapt_iterations % mc["adapt_segments"]:
         raise ValueError(f"{source}: [mc].adapt_iterations (or n_iterations) = {adapt_iterations} must be a multiple "

@@ -417,18 +417,17 @@ def _mc(folder: Path, inputs: dict, *, system_name: str, mc: dict, seed: int, pr
     """The hybrid chain, its trace plot and summary."""
     import h5py
 
-    from ..sampling.hybrid import hybrid_summary, run_hybrid_mc
+    from ..sampling.hybrid import run_hybrid_mc
     from ..systems import get_system
     from ..systems.platforms import resolve_platform
     from ..training.plots import mc_trace_plot
 
     system = get_system(system_name)
     started = time.process_time()
-    chain = run_hybrid_mc(system, inputs["evaluate"]["downstream"]["flow"], folder / "mc.h5", mc["n_iterations"],
-                          n_walkers=mc["n_walkers"], md_steps=mc["md_steps_per_iteration"],
-                          flow_moves=mc["flow_moves_per_iteration"], seed=seed,
-                          platform=resolve_platform("auto", system.n_atoms, system.system), progress=progress)
-    summary = hybrid_summary(folder / "mc.h5")
+    summary = run_hybrid_mc(system, inputs["evaluate"]["downstream"]["flow"], folder / "mc.h5", mc["n_iterations"],
+                            n_walkers=mc["n_walkers"], md_steps=mc["md_steps_per_iteration"],
+                            flow_moves=mc["flow_moves_per_iteration"], seed=seed,
+                            platform=resolve_platform("auto", system.n_atoms, system.system), progress=progress)
     with h5py.File(folder / "mc.h5", "r") as fh:
         positions = fh["positions"][: int(fh.attrs["n_iterations"])]
     name = inputs["md"]["phi_name"]
@@ -436,28 +435,26 @@ def _mc(folder: Path, inputs: dict, *, system_name: str, mc: dict, seed: int, pr
     mc_trace_plot(folder / "mc_trace.png", name, angles, summary["counters"], summary["acceptance"])
     summary.pop("settings", None)
     # the chains' own CPU time (MD + flow moves), the base of crossings per CPU second
-    result = {**summary, "chain_cpu_s": chain["md_cpu_s"] + chain["flow_cpu_s"], "cpu_s": time.process_time() - started,
-              "figure": "mc_trace.png"}
-    return result
+    return {**summary, "chain_cpu_s": summary["md_cpu_s"] + summary["flow_cpu_s"],
+            "cpu_s": time.process_time() - started, "figure": "mc_trace.png"}
 
 
 def _plain_md(folder: Path, inputs: dict, *, system_name: str, mc: dict, seed: int) -> dict:
     """The hybrid chain's walkers, start and MD segment without flow moves: phi sign changes per CPU second of
     plain MD, counted like the hybrid chain's (between consecutive chain states, here the MD segments' ends)."""
-    from ..sampling.hybrid import hybrid_summary, run_hybrid_mc
+    from ..sampling.hybrid import run_hybrid_mc
     from ..systems import get_system
     from ..systems.platforms import resolve_platform
 
     system = get_system(system_name)
-    out = run_hybrid_mc(system, None, folder / "plain_md.h5", mc["plain_md_iterations"], n_walkers=mc["n_walkers"],
-                        md_steps=mc["md_steps_per_iteration"], flow_moves=0, seed=seed,
-                        platform=resolve_platform("auto", system.n_atoms, system.system), progress=False)
-    summary = hybrid_summary(folder / "plain_md.h5")
+    summary = run_hybrid_mc(system, None, folder / "plain_md.h5", mc["plain_md_iterations"],
+                            n_walkers=mc["n_walkers"], md_steps=mc["md_steps_per_iteration"], flow_moves=0, seed=seed,
+                            platform=resolve_platform("auto", system.n_atoms, system.system), progress=False)
     steps = summary["n_iterations"] * summary["n_walkers"] * mc["md_steps_per_iteration"]
     ps = steps * summary["settings"]["timestep_fs"] * 1e-3
     keep = {k: v for k, v in summary.items() if k.startswith("phi") or k in ("n_iterations", "n_walkers",
                                                                              "n_chain_states")}
-    return {**keep, "chain_cpu_s": out["md_cpu_s"], "ps": ps}
+    return {**keep, "chain_cpu_s": summary["md_cpu_s"], "ps": ps}
 
 
 def _flow_tempering(folder: Path, inputs: dict, *, system_name: str, mc: dict, seed: int, progress: bool) -> dict:

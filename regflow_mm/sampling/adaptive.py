@@ -362,9 +362,9 @@ def _prepare_resume(out, system_hash, flow_hash, settings, seed):
     with h5py.File(out, "r+") as fh:
         md = json.loads(fh.attrs["metadata"])
         if md.get("format") != FORMAT:
-            older = str(md.get("format", "")).startswith("regflow-mm adaptive-mc")
-            raise ValueError(f"{out} is {'an adaptive-MC file of an older version' if older else 'not an adaptive-MC file'}"
-                             f" ({md.get('format')!r}): choose another --out")
+            what = ("an adaptive-MC file of an older version" if str(md.get("format", "")).startswith(
+                "regflow-mm adaptive-mc") else "not an adaptive-MC file")
+            raise ValueError(f"{out} is {what} ({md.get('format')!r}): choose another --out")
         check_spec_hash(md["system_hash"], system_hash, str(out), verb="holds a run of", allow_unknown=False)
         if md["flow_hash"] != flow_hash:
             raise ValueError(f"{out} was started from another flow (hash {md['flow_hash'][:12]}, this one "

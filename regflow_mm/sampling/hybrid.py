@@ -125,7 +125,8 @@ class HybridWalker:
         """One iteration at ``thermo``; returns the number of flow moves accepted and sets
         ``last_sign_changes``. An MD blow-up is a one-line RuntimeError naming ``where``."""
         if self.flow_moves and self.flow_move is None:
-            raise ValueError(f"flow_moves = {self.flow_moves} needs a flow move (None only for plain MD, flow_moves = 0)")
+            raise ValueError(f"flow_moves = {self.flow_moves} needs a flow move (None only for plain MD, "
+                             f"flow_moves = 0)")
         self.last_sign_changes = np.zeros(len(self.watch), np.int64)
         self.last_positive_states = np.zeros(len(self.watch), np.int64)
         t0 = time.process_time()
@@ -280,7 +281,8 @@ def run_hybrid_mc(system, flow_path: str | Path, out: str | Path, n_iterations: 
         _create(out, system, flow_path, flow_hash, settings, seed)
     proposed_before = sum(wk.flow_move.n_proposed for wk in walkers if wk.flow_move is not None)
     bar = progress_bar(total=n_iterations, initial=min(n_done, n_iterations), unit="it",
-                       desc=f"{'hybrid MC' if flow is not None else 'plain MD chain'} {system.name}", disable=not progress, dynamic_ncols=True, mininterval=1.0)
+                       desc=f"{'hybrid MC' if flow is not None else 'plain MD chain'} {system.name}",
+                       disable=not progress, dynamic_ncols=True, mininterval=1.0)
     try:
         while n_done < n_iterations:
             n_block = min(checkpoint_every, n_iterations - n_done)
@@ -323,7 +325,8 @@ def _md_step(md_move, thermo, sampler_state, context_cache, where: str) -> None:
 def _create(out, system, flow_path, flow_hash, settings, seed):
     n, w = system.n_atoms, settings["n_walkers"]
     metadata = {"format": FORMAT, "system": system.spec.to_dict(), "system_hash": system.spec_hash,
-                "flow_path": None if flow_path is None else str(Path(flow_path).resolve()), "flow_hash": flow_hash, "settings": settings,
+                "flow_path": None if flow_path is None else str(Path(flow_path).resolve()), "flow_hash": flow_hash,
+                "settings": settings,
                 "seed": int(seed), "temperature": system.temperature,
                 "units": {"positions": "nm", "time": "ps", "temperature": "K"}}
     with h5py.File(out, "w") as fh:
