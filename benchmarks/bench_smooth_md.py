@@ -56,10 +56,12 @@ def train(name: str, args, workdir: Path) -> tuple[object, float]:
     if name == "smooth":
         config = TrainConfig(**common, architecture="smooth", dtype="float64", lambda_kl=args.lambda_kl,
                              kl_batch_size=args.kl_batch, kl_energy_cap_kT=args.kl_energy_cap,
-                             representation_options={"support": "open", "open_map": open_map_for(args.interval)},
+                             representation_options={"support": "open", "open_map": open_map_for(args.interval),
+                                                     "narrow_span_rad": args.narrow_span_rad},
                              hyper={"n_layers": args.layers, "n_components": args.components,
                                     "hidden": [args.hidden, args.hidden], "interval": args.interval,
-                                    "max_log_scale": args.max_log_scale})
+                                    "max_log_scale": args.max_log_scale,
+                                    "circle_conditioning": args.circle_conditioning})
     else:
         # NLL only, as in the smooth-flows paper and the demo: the same NSF trained by NLL + 1e-3 FM (lr 1e-3,
         # float32) diverged here (non-finite loss at step 481; BENCHMARKS.md)
@@ -106,6 +108,15 @@ def main(argv=None) -> int:
                              "probit: with the normal open map, quadratic in log r along each bond)")
     parser.add_argument("--max-log-scale", type=float, default=math.log(2.0),
                         help="bound of the affine interval map's log-scale per layer")
+    parser.add_argument("--circle-conditioning", choices=("all", "circles", "torsions"), default="all",
+                        help="what conditions the torsions: 'circles' (circles see the other circles only; 'all' lets "
+                             "them follow bond lengths: stiff hydrogen modes, BENCHMARKS.md issue 12) or 'torsions' "
+                             "(every torsion, narrow ones too, sees the other torsions only)")
+    parser.add_argument("--narrow-span-rad", type=float, default=math.pi / 2,
+                        help="torsions whose data span less than this (rad) are intervals with the confining open map, "
+                             "the others circles (the representation's default pi/2). 2.5 also makes the amide omega "
+                             "and amide-H torsions (span ~1.6 rad) intervals: measured worse, Langevin ran away within "
+                             "1 ps (BENCHMARKS.md, issue 12)")
     parser.add_argument("--spline-layers", type=int, default=6)
     parser.add_argument("--spline-hidden", type=int, default=128)
     parser.add_argument("--spline-method", choices=("mle", "nll+fm"), default="mle")

@@ -32,15 +32,16 @@ def _perturbed(flow, scale=0.05, seed=0):
     return flow.eval()
 
 
-@pytest.fixture(scope="module", params=["probit", "logistic", "mixture"])
+@pytest.fixture(scope="module", params=["probit", "logistic", "mixture", "probit-torsions"])
 def smooth_flow(aldp, frames, request):
     """A small float64 smooth flow on the open support (2 layers, 4 components, 16 hidden), with the
     probit-affine (on the normal open map), the logit-affine or the mixture map on bonds, angles and
-    narrow torsions."""
-    open_map = "normal" if request.param == "probit" else "logistic"
+    narrow torsions; 'probit-torsions': probit with every torsion conditioned on torsions only."""
+    interval, _, conditioning = request.param.partition("-")
+    open_map = "normal" if interval == "probit" else "logistic"
     flow = build_flow(aldp, "internal", "smooth", fit_to=frames, dtype=torch.float64, seed=0,
                       representation_options={"support": "open", "open_map": open_map}, n_layers=2,
-                      n_components=4, hidden=[16], interval=request.param)
+                      n_components=4, hidden=[16], interval=interval, circle_conditioning=conditioning or "all")
     return _perturbed(flow)
 
 
@@ -192,6 +193,11 @@ def test_smooth_pipeline_settings():
                                           .get_system("aldp").topology, support="open", open_map="cauchy")
     with pytest.raises(ValueError, match=r"\[smooth\].interval must be 'probit', 'logistic' or 'mixture'"):
         validate({"smooth": {"interval": "spline"}})
+    assert settings["hyper"]["circle_conditioning"] == "all"
+    circles = smooth_settings(validate({"smooth": {"circle_conditioning": "circles"}}))
+    assert circles["hyper"]["circle_conditioning"] == "circles"
+    with pytest.raises(ValueError, match=r"\[smooth\].circle_conditioning must be 'circles', 'torsions' or 'all'"):
+        validate({"smooth": {"circle_conditioning": "bonds"}})
     with pytest.raises(ValueError, match=r"\[smooth\].backend must be 'torch' or 'python'"):
         validate({"smooth": {"backend": "jax"}})
     with pytest.raises(ValueError, match=r"\[smooth\].nve_ps must be > 0"):

@@ -31,6 +31,14 @@ def _one_component(config, a, c, alpha=None, b=0.5):
     return SmoothParams(t(0.0), t(a), t(b), t(c), t(ALPHA_FLOOR[config.beta] if alpha is None else alpha))
 
 
+def _jitter(layer, seed: int, scale: float = 0.3) -> None:
+    """Move every parameter of ``layer`` off its identity initialisation (seeded), so the conditioners matter."""
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        for p in layer.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
 def test_mixture_flank_curvature_grows_like_a_squared():
     """The diagnosis of issue 12: a bump falling onto the identity floor is a spring whose stiffness grows
     at least like a^2 with the concentration (a^2 (log(a/c))^4: 210x for a 10x narrower bump), unbounded
@@ -152,10 +160,7 @@ def test_stacked_probit_layers_give_a_normal_density_in_z():
 def test_affine_interval_layer_round_trip_exact_log_det_and_conditioned_parameters(interval):
     domains = ["interval", "circle", "interval", "circle", "interval"]
     layer = SmoothCouplingLayer(domains, [0, 1, 2], n_components=4, hidden=(16,), interval=interval).double()
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(3)
-        for p in layer.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    _jitter(layer, seed=3)
     u = torch.rand(6, 5, generator=torch.Generator().manual_seed(4), dtype=F64)
     v, ld = layer(u)
     back, ld_back = layer(v, inverse=True)
@@ -173,3 +178,46 @@ def test_affine_interval_layer_round_trip_exact_log_det_and_conditioned_paramete
         SmoothCouplingLayer(domains, [0], interval="spline")
     with pytest.raises(ValueError, match="max_log_scale must be > 0"):
         SmoothCouplingLayer(domains, [0], interval="logistic", max_log_scale=0.0)
+
+
+def test_circle_conditioning_circles_keeps_the_circles_off_the_intervals():
+    """'circles': the transformed circles depend on the untransformed circles only (exactly zero gradient on every
+    interval input), the intervals on everything; round trip and log-det stay exact; a bad value is an error."""
+    domains = ["circle", "interval", "circle", "interval", "interval", "circle"]
+    layer = SmoothCouplingLayer(domains, [0, 1, 4], n_components=4, hidden=(16,), interval="probit",
+                                circle_conditioning="circles").double()
+    _jitter(layer, seed=5)
+    u = torch.rand(6, 6, generator=torch.Generator().manual_seed(6), dtype=F64).requires_grad_(True)
+    v, ld = layer(u)
+    (g_circle,) = torch.autograd.grad(v[:, 0].sum(), u, retain_graph=True)
+    assert float(g_circle[:, [1, 3, 4]].abs().max()) == 0.0  # no interval reaches the circle
+    assert float(g_circle[:, [2, 5]].abs().min()) > 0.0  # the untransformed circles do
+    (g_interval,) = torch.autograd.grad(v[:, 1].sum(), u)
+    assert float(g_interval[:, [2, 3, 5]].abs().min()) > 0.0  # intervals see circles and intervals
+    back, ld_back = layer(v.detach(), inverse=True)
+    assert float((back - u).abs().max().detach()) < 1e-9 and float((ld + ld_back).abs().max().detach()) < 1e-9
+    jac = torch.autograd.functional.jacobian(lambda t: layer(t[None])[0][0], u[0].detach())
+    assert abs(float(torch.linalg.slogdet(jac)[1] - ld[0])) < 1e-10
+    with pytest.raises(ValueError, match="circle_conditioning must be one of"):
+        SmoothCouplingLayer(domains, [0], circle_conditioning="bonds")
+
+
+def test_torsion_conditioning_keeps_every_torsion_off_bonds_and_angles():
+    """'torsions': narrow torsions (intervals listed in torsion_dims) join the circles' group: every transformed torsion
+    sees the untransformed torsions only, bonds/angles see everything; the log-det stays exact."""
+    domains = ["circle", "interval", "circle", "interval", "interval", "circle", "interval"]
+    torsions = [4, 5, 6]  # dims 4 and 6: narrow torsions (intervals); 0, 2, 5: circles; 1, 3: bonds/angles
+    layer = SmoothCouplingLayer(domains, [0, 1, 4, 6], n_components=4, hidden=(16,), interval="probit",
+                                circle_conditioning="torsions", torsion_dims=torsions).double()
+    _jitter(layer, seed=7)
+    u = torch.rand(5, 7, generator=torch.Generator().manual_seed(8), dtype=F64).requires_grad_(True)
+    v, ld = layer(u)
+    for out in (0, 4, 6):  # torsions: only the untransformed torsions 2, 5 (and themselves) reach them
+        (g,) = torch.autograd.grad(v[:, out].sum(), u, retain_graph=True)
+        assert float(g[:, [1, 3]].abs().max()) == 0.0 and float(g[:, [2, 5]].abs().min()) > 0.0
+    (g,) = torch.autograd.grad(v[:, 1].sum(), u)
+    assert float(g[:, [2, 3, 5]].abs().min()) > 0.0
+    jac = torch.autograd.functional.jacobian(lambda t: layer(t[None])[0][0], u[1].detach())
+    assert abs(float(torch.linalg.slogdet(jac)[1] - ld[1])) < 1e-10
+    with pytest.raises(ValueError, match="needs torsion_dims"):
+        SmoothCouplingLayer(domains, [0], circle_conditioning="torsions")

@@ -29,6 +29,16 @@ coordinate is a normal density in z with a conditional mean and scale: with the 
 ``open_map='normal'`` (u = Phi((t - m) / s)) the flow potential along a bond is quadratic in log r, the
 shape of the force field's harmonic bond, so force matching can fit the bond's stiffness without the
 over-stiff centre a logistic profile needs to match Gaussian tails.
+
+Which coordinates condition the torsions (``circle_conditioning``). With 'all' (default) one conditioner sees
+every untransformed coordinate. Its inputs are standardised, and a C-H bond's standard deviation is ~0.003 nm, so
+an O(1) slope per standard deviation, which costs the likelihood nothing, lets a backbone torsion's mixture or
+rotation turn by a good part of a circle per 0.01 nm of hydrogen motion: a stiff spring in the flow potential
+(hydrogen modes up to 3 fs^-1 against the force field's 0.6; BENCHMARKS.md, issue 12). With 'circles' the circle
+coordinates get a conditioner of their own that sees the untransformed circles only, while intervals still see
+everything: the flow factorises as q(circles) q(the rest | circles), no loss of generality (chain rule). With
+'torsions' the narrow torsions (intervals, ``torsion_dims``) join the circles' group. Both remove the stiffest
+modes at equilibrium frames, but neither made Langevin on aldp's flow potential stable (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -48,6 +58,7 @@ from .smooth import DOMAINS, SmoothParams, SmoothTransformConfig, constrain_para
 
 ANALYTIC = ("forward", "inverse")
 INTERVAL_MAPS = ("mixture", "logistic", "probit")
+CIRCLE_CONDITIONING = ("all", "circles", "torsions")
 
 
 def _logit(u: torch.Tensor) -> torch.Tensor:
@@ -144,14 +155,17 @@ class SmoothCouplingLayer(CouplingLayer):
     ``interval``: 'mixture' (smooth mixtures on interval coordinates too), 'logistic' or 'probit' (the
     logit- and probit-affine maps of the module docstring, log-scale bounded by ``max_log_scale``);
     ``a_max``: None or the largest mixture concentration (``SmoothTransformConfig.a_max``).
-    Root-finding statistics of this layer are in ``self.rootfinding_stats``.
+    ``circle_conditioning``: 'all', 'circles' (circle parameters from the untransformed circles only) or
+    'torsions' (every torsion, circle or narrow interval, from the untransformed torsions only; needs
+    ``torsion_dims``, the indices of the torsion coordinates); module docstring. Root-finding statistics of this layer are in ``self.rootfinding_stats``.
     """
 
     def __init__(self, domains: Sequence[str], transformed: Sequence[int], n_components: int = 8, beta: int = 1,
                  hidden: Sequence[int] = (64, 64), analytic: str = "inverse",
                  rootfinding: RootFindingConfig = RootFindingConfig(), circle_shift: bool = True,
                  c_min: float = 1e-3, interval: str = "mixture", max_log_scale: float = math.log(2.0),
-                 a_max: float | None = None):
+                 a_max: float | None = None, circle_conditioning: str = "all",
+                 torsion_dims: Sequence[int] | None = None):
         super().__init__()
         domains = list(domains)
         bad = [d for d in domains if d not in DOMAINS]
@@ -163,6 +177,10 @@ class SmoothCouplingLayer(CouplingLayer):
             raise ValueError(f"interval must be one of {INTERVAL_MAPS}, got {interval!r}")
         if not max_log_scale > 0:
             raise ValueError(f"max_log_scale must be > 0 (bound of the affine map's log-scale), got {max_log_scale}")
+        if circle_conditioning not in CIRCLE_CONDITIONING:
+            raise ValueError(f"circle_conditioning must be one of {CIRCLE_CONDITIONING}, got {circle_conditioning!r}")
+        if circle_conditioning == "torsions" and torsion_dims is None:
+            raise ValueError("circle_conditioning='torsions' needs torsion_dims (the indices of the torsion coordinates)")
         transformed = sorted(set(int(i) for i in transformed))
         if not transformed or transformed[0] < 0 or transformed[-1] >= len(domains):
             raise ValueError(f"transformed must be non-empty indices in [0, {len(domains)}), got {transformed}")
@@ -188,19 +206,44 @@ class SmoothCouplingLayer(CouplingLayer):
         self.circle_shift = circle_shift and len(self.idx_circ) > 0
         n_int, n_circ = len(self.idx_int), len(self.idx_circ)
         init_int = torch.zeros(2) if interval in _AFFINE_MAPS else initial_raw(self.config_int)  # identity: mu = s = 0
-        init = [init_int.repeat(n_int), initial_raw(self.config_circ).repeat(n_circ)]
-        if self.circle_shift:
-            init.append(torch.zeros(n_circ))
-        self.conditioner = SmoothConditioner([domains[i] for i in conditioning], torch.cat(init), hidden)
+        init_circ = [initial_raw(self.config_circ).repeat(n_circ)] + ([torch.zeros(n_circ)] if self.circle_shift else [])
+        self.circle_conditioning = circle_conditioning
+        if circle_conditioning == "all":
+            self.conditioner = SmoothConditioner([domains[i] for i in conditioning],
+                                                 torch.cat([init_int.repeat(n_int)] + init_circ), hidden)
+        else:
+            # The "soft" group (circles; with 'torsions' also the narrow torsions) has its own conditioner that
+            # sees only the untransformed members of the group; the other intervals see every coordinate.
+            soft = set(i for i, d in enumerate(domains) if d == "circle")
+            if circle_conditioning == "torsions":
+                soft |= set(int(i) for i in torsion_dims)
+            int_soft = [k for k, i in enumerate(self.idx_int.tolist()) if i in soft]
+            int_hard = [k for k, i in enumerate(self.idx_int.tolist()) if i not in soft]
+            cond_soft = [i for i in conditioning if i in soft]
+            self.register_buffer("idx_cond_soft", torch.tensor(cond_soft, dtype=torch.long))
+            # raw interval parameters come as [hard | soft]; this permutation puts them back in idx_int order
+            self.register_buffer("int_order", torch.argsort(torch.tensor(int_hard + int_soft, dtype=torch.long)))
+            self.n_int_hard = len(int_hard)
+            self.conditioner = SmoothConditioner([domains[i] for i in conditioning], init_int.repeat(len(int_hard)),
+                                                 hidden)
+            self.conditioner_soft = SmoothConditioner([domains[i] for i in cond_soft],
+                                                      torch.cat([init_int.repeat(len(int_soft))] + init_circ), hidden)
 
     def _params(self, x: torch.Tensor):
         """One conditioner pass: (interval params, circle params, circle shift or None). Interval params of
         'logistic' and 'probit': (mu, log-scale s), each (B, n_int)."""
-        raw = self.conditioner(x[:, self.idx_cond])
         n_int, n_circ = len(self.idx_int), len(self.idx_circ)
         k_int, k_circ = self.n_raw_int, self.config_circ.n_raw
         batch = x.shape[0]
-        raw_int = raw[:, : n_int * k_int].reshape(batch, n_int, k_int)
+        raw = self.conditioner(x[:, self.idx_cond])
+        if self.circle_conditioning == "all":
+            raw_int = raw[:, : n_int * k_int].reshape(batch, n_int, k_int)
+        else:
+            soft = self.conditioner_soft(x[:, self.idx_cond_soft])
+            n_soft = n_int - self.n_int_hard
+            raw_int = torch.cat([raw.reshape(batch, self.n_int_hard, k_int),
+                                 soft[:, : n_soft * k_int].reshape(batch, n_soft, k_int)], dim=1)[:, self.int_order]
+            raw = torch.cat([raw.new_zeros(batch, n_int * k_int), soft[:, n_soft * k_int:]], dim=-1)
         raw_circ = raw[:, n_int * k_int: n_int * k_int + n_circ * k_circ].reshape(batch, n_circ, k_circ)
         shift = torch.sigmoid(raw[:, n_int * k_int + n_circ * k_circ:]) if self.circle_shift else None
         if self.interval in _AFFINE_MAPS:
@@ -296,14 +339,15 @@ def smooth_architecture(representation, n_layers: int = 4, n_components: int = 8
                         hidden: Sequence[int] = (64, 64), analytic: str = "inverse", circle_shift: bool = True,
                         c_min: float = 1e-3, n_bins: int = 16, tol: float | None = None, max_passes: int = 60,
                         n_newton: int = 2, on_failure: str = "raise", seed: int = 0, interval: str = "mixture",
-                        max_log_scale: float = math.log(2.0), a_max: float | None = None):
+                        max_log_scale: float = math.log(2.0), a_max: float | None = None,
+                        circle_conditioning: str = "all"):
     """Architecture builder ``'smooth'`` for ``build_flow``: (smooth coupling flow, uniform prior on the box).
 
     Needs a representation with ``domain == 'box'`` (internal coordinates): its ``circular`` dimensions
     (torsions) are circles, the others (bonds, angles) intervals. ``seed`` fixes the coupling splits.
     ``interval='logistic'`` or 'probit' (bounded stiffness on bonds, angles and narrow torsions; for flow
     potentials used in dynamics, 'probit' with the representation's ``open_map='normal'``, ``open_map_for``)
-    or 'mixture'; ``max_log_scale``, ``a_max``: see :class:`SmoothCouplingLayer`.
+    or 'mixture'; ``max_log_scale``, ``a_max``, ``circle_conditioning``: see :class:`SmoothCouplingLayer`.
     """
     if getattr(representation, "domain", None) != "box":
         raise ValueError("architecture 'smooth' needs a [0, 1]^D flow space: use representation='internal'")
@@ -313,6 +357,9 @@ def smooth_architecture(representation, n_layers: int = 4, n_components: int = 8
     transform = smooth_coupling_flow(domains, n_layers=n_layers, seed=seed, n_components=n_components, beta=beta,
                                      hidden=tuple(hidden), analytic=analytic, rootfinding=rootfinding,
                                      circle_shift=circle_shift, c_min=c_min, interval=interval,
-                                     max_log_scale=max_log_scale, a_max=a_max)
+                                     max_log_scale=max_log_scale, a_max=a_max,
+                                     circle_conditioning=circle_conditioning,
+                                     torsion_dims=range(representation.n_bonds + representation.n_angles,
+                                                        representation.dim))
     return transform, default_prior(representation)
 

@@ -104,7 +104,13 @@ SCHEMA: dict[str, dict] = {
     # force field's), "logistic" (conditional logit-affine on a logistic open map, curvature bounded for every
     # parameter value) or "mixture" (the torsions' smooth mixtures; their flanks are springs far stiffer than
     # the bonds' and NVE at 1 fs heats up, BENCHMARKS.md issue 12).
+    # circle_conditioning: what conditions the torsion circles: "all" (every other coordinate), "circles" (the
+    # other circles only: q(circles) q(the rest | circles); no torsion can follow a C-H bond, which removes the
+    # stiffest hydrogen modes) or "torsions" (every torsion, narrow ones too, sees the other torsions only).
+    # Measured on aldp (BENCHMARKS.md, issue 12): neither alternative made Langevin on the flow potential stable,
+    # and both raise the force error, so "all" stays the default.
     "smooth": {"enabled": False, "layers": 4, "components": 8, "hidden": 64, "open_width": 1.0, "interval": "probit",
+               "circle_conditioning": "all",
                "time_budget_s": 300.0, "batch_size": 64, "lr": 1e-3, "w_nll": 1.0, "w_fm": 1e-3,
                "data_weight_power": 0.0, "reweight_fraction": 0.0, "backend": "torch", "n_test_frames": 2000,
                "nve_equilibrate_ps": 1.0, "nve_ps": 5.0, "langevin_ps": 100.0, "langevin_timestep_fs": 2.0,
@@ -162,6 +168,9 @@ def validate(raw: dict, source: str = "config") -> dict:
         raise ValueError(f"{source}: [smooth].backend must be 'torch' or 'python', got {sm['backend']!r}")
     if sm["interval"] not in ("probit", "logistic", "mixture"):
         raise ValueError(f"{source}: [smooth].interval must be 'probit', 'logistic' or 'mixture', got {sm['interval']!r}")
+    if sm["circle_conditioning"] not in ("circles", "torsions", "all"):
+        raise ValueError(f"{source}: [smooth].circle_conditioning must be 'circles', 'torsions' or 'all', got "
+                         f"{sm['circle_conditioning']!r}")
     if not 0.0 <= config["train"]["mle_finetune_fraction"] < 1.0:
         raise ValueError(f"{source}: [train].mle_finetune_fraction must be in [0, 1) (0: RegFlow alone), got "
                          f"{config['train']['mle_finetune_fraction']}")
@@ -241,7 +250,8 @@ def smooth_settings(config: dict) -> dict:
                                            "open_map": open_map_for(sm["interval"])},
                 "architecture": "smooth",
                 "hyper": {"n_layers": sm["layers"], "n_components": sm["components"],
-                          "hidden": [sm["hidden"], sm["hidden"]], "interval": sm["interval"]},
+                          "hidden": [sm["hidden"], sm["hidden"]], "interval": sm["interval"],
+                          "circle_conditioning": sm["circle_conditioning"]},
                 "method": "nll+fm", "w_nll": sm["w_nll"], "w_fm": sm["w_fm"], "time_budget_s": sm["time_budget_s"],
                 "epochs": 100000, "batch_size": sm["batch_size"], "lr": sm["lr"], "lr_schedule": "cosine",
                 "data_weight_power": sm["data_weight_power"], "reweight_fraction": sm["reweight_fraction"],
