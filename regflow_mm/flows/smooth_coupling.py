@@ -157,7 +157,8 @@ class SmoothCouplingLayer(CouplingLayer):
     ``a_max``: None or the largest mixture concentration (``SmoothTransformConfig.a_max``).
     ``circle_conditioning``: 'all', 'circles' (circle parameters from the untransformed circles only) or
     'torsions' (every torsion, circle or narrow interval, from the untransformed torsions only; needs
-    ``torsion_dims``, the indices of the torsion coordinates); module docstring. Root-finding statistics of this layer are in ``self.rootfinding_stats``.
+    ``torsion_dims``, the indices of the torsion coordinates); module docstring.
+    Root-finding statistics of this layer are in ``self.rootfinding_stats``.
     """
 
     def __init__(self, domains: Sequence[str], transformed: Sequence[int], n_components: int = 8, beta: int = 1,
@@ -237,15 +238,16 @@ class SmoothCouplingLayer(CouplingLayer):
         batch = x.shape[0]
         raw = self.conditioner(x[:, self.idx_cond])
         if self.circle_conditioning == "all":
-            raw_int = raw[:, : n_int * k_int].reshape(batch, n_int, k_int)
+            raw_int, rest = raw[:, : n_int * k_int].reshape(batch, n_int, k_int), raw[:, n_int * k_int:]
         else:
             soft = self.conditioner_soft(x[:, self.idx_cond_soft])
             n_soft = n_int - self.n_int_hard
             raw_int = torch.cat([raw.reshape(batch, self.n_int_hard, k_int),
                                  soft[:, : n_soft * k_int].reshape(batch, n_soft, k_int)], dim=1)[:, self.int_order]
-            raw = torch.cat([raw.new_zeros(batch, n_int * k_int), soft[:, n_soft * k_int:]], dim=-1)
-        raw_circ = raw[:, n_int * k_int: n_int * k_int + n_circ * k_circ].reshape(batch, n_circ, k_circ)
-        shift = torch.sigmoid(raw[:, n_int * k_int + n_circ * k_circ:]) if self.circle_shift else None
+            rest = soft[:, n_soft * k_int:]
+        # rest: the circles' mixture parameters, then their rotations
+        raw_circ = rest[:, : n_circ * k_circ].reshape(batch, n_circ, k_circ)
+        shift = torch.sigmoid(rest[:, n_circ * k_circ:]) if self.circle_shift else None
         if self.interval in _AFFINE_MAPS:
             p_int = (raw_int[..., 0], self.max_log_scale * torch.tanh(raw_int[..., 1]))
         else:
