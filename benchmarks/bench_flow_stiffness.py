@@ -28,19 +28,16 @@ from regflow_mm.data import load_dataset
 from regflow_mm.energy import EnergyEvaluator
 from regflow_mm.flows import flow_file_hash, load_flow
 from regflow_mm.importance import normalized_weights
+from regflow_mm.systems.masses import repartition_hydrogen_mass
 
 
 def atom_masses(system, hydrogen_mass_amu: float = 0.0) -> np.ndarray:
-    """(n_atoms,) amu; hydrogens set to ``hydrogen_mass_amu`` (their bonded heavy atom loses the difference)."""
-    masses = np.array([a.element.mass.value_in_unit(unit.dalton) for a in system.topology.atoms()])
+    """(n_atoms,) amu of the system's OpenMM System; with ``hydrogen_mass_amu`` repartitioned as the dynamics
+    would (``systems.masses.repartition_hydrogen_mass``)."""
+    omm = system.system
     if hydrogen_mass_amu:
-        for bond in system.topology.bonds():
-            a, b = bond.atom1, bond.atom2
-            for h, heavy in ((a, b), (b, a)):
-                if h.element.symbol == "H" and heavy.element.symbol != "H":
-                    masses[heavy.index] -= hydrogen_mass_amu - masses[h.index]
-                    masses[h.index] = hydrogen_mass_amu
-    return masses
+        omm = repartition_hydrogen_mass(omm, system.topology, hydrogen_mass_amu)
+    return np.array([omm.getParticleMass(i).value_in_unit(unit.dalton) for i in range(omm.getNumParticles())])
 
 
 def omega_max(hessian: np.ndarray, masses: np.ndarray) -> tuple[float, np.ndarray]:

@@ -28,7 +28,7 @@ import torch
 
 from regflow_mm.data import load_dataset
 from regflow_mm.data.dataset import dihedrals
-from regflow_mm.export.dynamics import MOLAR_GAS_CONSTANT_KJ, run_md
+from regflow_mm.export.dynamics import run_md
 from regflow_mm.flows import flow_file_hash, load_flow
 from regflow_mm.importance import normalized_weights
 from regflow_mm.training.metrics import torsion_w2
@@ -43,11 +43,8 @@ def equilibrium_starts(dataset, n: int, seed: int) -> np.ndarray:
 
 def kinetic_temperature(run) -> float:
     """Mean kinetic temperature (K) of a run over its reports after the first 10% (nan without reports)."""
-    kinetic = np.asarray(run.kinetic, dtype=np.float64)
-    if kinetic.size == 0:
-        return float("nan")
-    tail = kinetic[kinetic.size // 10:]
-    return float(2.0 * tail.mean() / (run.n_dof * MOLAR_GAS_CONSTANT_KJ))
+    temperature = run.temperature
+    return float(temperature[temperature.size // 10:].mean()) if temperature.size else float("nan")
 
 
 def main(argv=None) -> str:

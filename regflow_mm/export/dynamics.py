@@ -28,6 +28,7 @@ import numpy as np
 import openmm
 from openmm import unit
 
+from ..systems import MOLAR_GAS_CONSTANT
 from ..systems.platforms import openmm_seed
 from .forces import flow_force
 
@@ -70,6 +71,11 @@ class MDRun:
     def seconds_per_step(self) -> float:
         return self.seconds / max(self.steps_done, 1)
 
+    @property
+    def temperature(self) -> np.ndarray:
+        """Kinetic temperature (K) at each report, from the kinetic energy and ``n_dof``."""
+        return kinetic_temperature(self.kinetic, self.n_dof)
+
     def energy_fluctuation_per_dof(self) -> float:
         """Standard deviation of the total energy over the reports divided by the degrees of freedom
         (kJ/mol per DOF): the NVE conservation measure of the smooth-flows paper. NaN if the run failed."""
@@ -88,8 +94,10 @@ class MDRun:
         return out
 
 
-# kJ/mol/K
-MOLAR_GAS_CONSTANT_KJ = 0.00831446261815324
+def kinetic_temperature(kinetic_kJ, n_dof: int):
+    """Kinetic temperature (K) 2 E_kin / (n_dof R) of kinetic energies in kJ/mol (a number or an array)."""
+    return 2.0 * np.asarray(kinetic_kJ, dtype=np.float64) / (n_dof * MOLAR_GAS_CONSTANT)
+
 
 def _kj(quantity) -> float:
     return quantity.value_in_unit(unit.kilojoule_per_mole)
@@ -205,7 +213,7 @@ def run_md(molecular_system, positions, flow=None, *, mode: str = "flow", integr
                     failure = {"step": done, "time_ps": done * dt,
                                "reason": f"non-finite energy (potential {e_pot}, kinetic {e_kin} kJ/mol)"}
                     break
-                t_kin = 2.0 * e_kin / (n_dof * MOLAR_GAS_CONSTANT_KJ)
+                t_kin = float(kinetic_temperature(e_kin, n_dof))
                 if t_kin > max_temperature_factor * temperature:
                     failure = {"step": done, "time_ps": done * dt,
                                "reason": f"ran away: kinetic temperature {t_kin:.4g} K, more than "
