@@ -4,14 +4,15 @@ beside the force field's own walkers from the same starts (issue 12's Langevin c
 One 100 ps trajectory of aldp samples the alpha/beta populations only roughly (the force field itself lands
 0.4-1.8 rad from the data, ``bench_langevin_floor.py``). Here ``--walkers`` trajectories start from frames drawn
 from the dataset with probability proportional to their weights (an equilibrium start), run ``--ps`` each
-(default 2 fs with hydrogens of 3 amu, 300 K, 1/ps; a frame every 0.1 ps), and their pooled frames are compared
+(default 1 fs with the force field's masses, 300 K, 1/ps; a frame every 0.1 ps; at 2 fs with hydrogens of 3 amu
+the smooth flow potentials' stiffer modes heat the walkers, BENCHMARKS.md issue 12), and their pooled frames are compared
 with the weighted data: a potential whose equilibrium is the data's keeps them there, one that is not drifts
 away from them. Each walker's own T-W2 and mean kinetic temperature are listed too. The same starts, lengths,
 masses and seeds run on the force field. ``--integrator verlet`` runs NVE instead (after ``--equilibrate-ps`` of
 Langevin) and compares the total-energy fluctuation per degree of freedom with the force field's, walker by walker.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_langevin_walkers.py --flow smooth/flow.pt --dataset md.h5 \
-        [--walkers 4] [--ps 100] [--seed 0] [--timestep-fs 2] [--hydrogen-mass 3] \
+        [--walkers 4] [--ps 100] [--seed 0] [--timestep-fs 1] [--hydrogen-mass 0] \
         [--integrator langevin|verlet] [--equilibrate-ps 0] [--out-md results/bench_langevin_walkers.md]
 """
 from __future__ import annotations
@@ -55,12 +56,12 @@ def main(argv=None) -> str:
     parser.add_argument("--ps", type=float, default=100.0, help="length of each trajectory (ps)")
     parser.add_argument("--seed", type=int, default=0, help="starts and Langevin noise (walker k: seed + k)")
     parser.add_argument("--backend", default="torch", choices=("torch", "python"))
-    parser.add_argument("--timestep-fs", type=float, default=2.0)
+    parser.add_argument("--timestep-fs", type=float, default=1.0)
     parser.add_argument("--integrator", choices=("langevin", "verlet"), default="langevin",
                         help="verlet: NVE after --equilibrate-ps of Langevin; reports std E_tot per DOF, flow / force "
                              "field per walker")
     parser.add_argument("--equilibrate-ps", type=float, default=0.0, help="Langevin before the run (ps)")
-    parser.add_argument("--hydrogen-mass", type=float, default=3.0, help="amu (0: the force field's masses)")
+    parser.add_argument("--hydrogen-mass", type=float, default=0.0, help="amu (0: the force field's masses)")
     parser.add_argument("--n-torsion", type=int, default=5000, help="weighted MD frames in each T-W2")
     parser.add_argument("--out-md", default="", help="also write the markdown here")
     args = parser.parse_args(argv)

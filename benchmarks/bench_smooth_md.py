@@ -19,7 +19,9 @@ force RMSE against held-out MD forces (test split), NVE (1 ps Langevin, then Ver
 potential alone and on the force field from the same frame with the same steps and timestep
 (total-energy fluctuation per DOF), cost per step, a long Langevin run on the smooth flow potential
 alone (hydrogen mass repartitioning, same ensemble) with the (phi, psi) T-W2 against the MD data and a
-Ramachandran figure, and a short Langevin run with the smooth flow as a bias on the force field.
+Ramachandran figure, and a short Langevin run with the smooth flow as a bias on the force field. Before the
+dynamics, the smooth flow's own samples against the test frames (``--ensemble-samples``: Kish ESS with a bootstrap
+interval, energies, T-W2): Langevin on the flow potential samples q itself, so q's ESS bounds how close it can come.
 Prints markdown.
 
     python benchmarks/bench_smooth_md.py --dataset md.h5 [--budget-s 300] [--nve-ps 5] [--langevin-ps 100]
@@ -37,10 +39,12 @@ import torch
 
 from regflow_mm.data import load_dataset
 from regflow_mm.data.dataset import dihedrals
+from regflow_mm.energy import EnergyEvaluator
 from regflow_mm.export.check import check_flow_dynamics
 from regflow_mm.export.dynamics import run_md
 from regflow_mm.flows import load_flow
 from regflow_mm.flows.smooth_coupling import open_map_for
+from regflow_mm.training.evaluation import evaluate_flow, scalar_metrics
 from regflow_mm.training.metrics import force_rmse
 from regflow_mm.training.runner import run_training
 from regflow_mm.training.trainer import TrainConfig
@@ -91,7 +95,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=300.0, help="training CPU seconds per flow")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--w-fm", type=float, default=1e-3, help="force-matching weight (paper Table 1: 0.001)")
+    parser.add_argument("--w-fm", type=float, default=1e-4,
+                        help="force-matching weight (the paper's ratio 1e-3 costs 2.5 nats of NLL here, ESS 3.4%% vs 44%%)")
     parser.add_argument("--data-weight-power", type=float, default=0.0,
                         help="enhanced-sampling data: batches drawn ~ frame weight**power (both flows)")
     parser.add_argument("--reweight-fraction", type=float, default=0.0,
@@ -100,9 +105,9 @@ def main(argv=None) -> int:
                         help="smooth flow only: weight of reverse KL on its own samples (force-field energies)")
     parser.add_argument("--kl-batch", type=int, default=32, help="flow samples per reverse-KL step")
     parser.add_argument("--kl-energy-cap", type=float, default=200.0, help="reverse KL: energy cap in kT")
-    parser.add_argument("--layers", type=int, default=4, help="smooth coupling layers")
+    parser.add_argument("--layers", type=int, default=6, help="smooth coupling layers")
     parser.add_argument("--components", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--interval", choices=("probit", "logistic", "mixture"), default="probit",
                         help="map of the smooth flow's bonds, angles and narrow torsions (mixture: stiff flanks; "
                              "probit: with the normal open map, quadratic in log r along each bond)")
@@ -123,10 +128,14 @@ def main(argv=None) -> int:
     parser.add_argument("--no-spline", action="store_true",
                         help="skip the spline flow (its force RMSE and NVE): the smooth flow's dynamics only")
     parser.add_argument("--test-frames", type=int, default=2000)
+    parser.add_argument("--ensemble-samples", type=int, default=20000,
+                        help="samples of the smooth flow against the weighted test frames (ESS, energies): the flow "
+                             "potential's own ensemble, which Langevin on it samples (0: skip)")
     parser.add_argument("--nve-ps", type=float, default=5.0)
     parser.add_argument("--langevin-ps", type=float, default=100.0)
-    parser.add_argument("--langevin-timestep-fs", type=float, default=2.0)
-    parser.add_argument("--hydrogen-mass", type=float, default=3.0)
+    parser.add_argument("--langevin-timestep-fs", type=float, default=1.0,
+                        help="2 fs with 3 amu hydrogens heats walkers on the flow potential to 337-377 K (BENCHMARKS.md)")
+    parser.add_argument("--hydrogen-mass", type=float, default=0.0, help="amu (0: the force field's masses)")
     parser.add_argument("--backend", choices=("torch", "python"), default="torch")
     parser.add_argument("--figure", type=Path, default=Path("benchmarks/results/smooth_md_ramachandran.png"))
     parser.add_argument("--seed", type=int, default=0)
@@ -164,6 +173,19 @@ def main(argv=None) -> int:
     trained("smooth")
     result = cached(args.workdir, "nve", lambda: check_flow_dynamics(flows["smooth"], aldp, start, nve_ps=args.nve_ps,
                                                                      langevin_ps=0.0, bias_ps=0.0, **common))
+    ensemble = None
+    if args.ensemble_samples:
+        def own_ensemble():
+            frames = data.split_indices("test")
+            with EnergyEvaluator(aldp, n_workers=0) as evaluator, torch.no_grad():
+                res = evaluate_flow(flows["smooth"], aldp, data.positions[frames], data.reduced_energies()[frames],
+                                    evaluator=evaluator, n_samples=args.ensemble_samples, seed=args.seed,
+                                    n_torsion=5000, n_bootstrap=200, chunk_size=2000,
+                                    md_log_weights=data.log_weights[frames] if data.weighted else None)
+            return scalar_metrics(res)
+        ensemble = cached(args.workdir, "ensemble", own_ensemble)
+        say(f"smooth flow's own ensemble: ESS {ensemble['ess']:.4f} [{ensemble['ess_p05']:.4f}, "
+            f"{ensemble['ess_p95']:.4f}], above the test frames' highest energy {ensemble['above_max_fraction']:.3f}")
     say(f"NVE std E_tot/DOF: smooth {result['nve_flow'].get('energy_fluctuation_per_dof')}, force field "
         f"{result['nve_forcefield'].get('energy_fluctuation_per_dof')} kJ/mol (ratio {result.get('nve_ratio')})")
     if not args.no_spline:
@@ -176,6 +198,15 @@ def main(argv=None) -> int:
         support = "open (smooth bijections)" if name == "smooth" else "box (fitted, hard walls)"
         print(f"| {name} | {support} | {cpu:.0f} | {steps} | {nll:.2f} | {f['rmse']:.1f} | {f['reference_rms']:.1f} "
               f"| {f['n_outside']} / {f['n_frames'] + f['n_outside']} |")
+
+    if ensemble:
+        print(f"\n### The smooth flow potential's own ensemble q (Langevin on -kT log q samples q)\n\n"
+              f"{ensemble['n_samples']} samples against the {'weighted ' if data.weighted else ''}test frames: Kish ESS "
+              f"{100 * ensemble['ess']:.2f}% [{100 * ensemble['ess_p05']:.2f}, {100 * ensemble['ess_p95']:.2f}] "
+              f"(bootstrap 5-95%), raw samples above the frames' highest energy "
+              f"{100 * ensemble['above_max_fraction']:.1f}%, reweighted E-W1 {ensemble['e_w1']:.3f} kT (raw "
+              f"{ensemble['e_w1_raw']:.3g}), (phi, psi) T-W2 reweighted {ensemble['t_w2']:.3f} / raw "
+              f"{ensemble['t_w2_raw']:.3f} rad, held-out NLL {ensemble['nll']:.2f}")
 
     eq = int(round(1.0 / 1e-3))
     spline_nve = None if args.no_spline else cached(args.workdir, "spline_nve", lambda: run_md(
@@ -215,7 +246,7 @@ def main(argv=None) -> int:
     lang = result.get("langevin")
     if lang:
         print(f"\n### Langevin on the smooth flow potential alone: {args.langevin_ps} ps at {args.langevin_timestep_fs} fs, "
-              f"300 K, 1/ps, hydrogens {args.hydrogen_mass} amu\n")
+              f"300 K, 1/ps, hydrogen masses {f'{args.hydrogen_mass} amu' if args.hydrogen_mass else 'of the force field'}\n")
         print(f"finite: {lang['finite']}, steps done {lang['steps_done']} of {lang['steps']} ({lang['ps']:.1f} ps), "
               f"{lang['ms_per_step']:.2f} ms per step ({lang['seconds']:.0f} s), {lang['n_frames']} frames; "
               f"(phi, psi) T-W2 against the MD data: {lang.get('t_w2', float('nan')):.3f} rad (issue: <= 0.5); "
@@ -230,7 +261,7 @@ def main(argv=None) -> int:
               f"{bias['timestep_fs']} fs: finite {bias['finite']}, flow energy mean {bias['flow_energy_mean']} kJ/mol, "
               f"{bias['ms_per_step']:.2f} ms per step")
     (args.workdir / "result.json").write_text(json.dumps(
-        {"train": [(n, c, s, f, nll) for n, c, s, f, nll in rows], "dynamics": result,
+        {"train": [(n, c, s, f, nll) for n, c, s, f, nll in rows], "dynamics": result, "ensemble": ensemble,
          "spline_nve": spline_nve, "backends": short}, indent=2, default=str))
     return 0
 

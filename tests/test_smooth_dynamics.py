@@ -202,6 +202,8 @@ def test_smooth_pipeline_settings():
         validate({"smooth": {"backend": "jax"}})
     with pytest.raises(ValueError, match=r"\[smooth\].nve_ps must be > 0"):
         validate({"smooth": {"nve_ps": 0.0}})
+    with pytest.raises(ValueError, match=r"\[smooth\].n_samples must be >= 0"):
+        validate({"smooth": {"n_samples": -1}})
     with pytest.raises(ValueError, match="support must be one of"):
         InternalCoordinates.from_topology(__import__("regflow_mm.systems", fromlist=["get_system"])
                                           .get_system("aldp").topology, support="walls")
@@ -216,7 +218,8 @@ def test_smooth_stage_trains_runs_md_and_reports(tmp_path, aldp):
 
     path = simulate(aldp, tmp_path / "md.h5", ns=0.01, save_interval_ps=0.1, equilibration_ps=0.5, progress=False)
     config = validate({"smooth": {"enabled": True, "time_budget_s": 2.0, "layers": 2, "components": 4, "hidden": 16,
-                                  "nve_equilibrate_ps": 0.05, "nve_ps": 0.1, "langevin_ps": 0.2, "bias_ps": 0.02, "n_test_frames": 10}})
+                                  "nve_equilibrate_ps": 0.05, "nve_ps": 0.1, "langevin_ps": 0.2, "bias_ps": 0.02, "n_test_frames": 10,
+                                  "n_samples": 300}})
     inputs = {"md": {"dataset": str(path)}}
     result = pipeline_run._smooth(tmp_path / "smooth", inputs, settings=smooth_settings(config),
                                   smooth=config["smooth"], flows={}, seed=0, threads=1, progress=False)
@@ -234,6 +237,11 @@ def test_smooth_stage_trains_runs_md_and_reports(tmp_path, aldp):
     text = "\n".join(_smooth_lines(result, config["smooth"], lambda stage, name: f"figures/{stage}_{name}"))
     assert f"{result['force_rmse']['smooth']['rmse']:.3g}" in text and "figures/smooth_ramachandran.png" in text
     assert f"the force field alone, same start, length, masses and seed: {ff['t_w2']:.3g} rad" in text
+    # the flow potential's own ensemble q (what Langevin on it samples) against the test split
+    ens = result["ensemble"]
+    assert ens["n_samples"] == 300 and 0 < ens["ess"] <= 1 and ens["ess_p05"] <= ens["ess"] <= ens["ess_p95"]
+    assert 0 <= ens["above_max_fraction"] <= 1 and ens["reference"].startswith("test split")
+    assert f"Kish ESS (fraction) {ens['ess']:.3g}" in text
 
 
 def test_langevin_runs_are_reproducible_with_seed_zero(aldp, frames):

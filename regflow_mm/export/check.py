@@ -70,8 +70,8 @@ def check_flow_force(flow, system, positions: np.ndarray, backend: str, md_steps
 
 def check_flow_dynamics(flow, system, start: np.ndarray, *, md_angles: np.ndarray | None = None,
                         md_log_w: np.ndarray | None = None, nve_ps: float = 5.0, nve_timestep_fs: float = 1.0,
-                        equilibrate_ps: float = 1.0, langevin_ps: float = 100.0, langevin_timestep_fs: float = 2.0,
-                        hydrogen_mass_amu: float | None = 3.0, bias_ps: float = 1.0, save_interval_ps: float = 0.1,
+                        equilibrate_ps: float = 1.0, langevin_ps: float = 100.0, langevin_timestep_fs: float = 1.0,
+                        hydrogen_mass_amu: float | None = None, bias_ps: float = 1.0, save_interval_ps: float = 0.1,
                         backend: str = "torch", n_torsion: int = 5000, seed: int = 0, figure: str | Path | None = None,
                         progress=None) -> dict:
     """Dynamics on the exported flow potential (module docstring); ``system`` the MolecularSystem.
@@ -79,7 +79,8 @@ def check_flow_dynamics(flow, system, start: np.ndarray, *, md_angles: np.ndarra
     NVE (skipped for ``nve_ps = 0``): ``equilibrate_ps`` of Langevin then ``nve_ps`` of Verlet at ``nve_timestep_fs`` (force-field
     masses), on the flow potential alone and on the force field, both from ``start`` (n_atoms, 3) nm
     with the same velocity seed. Langevin: ``langevin_ps`` at ``langevin_timestep_fs`` with hydrogens of
-    ``hydrogen_mass_amu`` (same ensemble), frames every ``save_interval_ps``; with ``md_angles`` (M, 2)
+    ``hydrogen_mass_amu`` (same ensemble; None: the force field's masses, the default with 1 fs: at 2 fs with 3 amu
+    hydrogens a smooth flow potential's stiffer modes heated the walkers by 40-80 K, BENCHMARKS.md), frames every ``save_interval_ps``; with ``md_angles`` (M, 2)
     (phi, psi) rad of MD frames (log-weights ``md_log_w``) its T-W2 against them (``n_torsion`` MD frames
     at most) and, with ``figure``, a Ramachandran PNG of both; the same Langevin run on the force field (same
     start, length, masses and seed) gives ``langevin_forcefield`` and its T-W2: the floor a trajectory of that

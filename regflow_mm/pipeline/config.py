@@ -90,14 +90,20 @@ SCHEMA: dict[str, dict] = {
     # configuration, no hard wall), float64, trained for time_budget_s CPU seconds by
     #   w_nll * NLL + w_fm * FM,
     # NLL = -E log q(x) (nats) on the training frames and FM = E ||F/kT - grad_x log q||^2 ((kT/nm)^2, summed
-    # over the 3N components) on the forces stored with them. FM is ~1e5-1e6 (kT/nm)^2 where NLL is ~-100
-    # nats, so w_fm = 1e-3 (the smooth-flows paper's Table 1) puts them on a similar footing.
+    # over the 3N components) on the forces stored with them. FM is ~1e4-1e5 (kT/nm)^2 where NLL is ~-200
+    # nats. w_fm = 1e-3 (the smooth-flows paper's ratio) lets FM pull the density off the data: on aldp it cost
+    # 2.5 nats of held-out NLL and left ESS at 1-3%, while 1e-4 gave ESS 44% at the same force error
+    # (BENCHMARKS.md, issue 12, "force-matching weight").
     # data_weight_power / reweight_fraction: as in [train] (frame weights of enhanced-sampling data).
     # Then, with the exported force (backend): force RMSE against held-out MD forces (n_test_frames of the
     # test split), nve_equilibrate_ps of Langevin + nve_ps of Verlet NVE at 1 fs on the flow potential and
-    # on the force field side by side, langevin_ps of Langevin at langevin_timestep_fs with hydrogens of hydrogen_mass_amu on the
+    # on the force field side by side, langevin_ps of Langevin at langevin_timestep_fs with hydrogens of hydrogen_mass_amu
+    # (default 1 fs, the force field's masses: at 2 fs with 3 amu hydrogens the flow potential's stiffer modes heated
+    # the walkers to 337-377 K against the force field's 324-329 K; at 1 fs 308 K, BENCHMARKS.md issue 12) on the
     # flow potential alone (T-W2 of (phi, psi) against the training frames, Ramachandran plot), and bias_ps
-    # of Langevin on the force field with the flow force in its own group. Off by default (~5 min of
+    # of Langevin on the force field with the flow force in its own group; then n_samples of the flow's own samples
+    # against the held-out reference (ESS, energies, T-W2; 0: skip): Langevin on -kT log q samples q itself, so a
+    # flow with a low ESS cannot give dynamics with the target's populations. Off by default (~5 min of
     # training plus the MD: examples/aldp_cpu_smooth.toml).
     # interval: the map of bonds, angles and narrow torsions in the couplings: "probit" (conditional
     # probit-affine on a normal open map: the flow potential along each bond is quadratic in log r, like the
@@ -109,12 +115,12 @@ SCHEMA: dict[str, dict] = {
     # stiffest hydrogen modes) or "torsions" (every torsion, narrow ones too, sees the other torsions only).
     # Measured on aldp (BENCHMARKS.md, issue 12): neither alternative made Langevin on the flow potential stable,
     # and both raise the force error, so "all" stays the default.
-    "smooth": {"enabled": False, "layers": 4, "components": 8, "hidden": 64, "open_width": 1.0, "interval": "probit",
+    "smooth": {"enabled": False, "layers": 6, "components": 8, "hidden": 128, "open_width": 1.0, "interval": "probit",
                "circle_conditioning": "all",
-               "time_budget_s": 300.0, "batch_size": 64, "lr": 1e-3, "w_nll": 1.0, "w_fm": 1e-3,
+               "time_budget_s": 300.0, "batch_size": 64, "lr": 1e-3, "w_nll": 1.0, "w_fm": 1e-4,
                "data_weight_power": 0.0, "reweight_fraction": 0.0, "backend": "torch", "n_test_frames": 2000,
-               "nve_equilibrate_ps": 1.0, "nve_ps": 5.0, "langevin_ps": 100.0, "langevin_timestep_fs": 2.0,
-               "hydrogen_mass_amu": 3.0, "bias_ps": 1.0},
+               "nve_equilibrate_ps": 1.0, "nve_ps": 5.0, "langevin_ps": 100.0, "langevin_timestep_fs": 1.0,
+               "hydrogen_mass_amu": 0.0, "bias_ps": 1.0, "n_samples": 20000},
 }
 
 _TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
@@ -161,6 +167,9 @@ def validate(raw: dict, source: str = "config") -> dict:
     for key in ("langevin_ps", "bias_ps", "w_nll", "w_fm", "nve_equilibrate_ps"):
         if not sm[key] >= 0:
             raise ValueError(f"{source}: [smooth].{key} must be >= 0, got {sm[key]}")
+    if sm["n_samples"] < 0:
+        raise ValueError(f"{source}: [smooth].n_samples must be >= 0 (0: the flow's own ensemble is not evaluated), "
+                         f"got {sm['n_samples']}")
     if sm["hydrogen_mass_amu"] != 0 and not sm["hydrogen_mass_amu"] >= 1:
         raise ValueError(f"{source}: [smooth].hydrogen_mass_amu must be 0 (the force field's masses) or >= 1 amu, "
                          f"got {sm['hydrogen_mass_amu']}")

@@ -355,5 +355,12 @@ def _smooth_lines(sm: dict, settings: dict, figure) -> list[str]:
         lines += [f"Bias: force field + flow force in its own force group, {_fmt(bias['ps'])} ps of Langevin: "
                   f"{'finite' if bias['finite'] else 'stopped: %s' % bias['failure']}, flow energy "
                   f"{_fmt(bias.get('flow_energy_mean'))} kJ/mol on average.", ""]
+    ens = sm.get("ensemble")
+    if ens:
+        lines += [f"The flow potential's own ensemble q (dynamics on -kT log q samples q) against the {ens['reference']}, "
+                  f"{ens['n_samples']} samples: Kish ESS (fraction) {_fmt(ens['ess'])} [{_fmt(ens.get('ess_p05'))}, "
+                  f"{_fmt(ens.get('ess_p95'))}], fraction of raw samples above the reference's highest energy "
+                  f"{_fmt(ens['above_max_fraction'])}, raw (phi, psi) T-W2 {_fmt(ens['t_w2_raw'])} rad, reweighted "
+                  f"E-W1 {_fmt(ens['e_w1'])} kT.", ""]
     return lines
 

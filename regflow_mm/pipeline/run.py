@@ -173,7 +173,7 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
         run.run(Stage("smooth", functools.partial(_smooth, settings=smooth, smooth=config["smooth"], flows=flows,
                                                   seed=seed, threads=threads, progress=progress),
                       {**config["smooth"], "train": smooth, "code_version": TRAIN_CODE_VERSION},
-                      needs=("md", *{s for s, _ in flows.values()})))
+                      needs=("md", *held_out, *{s for s, _ in flows.values()})))
     from .report import write_report
 
     return write_report(out, config, run.records)
@@ -590,11 +590,16 @@ def _export(folder: Path, inputs: dict, settings: dict, seed: int) -> dict:
 def _smooth(folder: Path, inputs: dict, *, settings: dict, smooth: dict, flows: dict, seed: int, threads: int,
             progress: bool) -> dict:
     """The smooth flow potential: NLL + force matching training, then its dynamics in OpenMM
-    (``export.check.check_flow_dynamics``) and the force RMSE of it and of the run's other flows."""
+    (``export.check.check_flow_dynamics``), the force RMSE of it and of the run's other flows, and the flow
+    potential's own ensemble q against the held-out reference (``evaluate_flow`` on ``n_samples`` of its samples):
+    dynamics on -kT log q samples q, so q's ESS and energies bound what that dynamics can reproduce."""
+    import torch
+
     from ..data import load_dataset
+    from ..energy import EnergyEvaluator
     from ..export.check import check_flow_dynamics
     from ..flows import load_flow
-    from ..training.evaluation import backbone_torsions, ramachandran_pair
+    from ..training.evaluation import backbone_torsions, evaluate_flow, ramachandran_pair, scalar_metrics
     from ..training.metrics import force_rmse
 
     trained = _train(folder / "train", inputs, settings=settings, progress=progress, threads=threads)
@@ -621,8 +626,17 @@ def _smooth(folder: Path, inputs: dict, *, settings: dict, smooth: dict, flows: 
                                    progress=say)
     if "figure" in dynamics.get("langevin", {}):
         dynamics["langevin"]["figure"] = "ramachandran.png"
+    ensemble = None
+    if smooth["n_samples"]:
+        ref, frames, description = _reference(inputs)
+        with EnergyEvaluator(ref.system, n_workers=0) as evaluator, torch.no_grad():
+            res = evaluate_flow(flow, ref.system, ref.positions[frames], ref.reduced_energies()[frames],
+                                evaluator=evaluator, n_samples=smooth["n_samples"], seed=seed, n_torsion=5000,
+                                n_bootstrap=200, md_log_weights=ref.log_weights[frames] if ref.weighted else None,
+                                chunk_size=2000)
+        ensemble = {**scalar_metrics(res), "reference": description}
     return {"flow": trained["flow"], "train": trained["train"], "cpu_s": trained["cpu_s_this_run"],
-            "force_rmse": rmse, "n_test_frames": int(len(test)), "dynamics": dynamics}
+            "force_rmse": rmse, "n_test_frames": int(len(test)), "dynamics": dynamics, "ensemble": ensemble}
 
 
 def _phi_name(system, md: dict | None = None) -> str:
