@@ -42,7 +42,7 @@ def equilibrium_starts(dataset, n: int, seed: int) -> np.ndarray:
     return np.asarray(dataset.positions[np.sort(idx)], dtype=np.float64)
 
 
-def kinetic_temperature(run) -> float:
+def mean_kinetic_temperature(run) -> float:
     """Mean kinetic temperature (K) of a run over its reports after the first 10% (nan without reports)."""
     temperature = run.temperature
     return float(temperature[temperature.size // 10:].mean()) if temperature.size else float("nan")
@@ -94,7 +94,7 @@ def main(argv=None) -> str:
             pooled[mode].append(angles)
             rows.append((k, mode, run.finite, run.steps_done * run.timestep_ps, len(angles),
                          t_w2(angles) if len(angles) else float("nan"), float(np.mean(angles[:, 0] > 0)) if len(angles)
-                         else float("nan"), kinetic_temperature(run),
+                         else float("nan"), mean_kinetic_temperature(run),
                          run.energy_fluctuation_per_dof() if run.finite and args.integrator == "verlet" else float("nan"),
                          time.process_time() - t,
                          f"step {run.failure['step']}: {run.failure['reason']}" if run.failure else ""))

@@ -39,12 +39,11 @@ import torch
 
 from regflow_mm.data import load_dataset
 from regflow_mm.data.dataset import dihedrals
-from regflow_mm.energy import EnergyEvaluator
 from regflow_mm.export.check import check_flow_dynamics
 from regflow_mm.export.dynamics import run_md
 from regflow_mm.flows import load_flow
 from regflow_mm.flows.smooth_coupling import open_map_for
-from regflow_mm.training.evaluation import evaluate_flow, scalar_metrics
+from regflow_mm.training.evaluation import evaluate_on_frames
 from regflow_mm.training.metrics import force_rmse
 from regflow_mm.training.runner import run_training
 from regflow_mm.training.trainer import TrainConfig
@@ -175,15 +174,8 @@ def main(argv=None) -> int:
                                                                      langevin_ps=0.0, bias_ps=0.0, **common))
     ensemble = None
     if args.ensemble_samples:
-        def own_ensemble():
-            frames = data.split_indices("test")
-            with EnergyEvaluator(aldp, n_workers=0) as evaluator, torch.no_grad():
-                res = evaluate_flow(flows["smooth"], aldp, data.positions[frames], data.reduced_energies()[frames],
-                                    evaluator=evaluator, n_samples=args.ensemble_samples, seed=args.seed,
-                                    n_torsion=5000, n_bootstrap=200, chunk_size=2000,
-                                    md_log_weights=data.log_weights[frames] if data.weighted else None)
-            return scalar_metrics(res)
-        ensemble = cached(args.workdir, "ensemble", own_ensemble)
+        ensemble = cached(args.workdir, "ensemble", lambda: evaluate_on_frames(
+            flows["smooth"], data, data.split_indices("test"), n_samples=args.ensemble_samples, seed=args.seed))
         say(f"smooth flow's own ensemble: ESS {ensemble['ess']:.4f} [{ensemble['ess_p05']:.4f}, "
             f"{ensemble['ess_p95']:.4f}], above the test frames' highest energy {ensemble['above_max_fraction']:.3f}")
     say(f"NVE std E_tot/DOF: smooth {result['nve_flow'].get('energy_fluctuation_per_dof')}, force field "

@@ -80,7 +80,8 @@ def check_flow_dynamics(flow, system, start: np.ndarray, *, md_angles: np.ndarra
     masses), on the flow potential alone and on the force field, both from ``start`` (n_atoms, 3) nm
     with the same velocity seed. Langevin: ``langevin_ps`` at ``langevin_timestep_fs`` with hydrogens of
     ``hydrogen_mass_amu`` (same ensemble; None: the force field's masses, the default with 1 fs: at 2 fs with 3 amu
-    hydrogens a smooth flow potential's stiffer modes heated the walkers by 40-80 K, BENCHMARKS.md), frames every ``save_interval_ps``; with ``md_angles`` (M, 2)
+    hydrogens a smooth flow potential's stiffer modes heated walkers 8-53 K above the force field's, BENCHMARKS.md),
+    frames every ``save_interval_ps``; with ``md_angles`` (M, 2)
     (phi, psi) rad of MD frames (log-weights ``md_log_w``) its T-W2 against them (``n_torsion`` MD frames
     at most) and, with ``figure``, a Ramachandran PNG of both; the same Langevin run on the force field (same
     start, length, masses and seed) gives ``langevin_forcefield`` and its T-W2: the floor a trajectory of that

@@ -99,7 +99,8 @@ SCHEMA: dict[str, dict] = {
     # test split), nve_equilibrate_ps of Langevin + nve_ps of Verlet NVE at 1 fs on the flow potential and
     # on the force field side by side, langevin_ps of Langevin at langevin_timestep_fs with hydrogens of hydrogen_mass_amu
     # (default 1 fs, the force field's masses: at 2 fs with 3 amu hydrogens the flow potential's stiffer modes heated
-    # the walkers to 337-377 K against the force field's 324-329 K; at 1 fs 308 K, BENCHMARKS.md issue 12) on the
+    # the walkers to 337-377 K against the force field's 324-329 K; at 1 fs 326-337 K against 320-337 K,
+    # BENCHMARKS.md issue 12) on the
     # flow potential alone (T-W2 of (phi, psi) against the training frames, Ramachandran plot), and bias_ps
     # of Langevin on the force field with the flow force in its own group; then n_samples of the flow's own samples
     # against the held-out reference (ESS, energies, T-W2; 0: skip): Langevin on -kT log q samples q itself, so a

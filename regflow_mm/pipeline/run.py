@@ -593,13 +593,10 @@ def _smooth(folder: Path, inputs: dict, *, settings: dict, smooth: dict, flows: 
     (``export.check.check_flow_dynamics``), the force RMSE of it and of the run's other flows, and the flow
     potential's own ensemble q against the held-out reference (``evaluate_flow`` on ``n_samples`` of its samples):
     dynamics on -kT log q samples q, so q's ESS and energies bound what that dynamics can reproduce."""
-    import torch
-
     from ..data import load_dataset
-    from ..energy import EnergyEvaluator
     from ..export.check import check_flow_dynamics
     from ..flows import load_flow
-    from ..training.evaluation import backbone_torsions, evaluate_flow, ramachandran_pair, scalar_metrics
+    from ..training.evaluation import backbone_torsions, evaluate_on_frames, ramachandran_pair
     from ..training.metrics import force_rmse
 
     trained = _train(folder / "train", inputs, settings=settings, progress=progress, threads=threads)
@@ -629,12 +626,8 @@ def _smooth(folder: Path, inputs: dict, *, settings: dict, smooth: dict, flows: 
     ensemble = None
     if smooth["n_samples"]:
         ref, frames, description = _reference(inputs)
-        with EnergyEvaluator(ref.system, n_workers=0) as evaluator, torch.no_grad():
-            res = evaluate_flow(flow, ref.system, ref.positions[frames], ref.reduced_energies()[frames],
-                                evaluator=evaluator, n_samples=smooth["n_samples"], seed=seed, n_torsion=5000,
-                                n_bootstrap=200, md_log_weights=ref.log_weights[frames] if ref.weighted else None,
-                                chunk_size=2000)
-        ensemble = {**scalar_metrics(res), "reference": description}
+        ensemble = {**evaluate_on_frames(flow, ref, frames, n_samples=smooth["n_samples"], seed=seed),
+                    "reference": description}
     return {"flow": trained["flow"], "train": trained["train"], "cpu_s": trained["cpu_s_this_run"],
             "force_rmse": rmse, "n_test_frames": int(len(test)), "dynamics": dynamics, "ensemble": ensemble}
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..data import dihedrals
+from ..energy import EnergyEvaluator
 from ..flows.sampling import sample_flow
 from ..systems import check_spec_hash
 from . import metrics, plots
@@ -130,6 +131,19 @@ def evaluate_flow(flow, system, md_positions: np.ndarray, md_reduced_energy: np.
         plots.energy_histogram(plots_dir / f"{plot_prefix}energy_histogram.png", md_u, u, log_w, md_log_w=md_lw)
     out["details"] = details
     return out
+
+
+def evaluate_on_frames(flow, dataset, frames, *, n_samples: int, seed: int = 0, n_torsion: int = 5000,
+                       n_bootstrap: int = 200, chunk_size: int = 2000) -> dict[str, float]:
+    """``scalar_metrics`` of ``evaluate_flow`` against frames ``frames`` (indices) of ``dataset`` (a Dataset),
+    with their weights if it is weighted; energies in this process, no gradients."""
+
+    with EnergyEvaluator(dataset.system, n_workers=0) as evaluator, torch.no_grad():
+        res = evaluate_flow(flow, dataset.system, dataset.positions[frames], dataset.reduced_energies()[frames],
+                            evaluator=evaluator, n_samples=n_samples, seed=seed, n_torsion=n_torsion,
+                            n_bootstrap=n_bootstrap, chunk_size=chunk_size,
+                            md_log_weights=dataset.log_weights[frames] if dataset.weighted else None)
+    return scalar_metrics(res)
 
 
 def scalar_metrics(result: dict[str, Any]) -> dict[str, float]:
