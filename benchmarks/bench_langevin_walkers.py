@@ -29,23 +29,11 @@ import torch
 
 from regflow_mm.data import load_dataset
 from regflow_mm.data.dataset import dihedrals
+from regflow_mm.export.check import equilibrium_starts, mean_kinetic_temperature
 from regflow_mm.export.dynamics import run_md
 from regflow_mm.flows import flow_file_hash, load_flow
 from regflow_mm.importance import normalized_weights
 from regflow_mm.training.metrics import torsion_w2
-
-
-def equilibrium_starts(dataset, n: int, seed: int) -> np.ndarray:
-    """``n`` frames (n, n_atoms, 3) nm drawn without replacement with probability proportional to the frame weights."""
-    p = np.ones(len(dataset)) / len(dataset) if not dataset.weighted else normalized_weights(dataset.log_weights)
-    idx = np.random.default_rng(seed).choice(len(dataset), size=n, replace=False, p=p)
-    return np.asarray(dataset.positions[np.sort(idx)], dtype=np.float64)
-
-
-def mean_kinetic_temperature(run) -> float:
-    """Mean kinetic temperature (K) of a run over its reports after the first 10% (nan without reports)."""
-    temperature = run.temperature
-    return float(temperature[temperature.size // 10:].mean()) if temperature.size else float("nan")
 
 
 def main(argv=None) -> str:
@@ -74,7 +62,7 @@ def main(argv=None) -> str:
     pair = [system.torsions["phi1"], system.torsions["psi1"]]
     md = dihedrals(np.asarray(data.positions, dtype=np.float64), pair)
     log_w = data.log_weights if data.weighted else None
-    starts = equilibrium_starts(data, args.walkers, args.seed)
+    starts = equilibrium_starts(data.positions, log_w, args.walkers, args.seed)
     steps = int(round(args.ps / (args.timestep_fs * 1e-3)))
     save = max(1, int(round(0.1 / (args.timestep_fs * 1e-3))))  # a frame every 0.1 ps
 

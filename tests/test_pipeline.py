@@ -199,3 +199,30 @@ def test_regflow_route_in_the_pipeline(finished_run, tmp_path):
     assert "| regflow+mle | " in text and "train_regflow_student_training_curves.png" in text
     with pytest.raises(ValueError, match=r"\[train\].mle_finetune_fraction must be in \[0, 1\)"):
         validate({"train": {"mle_finetune_fraction": 1.0}})
+
+
+def test_smooth_flow_as_the_baseline_and_downstream_flow(finished_run, tmp_path):
+    # [baseline] method "smooth": the [smooth] section's flow trains beside the main flow, is evaluated with it and
+    # can be the downstream flow (Monte Carlo, free energy, export); the smooth dynamics stage runs that same flow
+    out, _ = finished_run
+    import shutil
+
+    for stage in ("md", "reference", "teacher", "evaluate_teacher", "train_regflow"):
+        shutil.copytree(out / stage, tmp_path / stage)
+    config = validate({**TINY, "baseline": {"method": "smooth"}, "evaluate": {**TINY["evaluate"],
+                                                                              "downstream_flow": "baseline"},
+                       "mc": {**TINY["mc"], "adapt_segments": 0, "tempering_replicas": 0, "plain_md_iterations": 0},
+                       "free_energy": {**TINY["free_energy"], "tfep": False},
+                       "smooth": {"enabled": True, "time_budget_s": 2.0, "layers": 2, "components": 4, "hidden": 16,
+                                  "nve_equilibrate_ps": 0.02, "nve_ps": 0.02, "langevin_ps": 0.02, "bias_ps": 0.0,
+                                  "n_test_frames": 5, "n_samples": 0, "langevin_walkers": 1}})
+    report = run_pipeline(config, tmp_path, progress=False)
+    stages = json.loads((tmp_path / "metrics.json").read_text())["stages"]
+    assert stages["train_baseline"]["method"] == "nll+fm" and stages["train_baseline"]["train"]["cpu_time_s"] >= 1.5
+    assert set(stages["evaluate"]["metrics"]) == {"regflow", "smooth"}
+    assert stages["evaluate"]["downstream"]["method"] == "smooth"
+    assert stages["evaluate"]["downstream"]["flow"] == stages["train_baseline"]["flow"]
+    assert stages["mc"]["n_iterations"] == TINY["mc"]["n_iterations"] and stages["export"]["md_steps"] > 0
+    assert stages["smooth"]["flow"] == stages["train_baseline"]["flow"]  # not trained a second time
+    assert not (tmp_path / "smooth" / "train").exists() and set(stages["smooth"]["force_rmse"]) == {"smooth", "regflow"}
+    assert "| smooth | " in report.read_text()

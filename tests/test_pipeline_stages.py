@@ -118,12 +118,12 @@ def test_failed_background_stage_runs_again_in_the_caller(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "examples").glob("*.toml")), ids=lambda p: p.name)
 def test_every_example_config_passes_its_checks(path):
-    from regflow_mm.pipeline.config import train_settings
+    from regflow_mm.pipeline.config import baseline_settings, smooth_settings, train_settings
 
     config = load_config(path)
     train_settings(config)  # the settings the pipeline checks before any stage runs
-    if config["baseline"]["enabled"]:
-        train_settings(config, method=config["baseline"]["method"])
+    baseline_settings(config)
+    smooth_settings(config)
 
 
 def test_hydrogen_mass_must_be_off_or_at_least_one_amu():

@@ -13,7 +13,7 @@ from openmm import unit
 
 from regflow_mm.export import SupportWarning, flow_force, run_md
 from regflow_mm.flows import build_flow
-from regflow_mm.pipeline.config import smooth_settings, validate
+from regflow_mm.pipeline.config import baseline_settings, smooth_settings, validate
 from regflow_mm.representations.internal import InternalCoordinates
 
 
@@ -204,6 +204,13 @@ def test_smooth_pipeline_settings():
         validate({"smooth": {"nve_ps": 0.0}})
     with pytest.raises(ValueError, match=r"\[smooth\].n_samples must be >= 0"):
         validate({"smooth": {"n_samples": -1}})
+    with pytest.raises(ValueError, match=r"\[smooth\].langevin_walkers must be >= 1"):
+        validate({"smooth": {"langevin_walkers": 0}})
+    with pytest.raises(ValueError, match=r"\[baseline\].method must be one of mle, nll\+fm, regflow, smooth"):
+        validate({"baseline": {"method": "smoothed"}})
+    # the smooth flow as the baseline: the [smooth] section's settings, whether or not its dynamics stage runs
+    assert baseline_settings(validate({"baseline": {"method": "smooth"}})) == smooth_settings(validate({}))
+    assert baseline_settings(validate({"baseline": {"enabled": False}})) is None
     with pytest.raises(ValueError, match="support must be one of"):
         InternalCoordinates.from_topology(__import__("regflow_mm.systems", fromlist=["get_system"])
                                           .get_system("aldp").topology, support="walls")
@@ -219,7 +226,7 @@ def test_smooth_stage_trains_runs_md_and_reports(tmp_path, aldp):
     path = simulate(aldp, tmp_path / "md.h5", ns=0.01, save_interval_ps=0.1, equilibration_ps=0.5, progress=False)
     config = validate({"smooth": {"enabled": True, "time_budget_s": 2.0, "layers": 2, "components": 4, "hidden": 16,
                                   "nve_equilibrate_ps": 0.05, "nve_ps": 0.1, "langevin_ps": 0.2, "bias_ps": 0.02, "n_test_frames": 10,
-                                  "n_samples": 300}})
+                                  "n_samples": 300, "langevin_walkers": 2}})
     inputs = {"md": {"dataset": str(path)}}
     result = pipeline_run._smooth(tmp_path / "smooth", inputs, settings=smooth_settings(config),
                                   smooth=config["smooth"], flows={}, seed=0, threads=1, progress=False)
@@ -228,15 +235,19 @@ def test_smooth_stage_trains_runs_md_and_reports(tmp_path, aldp):
     assert dyn["nve_flow"]["steps_done"] == 100 and dyn["nve_flow"]["equilibrate_steps"] == 50
     assert dyn["nve_ratio"] == pytest.approx(dyn["nve_flow"]["energy_fluctuation_per_dof"]
                                              / dyn["nve_forcefield"]["energy_fluctuation_per_dof"])
-    assert dyn["langevin"]["finite"] and dyn["langevin"]["n_frames"] == 3 and 0 <= dyn["langevin"]["t_w2"] < math.pi
-    ff = dyn["langevin_forcefield"]  # the same run on the force field: the T-W2 floor of a trajectory this long
-    assert ff["mode"] == "forcefield" and ff["steps"] == dyn["langevin"]["steps"] and ff["seed"] == dyn["langevin"]["seed"]
-    assert ff["n_frames"] == 3 and 0 <= ff["t_w2"] < math.pi and "flow_energy_mean" not in ff
+    lang = dyn["langevin"]  # 2 walkers from equilibrium starts, each in its own process
+    assert lang["finite"] and lang["n_walkers"] == 2 and lang["n_frames"] == 6 and 0 <= lang["t_w2"] < math.pi
+    assert [w["seed"] for w in lang["walkers"]] == [0, 1] and all(w["n_frames"] == 3 for w in lang["walkers"])
+    assert all(0 <= w["t_w2"] < math.pi and 0 < w["mean_temperature_K"] < 3000 for w in lang["walkers"])
+    ff = dyn["langevin_forcefield"]  # the same walkers on the force field: the T-W2 floor of trajectories this long
+    assert ff["mode"] == "forcefield" and ff["steps"] == lang["steps"] and ff["seed"] == lang["seed"]
+    assert ff["n_frames"] == 6 and 0 <= ff["t_w2"] < math.pi and "flow_energy_mean" not in ff["walkers"][0]
     assert (tmp_path / "smooth" / "ramachandran.png").is_file()
     assert result["force_rmse"]["smooth"]["n_frames"] == 10 and result["force_rmse"]["smooth"]["rmse"] > 0
     text = "\n".join(_smooth_lines(result, config["smooth"], lambda stage, name: f"figures/{stage}_{name}"))
     assert f"{result['force_rmse']['smooth']['rmse']:.3g}" in text and "figures/smooth_ramachandran.png" in text
-    assert f"the force field alone, same start, length, masses and seed: {ff['t_w2']:.3g} rad" in text
+    assert f"T-W2 against the MD frames **{lang['t_w2']:.3g} rad**" in text
+    assert f"and seeds: {ff['t_w2']:.3g} rad" in text and "1: finite, T-W2" in text
     # the flow potential's own ensemble q (what Langevin on it samples) against the test split
     ens = result["ensemble"]
     assert ens["n_samples"] == 300 and 0 < ens["ess"] <= 1 and ens["ess_p05"] <= ens["ess"] <= ens["ess_p95"]
@@ -265,3 +276,33 @@ def test_a_runaway_kinetic_temperature_is_a_reported_failure(aldp, frames):
     assert fine.finite and fine.failure is None  # the default (10x) leaves a sane run alone
     with pytest.raises(ValueError, match="max_temperature_factor must be > 0"):
         run_md(aldp, frames[0], None, mode="forcefield", max_temperature_factor=0.0)
+
+
+def test_equilibrium_starts_follow_the_frame_weights():
+    """Walkers start from frames drawn by their weights: frames of weight zero are never drawn, the draw is without
+    replacement and reproducible, and asking for more walkers than frames is a clear error."""
+    from regflow_mm.export.check import equilibrium_starts
+
+    positions = np.arange(10 * 2 * 3, dtype=np.float64).reshape(10, 2, 3)
+    log_w = np.full(10, -np.inf)
+    log_w[[2, 5, 7]] = [0.0, np.log(2.0), 1.0]
+    starts = equilibrium_starts(positions, log_w, 3, seed=4)
+    np.testing.assert_array_equal(starts, positions[[2, 5, 7]])  # the only frames with weight, in frame order
+    np.testing.assert_array_equal(equilibrium_starts(positions, None, 4, 1), equilibrium_starts(positions, None, 4, 1))
+    assert len({tuple(x.ravel()) for x in equilibrium_starts(positions, None, 10, 0)}) == 10
+    with pytest.raises(ValueError, match="need 1 <= walkers <= 10 frames, got 11"):
+        equilibrium_starts(positions, None, 11, 0)
+
+
+def test_pooled_langevin_walkers_report_the_first_failure_with_its_walker(aldp, frames):
+    """A walker that runs away makes the pooled run not finite, with that walker's step; the others' frames count."""
+    from regflow_mm.export.check import _pooled, langevin_walker
+
+    settings = {"steps": 40, "timestep_fs": 1.0, "hydrogen_mass_amu": None, "backend": "torch", "save_every": 10,
+                "pair": [aldp.torsions["phi1"], aldp.torsions["psi1"]]}
+    good, angles = langevin_walker(None, aldp, frames[0], "forcefield", 0, settings)
+    assert good["finite"] and good["n_frames"] == 5 and angles.shape == (5, 2) and np.all(np.abs(angles) <= math.pi)
+    bad = {**good, "finite": False, "ps": 0.01, "n_frames": 1, "failure": {"step": 10, "time_ps": 0.01, "reason": "x"}}
+    pooled = _pooled([good, bad, good])
+    assert not pooled["finite"] and pooled["failure"] == {"step": 10, "time_ps": 0.01, "reason": "x", "walker": 1}
+    assert pooled["n_frames"] == 11 and pooled["ps"] == pytest.approx(0.04 + 0.01 + 0.04) and pooled["n_walkers"] == 3

@@ -31,7 +31,8 @@ _MAX_GPU_WORKERS = 4  # every GPU worker process holds its own device context (~
 _SMALL_SYSTEM_ATOMS = 1000  # below this one CPU thread per Context is faster for single points
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -113,7 +114,7 @@ class EnergyEvaluator:
             raise ValueError(f"max_energy must be positive (kJ/mol), got {max_energy}")
 
         self.platform = resolve_platform(platform, self.n_atoms, system)
-        cores = _usable_cores()
+        cores = usable_cores()
         if n_workers is None:
             if executor is not None:
                 n_workers = getattr(executor, "_max_workers", None) or cores

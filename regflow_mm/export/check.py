@@ -10,8 +10,8 @@ support, non-finite positions or energies), flow_energy_mean / _std (kJ/mol) and
 
 ``check_flow_dynamics(flow, system, start, ...)``: the dynamics assessment of a flow potential
 (smooth-flows paper): NVE on the flow potential alone beside NVE on the force field (same start, steps
-and timestep; total-energy fluctuation per degree of freedom), a long Langevin run on the flow
-potential alone (finite? (phi, psi) T-W2 against MD frames, Ramachandran figure), a short Langevin run
+and timestep; total-energy fluctuation per degree of freedom), long Langevin runs on the flow potential alone
+from one or several starts (finite? (phi, psi) T-W2 against MD frames, Ramachandran figure), a short Langevin run
 with the flow as a bias in its own force group, and the cost per step of each.
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ def check_flow_dynamics(flow, system, start: np.ndarray, *, md_angles: np.ndarra
                         equilibrate_ps: float = 1.0, langevin_ps: float = 100.0, langevin_timestep_fs: float = 1.0,
                         hydrogen_mass_amu: float | None = None, bias_ps: float = 1.0, save_interval_ps: float = 0.1,
                         backend: str = "torch", n_torsion: int = 5000, seed: int = 0, figure: str | Path | None = None,
-                        progress=None) -> dict:
+                        langevin_starts: np.ndarray | None = None, executor=None, progress=None) -> dict:
     """Dynamics on the exported flow potential (module docstring); ``system`` the MolecularSystem.
 
     NVE (skipped for ``nve_ps = 0``): ``equilibrate_ps`` of Langevin then ``nve_ps`` of Verlet at ``nve_timestep_fs`` (force-field
@@ -81,18 +81,21 @@ def check_flow_dynamics(flow, system, start: np.ndarray, *, md_angles: np.ndarra
     with the same velocity seed. Langevin: ``langevin_ps`` at ``langevin_timestep_fs`` with hydrogens of
     ``hydrogen_mass_amu`` (same ensemble; None: the force field's masses, the default with 1 fs: at 2 fs with 3 amu
     hydrogens a smooth flow potential's stiffer modes heated walkers 8-53 K above the force field's, BENCHMARKS.md),
-    frames every ``save_interval_ps``; with ``md_angles`` (M, 2)
-    (phi, psi) rad of MD frames (log-weights ``md_log_w``) its T-W2 against them (``n_torsion`` MD frames
-    at most) and, with ``figure``, a Ramachandran PNG of both; the same Langevin run on the force field (same
-    start, length, masses and seed) gives ``langevin_forcefield`` and its T-W2: the floor a trajectory of that
-    length reaches (aldp's alpha/beta basins exchange on a scale of tens of ps, so 100 ps of the force field
-    itself lands 0.4-1.8 rad (median 0.8) from the weighted MD data, BENCHMARKS.md issue 12).
+    frames every ``save_interval_ps``, from ``start`` or, with ``langevin_starts`` (W, n_atoms, 3) nm, one walker
+    from each (walker k with seed + k; ``equilibrium_starts`` draws them from weighted data), run through
+    ``executor`` (``concurrent.futures``-compatible, e.g. a process pool; None: one after the other here);
+    with ``md_angles`` (M, 2) (phi, psi) rad of MD frames (log-weights ``md_log_w``) the T-W2 of each walker and
+    of their pooled frames against them (``n_torsion`` MD frames at most) and, with ``figure``, a Ramachandran PNG;
+    the same walkers on the force field (same starts, length, masses and seeds) give ``langevin_forcefield``: the
+    floor trajectories of that length reach (aldp's alpha/beta basins exchange on a scale of tens of ps, so one
+    100 ps trajectory of the force field itself lands 0.4-1.8 rad (median 0.8) from the weighted MD data, 4 walkers
+    pooled 0.34-0.44, BENCHMARKS.md issue 12).
     ``bias_ps``: Langevin on the force field plus the flow force (group 1), 0 to skip. ``progress``: a
     callable(str) told when each run starts.
-    Returns a dict of ``MDRun.summary()`` dicts plus ``nve_ratio`` (flow / force-field fluctuation),
-    ``langevin["t_w2"]`` and ``langevin_forcefield["t_w2"]``.
+    Returns a dict of ``MDRun.summary()`` dicts plus ``nve_ratio`` (flow / force-field fluctuation); ``langevin``
+    and ``langevin_forcefield`` pool their walkers (``_pooled``: ps, frames, finite, first failure, pooled
+    ``t_w2``, mean kinetic temperature; each walker's summary under ``walkers``).
     """
-    from ..data.dataset import dihedrals
     from ..training.metrics import torsion_w2
 
     say = progress or (lambda text: None)
@@ -113,22 +116,30 @@ def check_flow_dynamics(flow, system, start: np.ndarray, *, md_angles: np.ndarra
         save = max(int(round(save_interval_ps / (langevin_timestep_fs * 1e-3))), 1)
         pair = [system.torsions[k] for k in ("phi1", "psi1")] if {"phi1", "psi1"} <= set(system.torsions) else \
             list(system.torsions.values())[:2]
+        starts = np.asarray(start, dtype=np.float64)[None] if langevin_starts is None else \
+            np.asarray(langevin_starts, dtype=np.float64)
+        if starts.ndim != 3 or starts.shape[1:] != (system.n_atoms, 3):
+            raise ValueError(f"langevin_starts must have shape (walkers, {system.n_atoms}, 3) nm, got {starts.shape}")
+        settings = {"steps": steps, "timestep_fs": langevin_timestep_fs, "hydrogen_mass_amu": hydrogen_mass_amu,
+                    "backend": backend, "save_every": save, "pair": pair}
         panels = [("MD data", md_angles, md_log_w)]
         for key, mode in (("langevin", "flow"), ("langevin_forcefield", "forcefield")):
-            say(f"Langevin on the {mode} potential: {steps} steps at {langevin_timestep_fs} fs")
-            run = run_md(system, start, flow if mode == "flow" else None, mode=mode, integrator="langevin", steps=steps,
-                         timestep_fs=langevin_timestep_fs, hydrogen_mass_amu=hydrogen_mass_amu, backend=backend,
-                         report_every=save, save_every=save, seed=seed)
-            lang = run.summary()
-            angles = dihedrals(run.positions, pair) if len(run.positions) else np.zeros((0, 2))
-            lang["n_frames"] = int(len(angles))
-            if mode == "flow":
-                lang["flow_energy_mean"] = float(np.mean(run.flow_energy)) if run.finite else None
-            if md_angles is not None and len(angles):
-                n = int(min(n_torsion, len(md_angles)))
+            say(f"Langevin on the {mode} potential: {len(starts)} walker(s) x {steps} steps at {langevin_timestep_fs} fs")
+            jobs = [(flow if mode == "flow" else None, system, x, mode, seed + k, settings) for k, x in enumerate(starts)]
+            results = list(executor.map(langevin_walker, *zip(*jobs))) if executor is not None else \
+                [langevin_walker(*job) for job in jobs]
+            walkers = [summary for summary, _ in results]
+            angles = np.concatenate([a for _, a in results])
+            n = int(min(n_torsion, len(md_angles))) if md_angles is not None else 0
+            for summary, walker_angles in results:
+                if n and len(walker_angles):
+                    summary["t_w2"] = torsion_w2(md_angles, walker_angles, None, max_md=n, seed=seed,
+                                                 md_log_w=md_log_w)["t_w2"]
+            lang = _pooled(walkers)
+            if n and len(angles):
                 lang["t_w2"] = torsion_w2(md_angles, angles, None, max_md=n, seed=seed, md_log_w=md_log_w)["t_w2"]
                 panels.append((f"Langevin: {'flow' if mode == 'flow' else 'force field'} "
-                               f"({run.steps_done * run.timestep_ps:.0f} ps)", angles, None))
+                               f"({len(starts)} x {steps * langevin_timestep_fs * 1e-3:g} ps)", angles, None))
             out[key] = lang
         if figure is not None and len(panels) > 1:
             from ..training.plots import ramachandran_panels
@@ -143,3 +154,54 @@ def check_flow_dynamics(flow, system, start: np.ndarray, *, md_angles: np.ndarra
                      report_every=50, seed=seed)
         out["bias"] = {**run.summary(), "flow_energy_mean": float(np.mean(run.flow_energy)) if run.finite else None}
     return out
+
+
+def equilibrium_starts(positions, log_weights: np.ndarray | None, n: int, seed: int) -> np.ndarray:
+    """``n`` frames (n, n_atoms, 3) nm of ``positions`` (T, n_atoms, 3) drawn without replacement with probability
+    proportional to the frame weights (``log_weights`` (T,), None: uniform), in frame order."""
+    from ..importance import normalized_weights
+
+    if not 1 <= n <= len(positions):
+        raise ValueError(f"need 1 <= walkers <= {len(positions)} frames, got {n}")
+    p = None if log_weights is None else normalized_weights(np.asarray(log_weights))
+    idx = np.random.default_rng(seed).choice(len(positions), size=n, replace=False, p=p)
+    return np.asarray(positions[np.sort(idx)], dtype=np.float64)
+
+
+def mean_kinetic_temperature(run) -> float:
+    """Mean kinetic temperature (K) of an ``MDRun`` over its reports after the first 10% (nan without reports)."""
+    temperature = run.temperature
+    return float(temperature[temperature.size // 10:].mean()) if temperature.size else float("nan")
+
+
+def langevin_walker(flow, system, start: np.ndarray, mode: str, seed: int, settings: dict) -> tuple[dict, np.ndarray]:
+    """One Langevin trajectory of ``check_flow_dynamics`` (a module-level function, so an executor can run it in
+    another process): ``run_md`` from ``start`` (n_atoms, 3) nm with ``settings`` (steps, timestep_fs,
+    hydrogen_mass_amu, backend, save_every, pair: the two torsions' atom indices). Returns the run's summary with
+    n_frames, mean_temperature_K (and flow_energy_mean, kJ/mol, in mode "flow"), and the torsion pair's angles
+    (S, 2) rad of its saved frames."""
+    from ..data.dataset import dihedrals
+
+    run = run_md(system, start, flow, mode=mode, integrator="langevin", steps=settings["steps"],
+                 timestep_fs=settings["timestep_fs"], hydrogen_mass_amu=settings["hydrogen_mass_amu"],
+                 backend=settings["backend"], report_every=settings["save_every"], save_every=settings["save_every"],
+                 seed=seed)
+    angles = dihedrals(run.positions, settings["pair"]) if len(run.positions) else np.zeros((0, 2))
+    summary = {**run.summary(), "n_frames": int(len(angles)), "mean_temperature_K": mean_kinetic_temperature(run)}
+    if mode == "flow":
+        summary["flow_energy_mean"] = float(np.mean(run.flow_energy)) if run.finite else None
+    return summary, angles
+
+
+def _pooled(walkers: list[dict]) -> dict:
+    """The walkers' runs as one: steps, timestep and seed of the first walker (walker k ran seed + k), ps and frames
+    summed, finite if all are, the first failure (with its walker), mean ms per step and kinetic temperature."""
+    failed = [(k, w["failure"]) for k, w in enumerate(walkers) if w["failure"]]
+    first = walkers[0]
+    return {"mode": first["mode"], "n_walkers": len(walkers), "steps": first["steps"], "seed": first["seed"],
+            "timestep_fs": first["timestep_fs"], "ps": float(sum(w["ps"] for w in walkers)),
+            "n_frames": int(sum(w["n_frames"] for w in walkers)), "finite": not failed,
+            "failure": {**failed[0][1], "walker": failed[0][0]} if failed else None,
+            "ms_per_step": float(np.mean([w["ms_per_step"] for w in walkers])),
+            "mean_temperature_K": float(np.nanmean([w["mean_temperature_K"] for w in walkers])),
+            "walkers": walkers}

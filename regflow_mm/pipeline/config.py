@@ -51,6 +51,9 @@ SCHEMA: dict[str, dict] = {
               "batch_size": 256, "lr": 5e-4, "regularizer": "logdet", "lambda_r": 1e-6, "lambda_n": 0.0,
               "n_pairs": 20000, "teacher_steps": 6000, "val_samples": 0, "ode_method": "dopri5",
               "lr_schedule": "constant", "keep_best": False, "compile": False, "val_every_epochs": 1},
+    # method "smooth": the baseline is the [smooth] section's C-infinity flow (NLL + force matching, its own
+    # architecture and time_budget_s; [smooth].enabled only switches its dynamics stage), evaluated beside the main
+    # flow and eligible as the downstream flow (on al4 it reached ESS 1.3% where the MLE spline gave 0.4%).
     "baseline": {"enabled": True, "method": "mle"},
     # downstream_flow: the flow used by mc / free_energy / export: "best" (lowest E-W1 on held-out
     # data), "regflow" or "baseline".
@@ -100,8 +103,10 @@ SCHEMA: dict[str, dict] = {
     # on the force field side by side, langevin_ps of Langevin at langevin_timestep_fs with hydrogens of hydrogen_mass_amu
     # (default 1 fs, the force field's masses: at 2 fs with 3 amu hydrogens the flow potential's stiffer modes heated
     # the walkers to 337-377 K against the force field's 324-329 K; at 1 fs 326-337 K against 320-337 K,
-    # BENCHMARKS.md issue 12) on the
-    # flow potential alone (T-W2 of (phi, psi) against the training frames, Ramachandran plot), and bias_ps
+    # BENCHMARKS.md issue 12) on the flow potential alone, langevin_walkers of them from frames drawn by their
+    # weights from the data (equilibrium starts; one 100 ps trajectory of aldp's force field itself lands 0.4-1.8
+    # rad from the data, 4 walkers pooled 0.34-0.44), one per core at a time, beside the force field's walkers from
+    # the same starts (pooled T-W2 of (phi, psi) against the MD frames, Ramachandran plot), and bias_ps
     # of Langevin on the force field with the flow force in its own group; then n_samples of the flow's own samples
     # against the held-out reference (ESS, energies, T-W2; 0: skip): Langevin on -kT log q samples q itself, so a
     # flow with a low ESS cannot give dynamics with the target's populations. Off by default (~5 min of
@@ -121,7 +126,7 @@ SCHEMA: dict[str, dict] = {
                "time_budget_s": 300.0, "batch_size": 64, "lr": 1e-3, "w_nll": 1.0, "w_fm": 1e-4,
                "data_weight_power": 0.0, "reweight_fraction": 0.0, "backend": "torch", "n_test_frames": 2000,
                "nve_equilibrate_ps": 1.0, "nve_ps": 5.0, "langevin_ps": 100.0, "langevin_timestep_fs": 1.0,
-               "hydrogen_mass_amu": 0.0, "bias_ps": 1.0, "n_samples": 20000},
+               "langevin_walkers": 4, "hydrogen_mass_amu": 0.0, "bias_ps": 1.0, "n_samples": 20000},
 }
 
 _TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
@@ -161,6 +166,10 @@ def validate(raw: dict, source: str = "config") -> dict:
     if config["free_energy"]["tfep_moved"] not in ("circular", "all"):
         raise ValueError(f"{source}: [free_energy].tfep_moved must be 'circular' or 'all', got "
                          f"{config['free_energy']['tfep_moved']!r}")
+    baseline_methods = ("mle", "nll+fm", "regflow", "smooth")
+    if config["baseline"]["method"] not in baseline_methods:
+        raise ValueError(f"{source}: [baseline].method must be one of {', '.join(baseline_methods)} ('smooth': the "
+                         f"[smooth] section's flow), got {config['baseline']['method']!r}")
     sm = config["smooth"]
     for key in ("time_budget_s", "nve_ps", "langevin_timestep_fs", "lr", "open_width"):
         if not sm[key] > 0:
@@ -168,6 +177,9 @@ def validate(raw: dict, source: str = "config") -> dict:
     for key in ("langevin_ps", "bias_ps", "w_nll", "w_fm", "nve_equilibrate_ps"):
         if not sm[key] >= 0:
             raise ValueError(f"{source}: [smooth].{key} must be >= 0, got {sm[key]}")
+    if sm["langevin_walkers"] < 1:
+        raise ValueError(f"{source}: [smooth].langevin_walkers must be >= 1 (trajectories from equilibrium starts), "
+                         f"got {sm['langevin_walkers']}")
     if sm["n_samples"] < 0:
         raise ValueError(f"{source}: [smooth].n_samples must be >= 0 (0: the flow's own ensemble is not evaluated), "
                          f"got {sm['n_samples']}")
@@ -233,6 +245,16 @@ def train_settings(config: dict, method: str | None = None) -> dict:
                 "device": config["run"]["device"], "system": config["system"]["name"]}
     TrainConfig.from_dict(settings)
     return settings
+
+
+def baseline_settings(config: dict) -> dict | None:
+    """``TrainConfig`` settings of the [baseline] flow (None when it is off): the main flow's architecture, optimiser
+    and budget trained by [baseline].method, or for method "smooth" the [smooth] section's flow (``smooth_settings``)."""
+    if not config["baseline"]["enabled"]:
+        return None
+    if config["baseline"]["method"] == "smooth":
+        return smooth_settings(config)
+    return train_settings(config, method=config["baseline"]["method"])
 
 
 def finetune_settings(config: dict) -> dict | None:

@@ -309,12 +309,13 @@ def _in_brackets(text: str) -> str:
     return f" ({text})" if text else ""
 
 
-def _forcefield_floor(ff: dict | None) -> str:
-    """The force field's own Langevin run of the same length (the T-W2 floor of one trajectory), or ''."""
-    if not ff or ff.get("t_w2") is None:
-        return ""
-    return (f"; the force field alone, same start, length, masses and seed: {_fmt(ff['t_w2'])} rad (one trajectory "
-            f"of this length samples the basins' populations only roughly)")
+def _walker_line(lang: dict) -> str:
+    """Each walker of a pooled Langevin result: finite or its failure, T-W2 (rad) and kinetic temperature (K)."""
+    parts = []
+    for k, w in enumerate(lang.get("walkers", [])):
+        state = "finite" if w["finite"] else f"stopped at step {w['failure']['step']}: {w['failure']['reason']}"
+        parts.append(f"{k}: {state}, T-W2 {_fmt(w.get('t_w2'))}, {_fmt(w.get('mean_temperature_K'))} K")
+    return "; ".join(parts)
 
 
 def _smooth_lines(sm: dict, settings: dict, figure) -> list[str]:
@@ -342,12 +343,21 @@ def _smooth_lines(sm: dict, settings: dict, figure) -> list[str]:
                   f"kJ/mol per DOF, GPU-trained on 1 us).", ""]
     lang = dyn.get("langevin")
     if lang:
+        ff = dyn.get("langevin_forcefield") or {}
         fail = lang["failure"]
-        lines += [f"Langevin on the flow potential alone, {_fmt(lang['ps'])} of {settings['langevin_ps']} ps at "
-                  f"{settings['langevin_timestep_fs']} fs (hydrogens {settings['hydrogen_mass_amu']} amu): "
-                  f"{'finite throughout' if lang['finite'] else 'stopped at step %s: %s' % (fail['step'], fail['reason'])}"
-                  f", {_fmt(lang['ms_per_step'])} ms per step; (phi, psi) T-W2 against the training frames "
-                  f"{_fmt(lang.get('t_w2'))} rad{_forcefield_floor(dyn.get('langevin_forcefield'))}.", ""]
+        h = settings["hydrogen_mass_amu"]
+        masses = f"hydrogens of {h} amu" if h else "the force field's masses"
+        state = "all finite throughout" if lang["finite"] else \
+            f"walker {fail['walker']} stopped at step {fail['step']}: {fail['reason']}"
+        lines += [f"Langevin on the flow potential alone: {lang['n_walkers']} walkers from equilibrium starts (frames "
+                  f"drawn by their weights) x {settings['langevin_ps']} ps at {settings['langevin_timestep_fs']} fs "
+                  f"({masses}, 300 K): {state}, "
+                  f"{_fmt(lang['ps'])} ps in all, {_fmt(lang['ms_per_step'])} ms per step, mean kinetic temperature "
+                  f"{_fmt(lang.get('mean_temperature_K'))} K. Pooled (phi, psi) T-W2 against the MD frames "
+                  f"**{_fmt(lang.get('t_w2'))} rad**; the force field's walkers from the same starts, length, masses "
+                  f"and seeds: {_fmt(ff.get('t_w2'))} rad ({_fmt(ff.get('mean_temperature_K'))} K; one trajectory "
+                  f"of this length samples the basins' populations only roughly).", "",
+                  f"Per walker, flow: {_walker_line(lang)}. Force field: {_walker_line(ff)}.", ""]
         if lang.get("figure"):
             lines += [f"![smooth flow Langevin Ramachandran]({figure('smooth', lang['figure'])})", ""]
     bias = dyn.get("bias")

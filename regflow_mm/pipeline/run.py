@@ -11,16 +11,19 @@ interrupted run continues where it stopped (MD and training resume from their ow
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import logging
+import multiprocessing
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ..files import output_dir
-from .config import finetune_settings, load_config, smooth_settings, train_settings
+from .config import baseline_settings, finetune_settings, load_config, smooth_settings, train_settings
 from .stages import Stage, StagedRun
 
 log = logging.getLogger(__name__)
@@ -56,8 +59,9 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
     # every training setting is checked here, before any stage runs
     regflow = train_settings(config)
     finetune = finetune_settings(config)  # the MLE part of the RegFlow route, or None
-    # The baseline shares architecture, optimiser and budget (not the RegFlow-only settings).
-    baseline = train_settings(config, method=config["baseline"]["method"]) if config["baseline"]["enabled"] else None
+    # The baseline shares architecture, optimiser and budget (not the RegFlow-only settings), or is the smooth flow.
+    baseline = baseline_settings(config)
+    smooth_baseline = baseline is not None and config["baseline"]["method"] == "smooth"
     smooth = smooth_settings(config) if config["smooth"]["enabled"] else None
     run = StagedRun(out)  # the folder is made only once the config passed every check
     (out / "config.json").write_text(json.dumps(config, indent=2))
@@ -170,9 +174,13 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
     if adaptive is not None:
         run.wait(adaptive)
     if smooth is not None:
-        run.run(Stage("smooth", functools.partial(_smooth, settings=smooth, smooth=config["smooth"], flows=flows,
-                                                  seed=seed, threads=threads, progress=progress),
-                      {**config["smooth"], "train": smooth, "code_version": TRAIN_CODE_VERSION},
+        # with the smooth flow as the baseline, the dynamics stage runs that flow instead of training its own
+        trained = "train_baseline" if smooth_baseline else None
+        others = {k: v for k, v in flows.items() if v[0] != trained}
+        run.run(Stage("smooth", functools.partial(_smooth, settings=smooth, smooth=config["smooth"], flows=others,
+                                                  seed=seed, threads=threads, progress=progress, trained_stage=trained),
+                      {**config["smooth"], "train": smooth, "code_version": TRAIN_CODE_VERSION,
+                       **({"trained_stage": trained} if trained else {})},
                       needs=("md", *held_out, *{s for s, _ in flows.values()})))
     from .report import write_report
 
@@ -588,18 +596,24 @@ def _export(folder: Path, inputs: dict, settings: dict, seed: int) -> dict:
 
 
 def _smooth(folder: Path, inputs: dict, *, settings: dict, smooth: dict, flows: dict, seed: int, threads: int,
-            progress: bool) -> dict:
+            progress: bool, trained_stage: str | None = None) -> dict:
     """The smooth flow potential: NLL + force matching training, then its dynamics in OpenMM
     (``export.check.check_flow_dynamics``), the force RMSE of it and of the run's other flows, and the flow
     potential's own ensemble q against the held-out reference (``evaluate_flow`` on ``n_samples`` of its samples):
-    dynamics on -kT log q samples q, so q's ESS and energies bound what that dynamics can reproduce."""
+    dynamics on -kT log q samples q, so q's ESS and energies bound what that dynamics can reproduce.
+    ``trained_stage``: take the flow that stage trained with these settings (the smooth baseline) instead of
+    training one here."""
+    import torch
+
     from ..data import load_dataset
-    from ..export.check import check_flow_dynamics
+    from ..energy.evaluator import usable_cores
+    from ..export.check import check_flow_dynamics, equilibrium_starts
     from ..flows import load_flow
     from ..training.evaluation import backbone_torsions, evaluate_on_frames, ramachandran_pair
     from ..training.metrics import force_rmse
 
-    trained = _train(folder / "train", inputs, settings=settings, progress=progress, threads=threads)
+    trained = inputs[trained_stage] if trained_stage else \
+        _train(folder / "train", inputs, settings=settings, progress=progress, threads=threads)
     data = load_dataset(inputs["md"]["dataset"])
     flow = load_flow(trained["flow"], system=data.system)
     test = data.split_indices("test")
@@ -613,14 +627,25 @@ def _smooth(folder: Path, inputs: dict, *, settings: dict, smooth: dict, flows: 
     angles, names = backbone_torsions(data.system, data.positions)
     i, j = ramachandran_pair(names)
     say = (lambda text: log.info("smooth: %s", text)) if progress else None
-    dynamics = check_flow_dynamics(flow, data.system, np.asarray(data.positions[test[0]], dtype=np.float64),
-                                   md_angles=angles[:, [i, j]], md_log_w=data.log_weights if data.weighted else None,
-                                   nve_ps=smooth["nve_ps"], equilibrate_ps=smooth["nve_equilibrate_ps"],
-                                   langevin_ps=smooth["langevin_ps"],
-                                   langevin_timestep_fs=smooth["langevin_timestep_fs"],
-                                   hydrogen_mass_amu=smooth["hydrogen_mass_amu"] or None, bias_ps=smooth["bias_ps"],
-                                   backend=smooth["backend"], seed=seed, figure=folder / "ramachandran.png",
-                                   progress=say)
+    log_w = data.log_weights if data.weighted else None
+    walkers = smooth["langevin_walkers"]
+    starts = equilibrium_starts(data.positions, log_w, walkers, seed)
+    workers = min(walkers, usable_cores())
+    # the walkers are independent: one process per core (torch single-threaded in each)
+    executor = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                      initializer=torch.set_num_threads, initargs=(1,)) \
+        if workers > 1 else None
+    try:
+        dynamics = check_flow_dynamics(flow, data.system, np.asarray(data.positions[test[0]], dtype=np.float64),
+                                       md_angles=angles[:, [i, j]], md_log_w=log_w, nve_ps=smooth["nve_ps"],
+                                       equilibrate_ps=smooth["nve_equilibrate_ps"], langevin_ps=smooth["langevin_ps"],
+                                       langevin_timestep_fs=smooth["langevin_timestep_fs"],
+                                       hydrogen_mass_amu=smooth["hydrogen_mass_amu"] or None, bias_ps=smooth["bias_ps"],
+                                       backend=smooth["backend"], seed=seed, figure=folder / "ramachandran.png",
+                                       langevin_starts=starts, executor=executor, progress=say)
+    finally:
+        if executor is not None:
+            executor.shutdown()
     if "figure" in dynamics.get("langevin", {}):
         dynamics["langevin"]["figure"] = "ramachandran.png"
     ensemble = None
