@@ -306,3 +306,4 @@ def test_pooled_langevin_walkers_report_the_first_failure_with_its_walker(aldp, 
     pooled = _pooled([good, bad, good])
     assert not pooled["finite"] and pooled["failure"] == {"step": 10, "time_ps": 0.01, "reason": "x", "walker": 1}
     assert pooled["n_frames"] == 11 and pooled["ps"] == pytest.approx(0.04 + 0.01 + 0.04) and pooled["n_walkers"] == 3
+    assert pooled["steps_done"] == 2 * good["steps_done"] + bad["steps_done"] == 80 + bad["steps_done"]

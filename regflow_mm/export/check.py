@@ -194,12 +194,13 @@ def langevin_walker(flow, system, start: np.ndarray, mode: str, seed: int, setti
 
 
 def _pooled(walkers: list[dict]) -> dict:
-    """The walkers' runs as one: steps, timestep and seed of the first walker (walker k ran seed + k), ps and frames
-    summed, finite if all are, the first failure (with its walker), mean ms per step and kinetic temperature."""
+    """The walkers' runs as one: steps, timestep and seed of the first walker (walker k ran seed + k), ps, steps done,
+    seconds and frames summed, finite if all are, the first failure (with its walker), mean ms per step and kinetic temperature."""
     failed = [(k, w["failure"]) for k, w in enumerate(walkers) if w["failure"]]
     first = walkers[0]
     return {"mode": first["mode"], "n_walkers": len(walkers), "steps": first["steps"], "seed": first["seed"],
             "timestep_fs": first["timestep_fs"], "ps": float(sum(w["ps"] for w in walkers)),
+            "steps_done": int(sum(w["steps_done"] for w in walkers)), "seconds": float(sum(w["seconds"] for w in walkers)),
             "n_frames": int(sum(w["n_frames"] for w in walkers)), "finite": not failed,
             "failure": {**failed[0][1], "walker": failed[0][0]} if failed else None,
             "ms_per_step": float(np.mean([w["ms_per_step"] for w in walkers])),
