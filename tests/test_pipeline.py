@@ -85,9 +85,9 @@ def test_report_holds_this_runs_numbers(finished_run):
     assert "Ramachandran basins" in text and "| 1 | beta |" in text
     assert stages["evaluate"]["training_data_t_w2"] > 0 and "T-W2 of the training data" in text
     assert stages["export"]["max_rel_energy_error"] < 1e-4  # exported TorchForce == BoltzmannFlow.energy
-    e_w1 = {name: m["e_w1"] for name, m in stages["evaluate"]["metrics"].items()}
+    rank = {name: (m["basins_missing"], -m["ess_p05"], m["e_w1"]) for name, m in stages["evaluate"]["metrics"].items()}
     down = stages["evaluate"]["downstream"]
-    assert down["method"] == min(e_w1, key=e_w1.get) and down["flow"].endswith("flow.pt")
+    assert down["method"] == min(rank, key=rank.get) and down["flow"].endswith("flow.pt")
     assert f"use the **{down['method']}** flow" in text
     for figure in ("md_ramachandran.png", "evaluate_regflow_ramachandran.png", "evaluate_mle_energy_histogram.png",
                    "mc_mc_trace.png",
@@ -226,3 +226,30 @@ def test_smooth_flow_as_the_baseline_and_downstream_flow(finished_run, tmp_path)
     assert stages["smooth"]["flow"] == stages["train_baseline"]["flow"]  # not trained a second time
     assert not (tmp_path / "smooth" / "train").exists() and set(stages["smooth"]["force_rmse"]) == {"smooth", "regflow"}
     assert "| smooth | " in report.read_text()
+
+
+def test_best_downstream_flow_goes_by_basins_then_conservative_ess_then_e_w1():
+    """'best': a flow missing a basin loses whatever its ESS; then the higher ESS 5th percentile wins even against a
+    lower E-W1 (al4: the spline's E-W1 was lower at 0.6x the ESS); equal ESS falls back to E-W1; NaN ESS ranks last."""
+    from regflow_mm.pipeline.run import best_flow
+
+    metrics = {"mle": {"basins_missing": 0, "ess": 0.0058, "ess_p05": 0.0046, "e_w1": 0.63},
+               "smooth": {"basins_missing": 0, "ess": 0.0095, "ess_p05": 0.0057, "e_w1": 0.96},
+               "regflow": {"basins_missing": 1, "ess": 0.30, "ess_p05": 0.25, "e_w1": 0.10}}
+    assert best_flow(metrics) == "smooth"
+    assert best_flow({**metrics, "smooth": {**metrics["smooth"], "ess_p05": 0.0046}}) == "mle"
+    assert best_flow({**metrics, "smooth": {**metrics["smooth"], "ess_p05": float("nan")}}) == "mle"
+    assert best_flow({"a": {"ess": 0.2, "e_w1": 1.0}, "b": {"ess": 0.1, "e_w1": 0.1}}) == "a"  # no interval, no basins
+
+
+def test_report_calls_a_chain_population_far_from_the_estimates_not_converged():
+    """al4's hybrid chain put 0.31 +- 0.09 at phi > 0 against ~0.02 from the reweighted flow and the weighted data:
+    the report says it is not converged; a chain within 3 sigma gets no verdict."""
+    from regflow_mm.pipeline.report import _crossing_lines
+
+    fe = {"flow": {"p_a": 0.98, "p_b": 0.02, "ddelta_f": 0.2}, "md": {"p_a": 0.975, "p_b": 0.025, "ddelta_f": 0.1}}
+    far = {"phi1_chain_positive_fraction": 0.31, "phi1_chain_positive_fraction_err": 0.09, "n_chain_states": 3400}
+    text = "\n".join(_crossing_lines(far, None, fe, "phi1"))
+    assert "NOT CONVERGED: more than 3 sigma from the flow, reweighted and the MD training data, weighted" in text
+    near = {**far, "phi1_chain_positive_fraction": 0.03, "phi1_chain_positive_fraction_err": 0.01}
+    assert "NOT CONVERGED" not in "\n".join(_crossing_lines(near, None, fe, "phi1"))

@@ -135,6 +135,76 @@ def test_exported_forces_match_finite_differences_along_a_1000_step_trajectory(a
         np.testing.assert_allclose(fd, analytic, rtol=0, atol=1e-5 * scale + 1e-3)
 
 
+@pytest.fixture(scope="module")
+def probit_flow(aldp, frames):
+    """One small smooth flow (the probit variant of ``smooth_flow``) for the tests of walkers in one Context."""
+    flow = build_flow(aldp, "internal", "smooth", fit_to=frames, dtype=torch.float64, seed=0,
+                      representation_options={"support": "open", "open_map": "normal"}, n_layers=2,
+                      n_components=4, hidden=[16], interval="probit")
+    return _perturbed(flow)
+
+
+@pytest.mark.parametrize("backend", ["torch", "python"])
+def test_flow_force_of_copies_is_the_sum_of_independent_molecules(aldp, frames, probit_flow, backend):
+    """A System of 3 copies: energy = the sum of the flow energies, each copy's forces = its own molecule's."""
+    def context_of(copies):
+        system = openmm.System()
+        for _ in range(copies):
+            for i in range(aldp.n_atoms):
+                system.addParticle(aldp.system.getParticleMass(i))
+        system.addForce(flow_force(probit_flow, backend=backend, copies=copies))
+        return openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+
+    def energy_forces(context, x):
+        context.setPositions(x)
+        state = context.getState(getEnergy=True, getForces=True)
+        return (state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole),
+                state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer))
+
+    x = frames[[3, 7, 11]]
+    energy, forces = energy_forces(context_of(3), x.reshape(-1, 3))
+    expected = probit_flow.energy(torch.as_tensor(x)).detach().numpy()
+    assert energy == pytest.approx(expected.sum(), rel=1e-10)
+    single = context_of(1)
+    for k in range(3):
+        e_k, f_k = energy_forces(single, x[k])
+        assert e_k == pytest.approx(expected[k], rel=1e-10)
+        np.testing.assert_allclose(forces[k * aldp.n_atoms:(k + 1) * aldp.n_atoms], f_k, rtol=1e-9,
+                                   atol=1e-9 * np.abs(f_k).max())
+    with pytest.raises(ValueError, match="copies must be >= 1"):
+        flow_force(probit_flow, backend=backend, copies=0)
+
+
+def test_flow_walkers_in_one_context_equal_separate_runs_and_report_their_own_failures(aldp, frames, probit_flow):
+    """One walker in ``run_flow_walkers`` is ``run_md`` exactly (same seed streams, positions and kinetic energies);
+    three walkers run independently (each starts at its own frame with its own flow energy); a runaway of one
+    walker stops the Context, reported for that walker alone."""
+    from regflow_mm.export.dynamics import run_flow_walkers
+
+    kwargs = {"steps": 60, "report_every": 10, "save_every": 20, "seed": 3, "backend": "python"}
+    [alone] = run_flow_walkers(aldp, frames[:1], probit_flow, **kwargs)
+    single = run_md(aldp, frames[0], probit_flow, mode="flow", integrator="langevin", **kwargs)
+    assert alone.finite and single.finite
+    np.testing.assert_allclose(alone.positions, single.positions, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(alone.kinetic, single.kinetic, rtol=1e-9)  # own velocities vs OpenMM's kinetic energy
+    np.testing.assert_allclose(alone.flow_energy, single.flow_energy, rtol=1e-9)
+    runs = run_flow_walkers(aldp, frames[[0, 5, 9]], probit_flow, **kwargs)
+    assert [r.finite for r in runs] == [True] * 3 and runs[0].positions.shape == (4, aldp.n_atoms, 3)
+    np.testing.assert_array_equal(np.stack([r.positions[0] for r in runs]), frames[[0, 5, 9]])
+    start_energy = probit_flow.energy(torch.as_tensor(frames[[0, 5, 9]])).detach().numpy()
+    np.testing.assert_allclose([r.flow_energy[0] for r in runs], start_energy, rtol=1e-12)
+    assert runs[0].n_dof == 3 * aldp.n_atoms - 6 and runs[1].settings["walkers_per_context"] == 3
+    # a threshold between the two walkers' starting temperatures: the hotter one runs away at step 0
+    t0 = np.array([r.temperature[0] for r in runs[:2]])
+    hot = int(np.argmax(t0))
+    stopped = run_flow_walkers(aldp, frames[[0, 5]], probit_flow, **{**kwargs, "steps": 20},
+                               max_temperature_factor=t0.mean() / aldp.temperature)
+    assert stopped[hot].failure["step"] == 0 and stopped[hot].failure["reason"].startswith("ran away")
+    assert stopped[1 - hot].failure is None and not stopped[1 - hot].finite
+    with pytest.raises(ValueError, match=r"starts must have shape \(walkers, 22, 3\) nm"):
+        run_flow_walkers(aldp, frames[0], probit_flow)
+
+
 def test_nve_on_the_smooth_flow_and_the_force_field_side_by_side(aldp, frames, smooth_flow):
     runs = {mode: run_md(aldp, frames[0], smooth_flow if mode == "flow" else None, mode=mode, integrator="verlet",
                          steps=200, timestep_fs=0.5, report_every=10, seed=0) for mode in ("flow", "forcefield")}
@@ -247,7 +317,7 @@ def test_smooth_stage_trains_runs_md_and_reports(tmp_path, aldp):
     text = "\n".join(_smooth_lines(result, config["smooth"], lambda stage, name: f"figures/{stage}_{name}"))
     assert f"{result['force_rmse']['smooth']['rmse']:.3g}" in text and "figures/smooth_ramachandran.png" in text
     assert f"T-W2 against the MD frames **{lang['t_w2']:.3g} rad**" in text
-    assert f"and seeds: {ff['t_w2']:.3g} rad" in text and "1: finite, T-W2" in text
+    assert f"and masses: {ff['t_w2']:.3g} rad" in text and "1: finite, T-W2" in text
     # the flow potential's own ensemble q (what Langevin on it samples) against the test split
     ens = result["ensemble"]
     assert ens["n_samples"] == 300 and 0 < ens["ess"] <= 1 and ens["ess_p05"] <= ens["ess"] <= ens["ess_p95"]
@@ -296,11 +366,11 @@ def test_equilibrium_starts_follow_the_frame_weights():
 
 def test_pooled_langevin_walkers_report_the_first_failure_with_its_walker(aldp, frames):
     """A walker that runs away makes the pooled run not finite, with that walker's step; the others' frames count."""
-    from regflow_mm.export.check import _pooled, langevin_walker
+    from regflow_mm.export.check import _pooled, langevin_walkers
 
     settings = {"steps": 40, "timestep_fs": 1.0, "hydrogen_mass_amu": None, "backend": "torch", "save_every": 10,
                 "pair": [aldp.torsions["phi1"], aldp.torsions["psi1"]]}
-    good, angles = langevin_walker(None, aldp, frames[0], "forcefield", 0, settings)
+    [(good, angles)] = langevin_walkers(None, aldp, frames[:1], "forcefield", 0, settings)
     assert good["finite"] and good["n_frames"] == 5 and angles.shape == (5, 2) and np.all(np.abs(angles) <= math.pi)
     bad = {**good, "finite": False, "ps": 0.01, "n_frames": 1, "failure": {"step": 10, "time_ps": 0.01, "reason": "x"}}
     pooled = _pooled([good, bad, good])

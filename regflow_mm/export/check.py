@@ -23,7 +23,7 @@ import openmm
 import torch
 from openmm import unit
 
-from .dynamics import run_md
+from .dynamics import run_flow_walkers, run_md
 from .forces import flow_force
 
 
@@ -73,7 +73,8 @@ def check_flow_dynamics(flow, system, start: np.ndarray, *, md_angles: np.ndarra
                         equilibrate_ps: float = 1.0, langevin_ps: float = 100.0, langevin_timestep_fs: float = 1.0,
                         hydrogen_mass_amu: float | None = None, bias_ps: float = 1.0, save_interval_ps: float = 0.1,
                         backend: str = "torch", n_torsion: int = 5000, seed: int = 0, figure: str | Path | None = None,
-                        langevin_starts: np.ndarray | None = None, executor=None, progress=None) -> dict:
+                        langevin_starts: np.ndarray | None = None, contexts: int = 1, executor=None,
+                        progress=None) -> dict:
     """Dynamics on the exported flow potential (module docstring); ``system`` the MolecularSystem.
 
     NVE (skipped for ``nve_ps = 0``): ``equilibrate_ps`` of Langevin then ``nve_ps`` of Verlet at ``nve_timestep_fs`` (force-field
@@ -82,11 +83,12 @@ def check_flow_dynamics(flow, system, start: np.ndarray, *, md_angles: np.ndarra
     ``hydrogen_mass_amu`` (same ensemble; None: the force field's masses, the default with 1 fs: at 2 fs with 3 amu
     hydrogens a smooth flow potential's stiffer modes heated walkers 8-53 K above the force field's, BENCHMARKS.md),
     frames every ``save_interval_ps``, from ``start`` or, with ``langevin_starts`` (W, n_atoms, 3) nm, one walker
-    from each (walker k with seed + k; ``equilibrium_starts`` draws them from weighted data), run through
-    ``executor`` (``concurrent.futures``-compatible, e.g. a process pool; None: one after the other here);
+    from each (``equilibrium_starts`` draws them from weighted data), split into ``contexts`` groups run through
+    ``executor`` (``concurrent.futures``-compatible, e.g. a process pool, one group per worker; None: one after the
+    other here); the flow walkers of a group share one OpenMM Context (``langevin_walkers``);
     with ``md_angles`` (M, 2) (phi, psi) rad of MD frames (log-weights ``md_log_w``) the T-W2 of each walker and
     of their pooled frames against them (``n_torsion`` MD frames at most) and, with ``figure``, a Ramachandran PNG;
-    the same walkers on the force field (same starts, length, masses and seeds) give ``langevin_forcefield``: the
+    the same walkers on the force field (same starts, length and masses) give ``langevin_forcefield``: the
     floor trajectories of that length reach (aldp's alpha/beta basins exchange on a scale of tens of ps, so one
     100 ps trajectory of the force field itself lands 0.4-1.8 rad (median 0.8) from the weighted MD data, 4 walkers
     pooled 0.34-0.44, BENCHMARKS.md issue 12).
@@ -123,11 +125,17 @@ def check_flow_dynamics(flow, system, start: np.ndarray, *, md_angles: np.ndarra
         settings = {"steps": steps, "timestep_fs": langevin_timestep_fs, "hydrogen_mass_amu": hydrogen_mass_amu,
                     "backend": backend, "save_every": save, "pair": pair}
         panels = [("MD data", md_angles, md_log_w)]
+        if int(contexts) < 1:
+            raise ValueError(f"contexts must be >= 1 (OpenMM Contexts the walkers are split into), got {contexts}")
+        groups = [g for g in np.array_split(np.arange(len(starts)), min(int(contexts), len(starts))) if len(g)]
         for key, mode in (("langevin", "flow"), ("langevin_forcefield", "forcefield")):
-            say(f"Langevin on the {mode} potential: {len(starts)} walker(s) x {steps} steps at {langevin_timestep_fs} fs")
-            jobs = [(flow if mode == "flow" else None, system, x, mode, seed + k, settings) for k, x in enumerate(starts)]
-            results = list(executor.map(langevin_walker, *zip(*jobs))) if executor is not None else \
-                [langevin_walker(*job) for job in jobs]
+            say(f"Langevin on the {mode} potential: {len(starts)} walker(s) x {steps} steps at {langevin_timestep_fs} fs"
+                f" in {len(groups)} group(s)")
+            jobs = [(flow if mode == "flow" else None, system, starts[g], mode, seed + int(g[0]), settings)
+                    for g in groups]
+            runs = list(executor.map(langevin_walkers, *zip(*jobs))) if executor is not None else \
+                [langevin_walkers(*job) for job in jobs]
+            results = [walker for group in runs for walker in group]
             walkers = [summary for summary, _ in results]
             angles = np.concatenate([a for _, a in results])
             n = int(min(n_torsion, len(md_angles))) if md_angles is not None else 0
@@ -137,7 +145,10 @@ def check_flow_dynamics(flow, system, start: np.ndarray, *, md_angles: np.ndarra
                                                  md_log_w=md_log_w)["t_w2"]
             lang = _pooled(walkers)
             if n and len(angles):
-                lang["t_w2"] = torsion_w2(md_angles, angles, None, max_md=n, seed=seed, md_log_w=md_log_w)["t_w2"]
+                # every walker's frames at an even stride, at most 2 n_torsion in all (exact EMD memory: M x N)
+                pooled = np.concatenate([a[::max(1, -(-len(starts) * len(a) // (2 * n)))] for _, a in results])
+                lang["t_w2"] = torsion_w2(md_angles, pooled, None, max_md=n, seed=seed, md_log_w=md_log_w)["t_w2"]
+                lang["t_w2_frames"] = int(len(pooled))
                 panels.append((f"Langevin: {'flow' if mode == 'flow' else 'force field'} "
                                f"({len(starts)} x {steps * langevin_timestep_fs * 1e-3:g} ps)", angles, None))
             out[key] = lang
@@ -174,35 +185,46 @@ def mean_kinetic_temperature(run) -> float:
     return float(temperature[temperature.size // 10:].mean()) if temperature.size else float("nan")
 
 
-def langevin_walker(flow, system, start: np.ndarray, mode: str, seed: int, settings: dict) -> tuple[dict, np.ndarray]:
-    """One Langevin trajectory of ``check_flow_dynamics`` (a module-level function, so an executor can run it in
-    another process): ``run_md`` from ``start`` (n_atoms, 3) nm with ``settings`` (steps, timestep_fs,
-    hydrogen_mass_amu, backend, save_every, pair: the two torsions' atom indices). Returns the run's summary with
-    n_frames, mean_temperature_K (and flow_energy_mean, kJ/mol, in mode "flow"), and the torsion pair's angles
-    (S, 2) rad of its saved frames."""
+def langevin_walkers(flow, system, starts: np.ndarray, mode: str, seed: int,
+                     settings: dict) -> list[tuple[dict, np.ndarray]]:
+    """Langevin walkers of ``check_flow_dynamics`` (a module-level function, so an executor can run it in another
+    process) from ``starts`` (k, n_atoms, 3) nm with ``settings`` (steps, timestep_fs, hydrogen_mass_amu, backend,
+    save_every, pair: the two torsions' atom indices). Mode "flow": all k in one OpenMM Context
+    (``dynamics.run_flow_walkers``, seed ``seed``); mode "forcefield": one ``run_md`` each (seed + i). Returns per
+    walker its run's summary with n_frames, mean_temperature_K (and flow_energy_mean, kJ/mol, in mode "flow"), and
+    the torsion pair's angles (S, 2) rad of its saved frames."""
     from ..data.dataset import dihedrals
 
-    run = run_md(system, start, flow, mode=mode, integrator="langevin", steps=settings["steps"],
-                 timestep_fs=settings["timestep_fs"], hydrogen_mass_amu=settings["hydrogen_mass_amu"],
-                 backend=settings["backend"], report_every=settings["save_every"], save_every=settings["save_every"],
-                 seed=seed)
-    angles = dihedrals(run.positions, settings["pair"]) if len(run.positions) else np.zeros((0, 2))
-    summary = {**run.summary(), "n_frames": int(len(angles)), "mean_temperature_K": mean_kinetic_temperature(run)}
+    common = {"steps": settings["steps"], "timestep_fs": settings["timestep_fs"],
+              "hydrogen_mass_amu": settings["hydrogen_mass_amu"], "backend": settings["backend"],
+              "report_every": settings["save_every"], "save_every": settings["save_every"]}
     if mode == "flow":
-        summary["flow_energy_mean"] = float(np.mean(run.flow_energy)) if run.finite else None
-    return summary, angles
+        runs = run_flow_walkers(system, starts, flow, seed=seed, **common)
+    else:
+        runs = [run_md(system, x, flow, mode=mode, integrator="langevin", seed=seed + i, **common)
+                for i, x in enumerate(np.asarray(starts))]
+    out = []
+    for run in runs:
+        angles = dihedrals(run.positions, settings["pair"]) if len(run.positions) else np.zeros((0, 2))
+        summary = {**run.summary(), "n_frames": int(len(angles)), "mean_temperature_K": mean_kinetic_temperature(run)}
+        if mode == "flow":
+            summary["flow_energy_mean"] = float(np.mean(run.flow_energy)) if run.finite else None
+        out.append((summary, angles))
+    return out
 
 
 def _pooled(walkers: list[dict]) -> dict:
-    """The walkers' runs as one: steps, timestep and seed of the first walker (walker k ran seed + k), ps, steps done,
-    seconds and frames summed, finite if all are, the first failure (with its walker), mean ms per step and kinetic temperature."""
+    """The walkers' runs as one: steps, timestep and seed of the first walker, ps, steps done, seconds (a walker's
+    share of its Context's time) and frames summed, finite if all are (the walkers of a failed walker's Context stop
+    with it: not finite, failure None), the first failure (with its walker), mean ms per step and kinetic temperature."""
     failed = [(k, w["failure"]) for k, w in enumerate(walkers) if w["failure"]]
     first = walkers[0]
     return {"mode": first["mode"], "n_walkers": len(walkers), "steps": first["steps"], "seed": first["seed"],
             "timestep_fs": first["timestep_fs"], "ps": float(sum(w["ps"] for w in walkers)),
             "steps_done": int(sum(w["steps_done"] for w in walkers)), "seconds": float(sum(w["seconds"] for w in walkers)),
-            "n_frames": int(sum(w["n_frames"] for w in walkers)), "finite": not failed,
+            "n_frames": int(sum(w["n_frames"] for w in walkers)), "finite": all(w["finite"] for w in walkers),
             "failure": {**failed[0][1], "walker": failed[0][0]} if failed else None,
             "ms_per_step": float(np.mean([w["ms_per_step"] for w in walkers])),
+            "walkers_per_context": max(int(w.get("walkers_per_context") or 1) for w in walkers),
             "mean_temperature_K": float(np.nanmean([w["mean_temperature_K"] for w in walkers])),
             "walkers": walkers}

@@ -1,7 +1,8 @@
 """Molecular dynamics in OpenMM on a flow potential U_flow(x) = -kT log q(x) (the exported force).
 
 ``run_md(system, positions, flow=None, mode=..., integrator=..., steps=...)`` runs one trajectory on
-OpenMM's Reference platform and returns an :class:`MDRun`:
+OpenMM's Reference platform and returns an :class:`MDRun`
+(``run_flow_walkers(system, starts, flow, ...)``: many Langevin walkers on the flow potential in one Context):
 
 - ``mode="flow"``: the flow force is the whole potential (a System of the molecule's masses);
 - ``mode="bias"``: the force field plus the flow force in its own force group (``flow_group``);
@@ -237,6 +238,118 @@ def run_md(molecular_system, positions, flow=None, *, mode: str = "flow", integr
                  flow_energy=np.array(flow_e) if flow_groups is not None else None,
                  positions=np.array(frames).reshape(-1, system.getNumParticles(), 3), seconds=seconds,
                  failure=failure, settings=settings)
+
+
+def run_flow_walkers(molecular_system, starts, flow, *, steps: int = 1000, timestep_fs: float = 1.0,
+                     temperature_K: float | None = None, friction_per_ps: float = 1.0,
+                     hydrogen_mass_amu: float | None = None, backend: str = "torch", report_every: int = 10,
+                     save_every: int = 0, check_every: int = 1, seed: int = 0,
+                     max_temperature_factor: float = 10.0) -> list[MDRun]:
+    """Langevin walkers on the flow potential alone, all in one OpenMM Context; one ``MDRun`` per walker.
+
+    ``starts`` (W, n_atoms, 3) nm. The System holds W non-interacting copies of the molecule (the force field's
+    masses, or hydrogens of ``hydrogen_mass_amu``) and one flow force that evaluates them as one batch
+    (``flow_force(copies=W)``): W independent trajectories (the Langevin noise is drawn per particle) for about
+    the cost of one, since a flow's cost per configuration is call overhead at batch size 1 (BENCHMARKS.md).
+    Each walker's kinetic energy comes from its own velocities, its flow energy (kJ/mol) from ``flow.energy``
+    of its positions at each report; its ``seconds`` is its share (1/W) of the Context's wall time. Checks as in
+    ``run_md``, per walker: the first failure (non-finite positions or energy, leaving a support, runaway
+    kinetic temperature) stops the Context; that walker's run holds the failure, the others stop at the same step
+    (not finite, failure None). Other arguments as ``run_md``.
+    """
+    import torch
+
+    from .forces import flow_force
+
+    starts = np.asarray(starts, dtype=np.float64)
+    n_atoms = molecular_system.n_atoms
+    if starts.ndim != 3 or starts.shape[1:] != (n_atoms, 3) or len(starts) < 1:
+        raise ValueError(f"starts must have shape (walkers, {n_atoms}, 3) nm, got {starts.shape}")
+    for name, value in (("steps", steps), ("report_every", report_every), ("check_every", check_every)):
+        if int(value) < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not timestep_fs > 0 or not max_temperature_factor > 0:
+        raise ValueError(f"timestep_fs and max_temperature_factor must be > 0, got {timestep_fs}, "
+                         f"{max_temperature_factor}")
+    n_walkers = len(starts)
+    temperature = float(temperature_K or molecular_system.temperature)
+    one = build_md_system(molecular_system, flow, "forcefield", hydrogen_mass_amu=hydrogen_mass_amu)
+    masses = np.array([one.getParticleMass(i).value_in_unit(unit.dalton) for i in range(n_atoms)])
+    system = openmm.System()
+    for _ in range(n_walkers):
+        for m in masses:
+            system.addParticle(m)
+    system.addForce(flow_force(flow, backend=backend, copies=n_walkers))
+    dt = timestep_fs * 1e-3
+    integ = openmm.LangevinMiddleIntegrator(temperature, friction_per_ps, dt)
+    integ.setRandomNumberSeed(openmm_seed(seed, 0))
+    context = openmm.Context(system, integ, openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(starts.reshape(-1, 3))
+    context.setVelocitiesToTemperature(temperature, openmm_seed(seed, 1))
+    rep = flow.representation
+    describe = (lambda x: rep.describe_outside(np.asarray(x).reshape(-1, n_atoms, 3))) \
+        if getattr(rep, "hard_walls", False) else None
+    dtype = next(flow.parameters()).dtype
+    n_dof = 3 * n_atoms - 6  # per walker: its flow energy is invariant under its own rigid motions
+    settings = {"temperature_K": temperature, "hydrogen_mass_amu": hydrogen_mass_amu, "backend": backend,
+                "seed": seed, "equilibrate_steps": 0, "friction_per_ps": friction_per_ps,
+                "walkers_per_context": n_walkers}
+
+    report_steps, pot, kin, frames = [], [], [], []
+    failure, failed, done, started = None, None, 0, time.perf_counter()
+    while True:
+        if done % report_every == 0 or done == steps or (save_every and done % save_every == 0):
+            state = context.getState(getPositions=True, getVelocities=True)
+            x = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer).reshape(n_walkers, n_atoms, 3)
+            if done % report_every == 0 or done == steps:
+                v = state.getVelocities(asNumpy=True).value_in_unit(unit.nanometer / unit.picosecond)
+                e_kin = 0.5 * (masses[None, :, None] * np.asarray(v).reshape(n_walkers, n_atoms, 3) ** 2).sum((1, 2))
+                with torch.no_grad():
+                    e_pot = flow.energy(torch.as_tensor(np.asarray(x), dtype=dtype)).double().numpy()
+                report_steps.append(done)
+                pot.append(e_pot)
+                kin.append(e_kin)
+                bad = ~(np.isfinite(e_pot) & np.isfinite(e_kin))
+                hot = kinetic_temperature(e_kin, n_dof) > max_temperature_factor * temperature
+                if bad.any():
+                    failed = int(np.flatnonzero(bad)[0])
+                    failure = {"step": done, "time_ps": done * dt,
+                               "reason": f"non-finite energy (potential {e_pot[failed]}, kinetic {e_kin[failed]} kJ/mol)"}
+                    break
+                if hot.any():
+                    failed = int(np.flatnonzero(hot)[0])
+                    t_kin = float(kinetic_temperature(e_kin[failed], n_dof))
+                    failure = {"step": done, "time_ps": done * dt,
+                               "reason": f"ran away: kinetic temperature {t_kin:.4g} K, more than "
+                                         f"{max_temperature_factor:g} x {temperature:g} K (a smaller timestep, or a "
+                                         f"smoother potential)"}
+                    break
+            if save_every and done % save_every == 0:
+                frames.append(np.asarray(x))
+        if done >= steps:
+            break
+        n = min(report_every - done % report_every, steps - done)
+        if save_every:
+            n = min(n, save_every - done % save_every)
+        advanced, failure = _advance(context, integ, n, check_every, describe, dt, "", offset=done)
+        done += advanced
+        if failure is not None:
+            x = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+            nonfinite = np.flatnonzero(~np.isfinite(np.asarray(x).reshape(n_walkers, -1)).all(1))
+            outside = [k for k in range(n_walkers) if describe is not None and nonfinite.size == 0
+                       and rep.describe_outside(np.asarray(x).reshape(n_walkers, n_atoms, 3)[k:k + 1]) is not None]
+            failed = int(nonfinite[0]) if nonfinite.size else (outside[0] if outside else 0)
+            if not nonfinite.size and not outside:
+                failure["reason"] += f" (all {n_walkers} walkers of the context)"
+            break
+    seconds = (time.perf_counter() - started) / n_walkers
+    pot, kin = np.array(pot).reshape(-1, n_walkers), np.array(kin).reshape(-1, n_walkers)
+    frames = np.array(frames).reshape(-1, n_walkers, n_atoms, 3)
+    return [MDRun(mode="flow", integrator="langevin", timestep_ps=dt, steps=int(steps), steps_done=done,
+                  n_dof=n_dof, report_steps=np.array(report_steps), potential=pot[:, k], kinetic=kin[:, k],
+                  flow_energy=pot[:, k].copy(), positions=frames[:, k], seconds=seconds,
+                  failure=failure if k == failed else None, settings={**settings, "walker": k})
+            for k in range(n_walkers)]
 
 
 def _advance(context, integ, n: int, check_every: int, describe, dt: float, label: str, offset: int = 0):

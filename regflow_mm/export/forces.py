@@ -64,42 +64,50 @@ def support_warning_text(flow) -> str | None:
 
 
 class FlowEnergyModule(nn.Module):
-    """positions (n_atoms, 3) nm -> U_flow = -kT log q (scalar, kJ/mol), in the positions' dtype.
+    """positions (copies * n_atoms, 3) nm -> U_flow = sum over the copies of -kT log q (scalar, kJ/mol), in the
+    positions' dtype.
 
-    The flow runs in its own dtype; a float64 flow on OpenMM's Reference platform is exact to
-    round-off.
+    ``copies`` > 1: the positions hold that many independent copies of the molecule (walkers of one OpenMM
+    Context, ``dynamics.run_flow_walkers``), evaluated as one batch; each copy's forces are those of its own
+    energy. The flow runs in its own dtype; a float64 flow on OpenMM's Reference platform is exact to round-off.
     """
 
-    def __init__(self, flow: nn.Module):
+    def __init__(self, flow: nn.Module, copies: int = 1):
         super().__init__()
+        if int(copies) < 1:
+            raise ValueError(f"copies must be >= 1 (molecules in the System), got {copies}")
         self.flow = flow
         self.flow_dtype = flow_dtype(flow)
+        self.copies = int(copies)
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
-        x = positions.to(self.flow_dtype).reshape(1, -1, 3)
+        x = positions.to(self.flow_dtype).reshape(self.copies, -1, 3)
         return self.flow.energy(x).sum().to(positions.dtype)
 
 
 def export_torchscript(flow: nn.Module, path: str | Path | None = None, example: torch.Tensor | None = None,
-                       check_atol: float = 1e-6, seed: int = 0) -> torch.jit.ScriptModule:
-    """TorchScript module of the flow energy (traced), optionally saved to ``path`` (``.pt``).
+                       check_atol: float = 1e-6, seed: int = 0, copies: int = 1) -> torch.jit.ScriptModule:
+    """TorchScript module of the flow energy (traced) of ``copies`` molecules, optionally saved to ``path`` (``.pt``).
 
-    ``example``: positions (n_atoms, 3) nm to trace with (default: a flow sample). The trace is
-    checked against the eager module on two other flow samples (energies and autograd forces
+    ``example``: positions (copies * n_atoms, 3) nm to trace with (default: flow samples). The trace is
+    checked against the eager module on two other sets of flow samples (energies and autograd forces
     within ``check_atol`` relative); a flow whose energy has data-dependent Python control flow
-    fails this check with a RuntimeError instead of exporting a wrong model.
+    fails this check with a RuntimeError instead of exporting a wrong model. The traced model takes
+    exactly ``copies`` molecules.
     """
     flow = flow.eval()
-    module = FlowEnergyModule(flow).eval()
+    module = FlowEnergyModule(flow, copies).eval()
+    single = FlowEnergyModule(flow).eval()
     dtype = module.flow_dtype
     # Trace and check on samples of finite energy: a sample outside the flow's support has energy
     # +inf in both versions, and inf - inf would fail the comparison for no fault of the trace.
-    drawn, _ = sample_flow(flow, 16, seed)
-    finite = [x for x in drawn if np.isfinite(_energy_and_forces(module, torch.as_tensor(x, dtype=dtype))[0])]
-    samples = finite[:3]
-    if len(samples) < 3:
-        raise RuntimeError(f"only {len(finite)} of 16 flow samples have a finite flow energy: the flow is broken, "
-                           "nothing sensible to export")
+    n_drawn = max(16, 4 * module.copies)
+    drawn, _ = sample_flow(flow, n_drawn, seed)
+    finite = [x for x in drawn if np.isfinite(_energy_and_forces(single, torch.as_tensor(x, dtype=dtype))[0])]
+    if len(finite) < 3 * module.copies:
+        raise RuntimeError(f"only {len(finite)} of {n_drawn} flow samples have a finite flow energy: the flow is "
+                           "broken, nothing sensible to export")
+    samples = [np.concatenate(finite[k * module.copies:(k + 1) * module.copies]) for k in range(3)]
     example = torch.as_tensor(samples[0], dtype=dtype) if example is None else torch.as_tensor(example, dtype=dtype)
     with warnings.catch_warnings():
         # Shape/support checks inside the flow become constants of the trace; the check below
@@ -130,13 +138,14 @@ def _energy_and_forces(module, x: torch.Tensor) -> tuple[float, np.ndarray]:
     return float(energy.detach()), -grad.detach().to(torch.float64).numpy()
 
 
-def _python_force_computation(state: openmm.State, flow: nn.Module) -> tuple[float, np.ndarray]:
-    """PythonForce callback: (U_flow kJ/mol, forces (n, 3) kJ/mol/nm) at the state's positions."""
+def _python_force_computation(state: openmm.State, flow: nn.Module, copies: int = 1) -> tuple[float, np.ndarray]:
+    """PythonForce callback: (U_flow kJ/mol summed over ``copies`` molecules, forces (copies * n, 3) kJ/mol/nm) at
+    the state's positions."""
     positions = state.getPositions(asNumpy=True).value_in_unit(openmm.unit.nanometer)
-    x = torch.tensor(np.asarray(positions), dtype=flow_dtype(flow)).reshape(1, -1, 3).requires_grad_(True)
+    x = torch.tensor(np.asarray(positions), dtype=flow_dtype(flow)).reshape(copies, -1, 3).requires_grad_(True)
     energy = flow.energy(x).sum()
     (grad,) = torch.autograd.grad(energy, x)
-    return float(energy.detach()), -grad[0].detach().to(torch.float64).numpy()
+    return float(energy.detach()), -grad.detach().to(torch.float64).numpy().reshape(-1, 3)
 
 
 _TORCH_KERNELS_LOADED = False
@@ -180,18 +189,23 @@ def import_openmmtorch():
     return openmmtorch
 
 
-def flow_force(flow, backend: str = "torch", force_group: int = 0, path: str | Path | None = None) -> openmm.Force:
+def flow_force(flow, backend: str = "torch", force_group: int = 0, path: str | Path | None = None,
+               copies: int = 1) -> openmm.Force:
     """``openmm.Force`` computing U_flow(x) = -kT log q(x) in kJ/mol and its forces (kJ/mol/nm).
 
     flow: a ``BoltzmannFlow`` or the path of a saved flow.
     backend: "torch" (openmm-torch TorchForce of the traced energy; ``path`` keeps the .pt)
         or "python" (openmm.PythonForce).
     force_group: OpenMM force group (0-31), e.g. to read the flow energy apart from the force field.
+    copies: independent copies of the molecule in the System (particles copy k * n_atoms ...): the force is the
+        sum of their flow energies, evaluated as one batch (many walkers for about the cost of one).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not 0 <= force_group <= 31:
         raise ValueError(f"force_group must be in 0..31, got {force_group}")
+    if int(copies) < 1:
+        raise ValueError(f"copies must be >= 1 (molecules in the System), got {copies}")
     if isinstance(flow, (str, Path)):
         from regflow_mm.flows import load_flow
 
@@ -204,10 +218,10 @@ def flow_force(flow, backend: str = "torch", force_group: int = 0, path: str | P
         openmmtorch = import_openmmtorch()
 
         _load_torch_kernels()
-        scripted = export_torchscript(flow, path)
+        scripted = export_torchscript(flow, path, copies=copies)
         force = openmmtorch.TorchForce(scripted)
     else:
-        force = openmm.PythonForce(functools.partial(_python_force_computation, flow=flow), {})
+        force = openmm.PythonForce(functools.partial(_python_force_computation, flow=flow, copies=int(copies)), {})
     force.setForceGroup(force_group)
     force.setName(f"regflow-mm flow energy ({backend})")
     return force

@@ -55,8 +55,9 @@ SCHEMA: dict[str, dict] = {
     # architecture and time_budget_s; [smooth].enabled only switches its dynamics stage), evaluated beside the main
     # flow and eligible as the downstream flow (on al4 it reached ESS 1.3% where the MLE spline gave 0.4%).
     "baseline": {"enabled": True, "method": "mle"},
-    # downstream_flow: the flow used by mc / free_energy / export: "best" (lowest E-W1 on held-out
-    # data), "regflow" or "baseline".
+    # downstream_flow: the flow used by mc / free_energy / export: "best" (fewest basins missed, then the highest
+    # bootstrap 5th percentile of the Kish ESS on held-out data, then the lowest E-W1: run.best_flow), "regflow" or
+    # "baseline".
     # n_bootstrap: resamples for the ESS interval; n_torsion: samples per side of the exact T-W2.
     # teacher_samples: samples of the reflow teacher CNF (0: not evaluated), its held-out NLL on teacher_nll_frames
     # reference frames (each costs an ODE solve with the exact divergence: ~16 CPU-ms on aldp with rk4 8 steps, one thread).
@@ -105,7 +106,9 @@ SCHEMA: dict[str, dict] = {
     # the walkers to 337-377 K against the force field's 324-329 K; at 1 fs 326-337 K against 320-337 K,
     # BENCHMARKS.md issue 12) on the flow potential alone, langevin_walkers of them from frames drawn by their
     # weights from the data (equilibrium starts; one 100 ps trajectory of aldp's force field itself lands 0.4-1.8
-    # rad from the data, 4 walkers pooled 0.34-0.44), one per core at a time, beside the force field's walkers from
+    # rad from the data, 4 walkers pooled 0.34-0.44), split into one group per core, the flow walkers of a group in
+    # one OpenMM Context whose flow force evaluates them as one batch (16 walkers cost ~1.3x one), beside the force
+    # field's walkers from
     # the same starts (pooled T-W2 of (phi, psi) against the MD frames, Ramachandran plot), and bias_ps
     # of Langevin on the force field with the flow force in its own group; then n_samples of the flow's own samples
     # against the held-out reference (ESS, energies, T-W2; 0: skip): Langevin on -kT log q samples q itself, so a
@@ -126,7 +129,7 @@ SCHEMA: dict[str, dict] = {
                "time_budget_s": 300.0, "batch_size": 64, "lr": 1e-3, "w_nll": 1.0, "w_fm": 1e-4,
                "data_weight_power": 0.0, "reweight_fraction": 0.0, "backend": "torch", "n_test_frames": 2000,
                "nve_equilibrate_ps": 1.0, "nve_ps": 5.0, "langevin_ps": 100.0, "langevin_timestep_fs": 1.0,
-               "langevin_walkers": 4, "hydrogen_mass_amu": 0.0, "bias_ps": 1.0, "n_samples": 20000},
+               "langevin_walkers": 8, "hydrogen_mass_amu": 0.0, "bias_ps": 1.0, "n_samples": 20000},
 }
 
 _TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}

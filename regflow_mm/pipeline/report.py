@@ -155,7 +155,8 @@ def write_report(out: Path, config: dict, records: dict) -> Path:
 
     down = ev.get("downstream", {"method": "regflow", "rule": "regflow"})
     lines += [f"Monte Carlo, free energy and export below use the **{down['method']}** flow "
-              f"(rule `{down['rule']}`: 'best' takes the lowest E-W1 on held-out data).", ""]
+              f"(rule `{down['rule']}`: 'best' takes the fewest basins missed, then the highest ESS 5th percentile, then "
+              f"the lowest E-W1 on held-out data).", ""]
     lines += ["## Hybrid MD / flow Monte Carlo", "",
               f"{mc['n_walkers']} walkers x {mc['n_iterations']} iterations of {config['mc']['md_steps_per_iteration']} "
               f"Langevin steps + {config['mc']['flow_moves_per_iteration']} flow independence move(s); "
@@ -294,9 +295,12 @@ def _crossing_lines(mc: dict, plain: dict | None, fe: dict, phi: str) -> list[st
     if p is not None and err is not None and math.isfinite(err) and rows:
         cells = "; ".join(f"{label} {q:.4f} +- {e:.4f} ({_sigmas(p - q, math.hypot(err, e)) or 'no error'})"
                           for label, q, e in rows)
+        off = [label for label, q, e in rows if math.hypot(err, e) > 0 and abs(p - q) > 3 * math.hypot(err, e)]
+        verdict = (f" - NOT CONVERGED: more than 3 sigma from the {' and the '.join(off)} estimate; the chain's "
+                   "population is unreliable (run more iterations or walkers)") if off else ""
         lines += [f"{phi} > 0 population of the hybrid chain {p:.4f} +- {err:.4f} (over "
                   f"{'its ' + str(mc['n_chain_states']) + ' chain states' if every_state else 'its frames'}, block error) "
-                  f"against {cells} (difference over combined error).", ""]
+                  f"against {cells} (difference over combined error){verdict}.", ""]
     return lines
 
 
@@ -348,14 +352,17 @@ def _smooth_lines(sm: dict, settings: dict, figure) -> list[str]:
         h = settings["hydrogen_mass_amu"]
         masses = f"hydrogens of {h} amu" if h else "the force field's masses"
         state = "all finite throughout" if lang["finite"] else \
-            f"walker {fail['walker']} stopped at step {fail['step']}: {fail['reason']}"
+            f"walker {fail['walker']} stopped at step {fail['step']}: {fail['reason']}" if fail else "not all finite"
+        per_context = lang.get("walkers_per_context", 1)
+        batched = f", up to {per_context} per OpenMM Context (one batched flow evaluation per step)" \
+            if per_context > 1 else ""
         lines += [f"Langevin on the flow potential alone: {lang['n_walkers']} walkers from equilibrium starts (frames "
-                  f"drawn by their weights) x {settings['langevin_ps']} ps at {settings['langevin_timestep_fs']} fs "
-                  f"({masses}, 300 K): {state}, "
-                  f"{_fmt(lang['ps'])} ps in all, {_fmt(lang['ms_per_step'])} ms per step, mean kinetic temperature "
-                  f"{_fmt(lang.get('mean_temperature_K'))} K. Pooled (phi, psi) T-W2 against the MD frames "
-                  f"**{_fmt(lang.get('t_w2'))} rad**; the force field's walkers from the same starts, length, masses "
-                  f"and seeds: {_fmt(ff.get('t_w2'))} rad ({_fmt(ff.get('mean_temperature_K'))} K; one trajectory "
+                  f"drawn by their weights{batched}) x {settings['langevin_ps']} ps at "
+                  f"{settings['langevin_timestep_fs']} fs ({masses}, 300 K): {state}, "
+                  f"{_fmt(lang['ps'])} ps in all, {_fmt(lang['ms_per_step'])} ms per walker and step, mean kinetic "
+                  f"temperature {_fmt(lang.get('mean_temperature_K'))} K. Pooled (phi, psi) T-W2 against the MD "
+                  f"frames **{_fmt(lang.get('t_w2'))} rad**; the force field's walkers from the same starts, length "
+                  f"and masses: {_fmt(ff.get('t_w2'))} rad ({_fmt(ff.get('mean_temperature_K'))} K; one trajectory "
                   f"of this length samples the basins' populations only roughly).", "",
                   f"Per walker, flow: {_walker_line(lang)}. Force field: {_walker_line(ff)}.", ""]
         if lang.get("figure"):
