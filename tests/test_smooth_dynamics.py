@@ -313,6 +313,9 @@ def test_smooth_stage_trains_runs_md_and_reports(tmp_path, aldp):
     assert ff["mode"] == "forcefield" and ff["steps"] == lang["steps"] and ff["seed"] == lang["seed"]
     assert ff["n_frames"] == 6 and 0 <= ff["t_w2"] < math.pi and "flow_energy_mean" not in ff["walkers"][0]
     assert (tmp_path / "smooth" / "ramachandran.png").is_file()
+    with np.load(tmp_path / "smooth" / "langevin_angles.npz") as kept:  # every walker's (phi, psi) frames
+        assert kept["flow"].shape == (6, 2) and kept["flow_walker"].tolist() == [0, 0, 0, 1, 1, 1]
+        assert kept["forcefield"].shape == (6, 2) and np.all(np.abs(kept["flow"]) <= math.pi)
     assert result["force_rmse"]["smooth"]["n_frames"] == 10 and result["force_rmse"]["smooth"]["rmse"] > 0
     text = "\n".join(_smooth_lines(result, config["smooth"], lambda stage, name: f"figures/{stage}_{name}"))
     assert f"{result['force_rmse']['smooth']['rmse']:.3g}" in text and "figures/smooth_ramachandran.png" in text
@@ -377,3 +380,26 @@ def test_pooled_langevin_walkers_report_the_first_failure_with_its_walker(aldp, 
     assert not pooled["finite"] and pooled["failure"] == {"step": 10, "time_ps": 0.01, "reason": "x", "walker": 1}
     assert pooled["n_frames"] == 11 and pooled["ps"] == pytest.approx(0.04 + 0.01 + 0.04) and pooled["n_walkers"] == 3
     assert pooled["steps_done"] == 2 * good["steps_done"] + bad["steps_done"] == 80 + bad["steps_done"]
+
+
+def test_stratified_equilibrium_starts_hold_each_basins_weight_to_within_one_walker():
+    """Systematic resampling over frames ordered by ``ramachandran_strata``: 16 starts from frames whose weights put
+    0.42 in alpha_R, 0.56 in beta and 0.02 in alpha_L get 6.72 -> 6 or 7 alpha_R walkers for every seed (independent
+    draws spread 2-11); bad keys are a clear error."""
+    from regflow_mm.export.check import equilibrium_starts, ramachandran_strata
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    basin = rng.choice(3, size=n, p=[0.3, 0.5, 0.2])  # frame counts differ from the weights (a biased run)
+    angles = np.where(basin[:, None] == 0, [-1.5, -0.5], np.where(basin[:, None] == 1, [-2.5, 2.8], [1.0, 0.5]))
+    angles = angles + 0.1 * rng.standard_normal((n, 2))
+    target = np.array([0.42, 0.56, 0.02])
+    log_w = np.log(target[basin] / np.bincount(basin, minlength=3)[basin])
+    positions = np.concatenate([angles, basin[:, None].astype(float)], axis=1)[:, None, :]  # carry the basin along
+    strata = ramachandran_strata(angles)
+    for seed in range(20):
+        starts = equilibrium_starts(positions, log_w, 16, seed, strata=strata)
+        counts = np.bincount(starts[:, 0, 2].astype(int), minlength=3)
+        assert np.all(np.abs(counts - 16 * target) < 1.0), counts
+    with pytest.raises(ValueError, match="strata must be 3000 finite keys"):
+        equilibrium_starts(positions, log_w, 16, 0, strata=strata[:10])

@@ -74,7 +74,7 @@ def check_flow_dynamics(flow, system, start: np.ndarray, *, md_angles: np.ndarra
                         hydrogen_mass_amu: float | None = None, bias_ps: float = 1.0, save_interval_ps: float = 0.1,
                         backend: str = "torch", n_torsion: int = 5000, seed: int = 0, figure: str | Path | None = None,
                         langevin_starts: np.ndarray | None = None, contexts: int = 1, executor=None,
-                        progress=None) -> dict:
+                        angles_file: str | Path | None = None, progress=None) -> dict:
     """Dynamics on the exported flow potential (module docstring); ``system`` the MolecularSystem.
 
     NVE (skipped for ``nve_ps = 0``): ``equilibrate_ps`` of Langevin then ``nve_ps`` of Verlet at ``nve_timestep_fs`` (force-field
@@ -92,8 +92,9 @@ def check_flow_dynamics(flow, system, start: np.ndarray, *, md_angles: np.ndarra
     floor trajectories of that length reach (aldp's alpha/beta basins exchange on a scale of tens of ps, so one
     100 ps trajectory of the force field itself lands 0.4-1.8 rad (median 0.8) from the weighted MD data, 4 walkers
     pooled 0.34-0.44, BENCHMARKS.md issue 12).
-    ``bias_ps``: Langevin on the force field plus the flow force (group 1), 0 to skip. ``progress``: a
-    callable(str) told when each run starts.
+    ``bias_ps``: Langevin on the force field plus the flow force (group 1), 0 to skip. ``angles_file``: an ``.npz``
+    to keep the walkers' (phi, psi) frames in (``flow`` and ``forcefield``: (frames, 2) rad; ``flow_walker`` and
+    ``forcefield_walker``: each frame's walker). ``progress``: a callable(str) told when each run starts.
     Returns a dict of ``MDRun.summary()`` dicts plus ``nve_ratio`` (flow / force-field fluctuation); ``langevin``
     and ``langevin_forcefield`` pool their walkers (``_pooled``: ps, frames, finite, first failure, pooled
     ``t_w2``, mean kinetic temperature; each walker's summary under ``walkers``).
@@ -125,6 +126,7 @@ def check_flow_dynamics(flow, system, start: np.ndarray, *, md_angles: np.ndarra
         settings = {"steps": steps, "timestep_fs": langevin_timestep_fs, "hydrogen_mass_amu": hydrogen_mass_amu,
                     "backend": backend, "save_every": save, "pair": pair}
         panels = [("MD data", md_angles, md_log_w)]
+        kept = {}
         if int(contexts) < 1:
             raise ValueError(f"contexts must be >= 1 (OpenMM Contexts the walkers are split into), got {contexts}")
         groups = [g for g in np.array_split(np.arange(len(starts)), min(int(contexts), len(starts))) if len(g)]
@@ -144,6 +146,8 @@ def check_flow_dynamics(flow, system, start: np.ndarray, *, md_angles: np.ndarra
                     summary["t_w2"] = torsion_w2(md_angles, walker_angles, None, max_md=n, seed=seed,
                                                  md_log_w=md_log_w)["t_w2"]
             lang = _pooled(walkers)
+            kept[mode] = angles
+            kept[f"{mode}_walker"] = np.concatenate([np.full(len(a), k) for k, (_, a) in enumerate(results)])
             if n and len(angles):
                 # every walker's frames at an even stride, at most 2 n_torsion in all (exact EMD memory: M x N)
                 pooled = np.concatenate([a[::max(1, -(-len(starts) * len(a) // (2 * n)))] for _, a in results])
@@ -152,6 +156,8 @@ def check_flow_dynamics(flow, system, start: np.ndarray, *, md_angles: np.ndarra
                 panels.append((f"Langevin: {'flow' if mode == 'flow' else 'force field'} "
                                f"({len(starts)} x {steps * langevin_timestep_fs * 1e-3:g} ps)", angles, None))
             out[key] = lang
+        if angles_file is not None:
+            np.savez(angles_file, **kept)
         if figure is not None and len(panels) > 1:
             from ..training.plots import ramachandran_panels
 
@@ -167,16 +173,41 @@ def check_flow_dynamics(flow, system, start: np.ndarray, *, md_angles: np.ndarra
     return out
 
 
-def equilibrium_starts(positions, log_weights: np.ndarray | None, n: int, seed: int) -> np.ndarray:
-    """``n`` frames (n, n_atoms, 3) nm of ``positions`` (T, n_atoms, 3) drawn without replacement with probability
-    proportional to the frame weights (``log_weights`` (T,), None: uniform), in frame order."""
+def equilibrium_starts(positions, log_weights: np.ndarray | None, n: int, seed: int,
+                       strata: np.ndarray | None = None) -> np.ndarray:
+    """``n`` frames (n, n_atoms, 3) nm of ``positions`` (T, n_atoms, 3) drawn with probability proportional to the
+    frame weights (``log_weights`` (T,), None: uniform), in frame order: without replacement or, with ``strata``
+    (T,) keys (e.g. ``ramachandran_strata``), by systematic resampling of the frames sorted by key, so that every
+    stretch of keys holding weight w gets n w walkers to within one (a frame of weight above 1/n can be drawn twice).
+
+    Why strata: a pooled (phi, psi) T-W2 grows like the square root of a basin-population error (moving a
+    fraction d of the mass by ~2 rad costs 2 sqrt(d) rad), and 16 independent draws miss aldp's alpha_R population
+    (0.42) by 0.12 (one standard deviation) before any dynamics; stratified starts leave at most 1/n."""
     from ..importance import normalized_weights
 
     if not 1 <= n <= len(positions):
         raise ValueError(f"need 1 <= walkers <= {len(positions)} frames, got {n}")
     p = None if log_weights is None else normalized_weights(np.asarray(log_weights))
-    idx = np.random.default_rng(seed).choice(len(positions), size=n, replace=False, p=p)
+    rng = np.random.default_rng(seed)
+    if strata is None:
+        idx = rng.choice(len(positions), size=n, replace=False, p=p)
+    else:
+        strata = np.asarray(strata, dtype=np.float64)
+        if strata.shape != (len(positions),) or not np.isfinite(strata).all():
+            raise ValueError(f"strata must be {len(positions)} finite keys, one per frame; got shape {strata.shape}")
+        order = np.argsort(strata, kind="stable")
+        cdf = np.cumsum(np.full(len(order), 1.0 / len(order)) if p is None else p[order])
+        u = (rng.uniform() + np.arange(n)) / n
+        idx = order[np.minimum(np.searchsorted(cdf, u * cdf[-1], side="right"), len(order) - 1)]
     return np.asarray(positions[np.sort(idx)], dtype=np.float64)
+
+
+def ramachandran_strata(angles: np.ndarray) -> np.ndarray:
+    """Keys (T,) that order frames by their (phi, psi) (``angles`` (T, 2) rad) basin by basin: phi < 0 before
+    phi > 0, then psi read from -2 rad around the circle, so alpha_R (-2 < psi < 1) and beta (psi > 1 or < -2)
+    are each one contiguous stretch (for ``equilibrium_starts``)."""
+    angles = np.asarray(angles, dtype=np.float64)
+    return 10.0 * (angles[:, 0] > 0) + np.mod(angles[:, 1] + 2.0, 2 * np.pi)
 
 
 def mean_kinetic_temperature(run) -> float:

@@ -181,6 +181,7 @@ def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bo
         run.run(Stage("smooth", functools.partial(_smooth, settings=smooth, smooth=config["smooth"], flows=others,
                                                   seed=seed, threads=threads, progress=progress, trained_stage=trained),
                       {**config["smooth"], "train": smooth, "code_version": TRAIN_CODE_VERSION,
+                       "langevin_starts": "systematic, by (phi, psi) strata",
                        **({"trained_stage": trained} if trained else {})},
                       needs=("md", *held_out, *{s for s, _ in flows.values()})))
     from .report import write_report
@@ -626,7 +627,7 @@ def _smooth(folder: Path, inputs: dict, *, settings: dict, smooth: dict, flows: 
 
     from ..data import load_dataset
     from ..energy.evaluator import usable_cores
-    from ..export.check import check_flow_dynamics, equilibrium_starts
+    from ..export.check import check_flow_dynamics, equilibrium_starts, ramachandran_strata
     from ..flows import load_flow
     from ..training.evaluation import backbone_torsions, evaluate_on_frames, ramachandran_pair
     from ..training.metrics import force_rmse
@@ -648,7 +649,7 @@ def _smooth(folder: Path, inputs: dict, *, settings: dict, smooth: dict, flows: 
     say = (lambda text: log.info("smooth: %s", text)) if progress else None
     log_w = data.log_weights if data.weighted else None
     walkers = smooth["langevin_walkers"]
-    starts = equilibrium_starts(data.positions, log_w, walkers, seed)
+    starts = equilibrium_starts(data.positions, log_w, walkers, seed, strata=ramachandran_strata(angles[:, [i, j]]))
     workers = min(walkers, usable_cores())
     # the walkers are independent: one group per core (torch single-threaded in each), the flow walkers of a group in
     # one OpenMM Context whose flow force evaluates them as one batch
@@ -662,7 +663,8 @@ def _smooth(folder: Path, inputs: dict, *, settings: dict, smooth: dict, flows: 
                                        langevin_timestep_fs=smooth["langevin_timestep_fs"],
                                        hydrogen_mass_amu=smooth["hydrogen_mass_amu"] or None, bias_ps=smooth["bias_ps"],
                                        backend=smooth["backend"], seed=seed, figure=folder / "ramachandran.png",
-                                       langevin_starts=starts, contexts=workers, executor=executor, progress=say)
+                                       langevin_starts=starts, contexts=workers, executor=executor,
+                                       angles_file=folder / "langevin_angles.npz", progress=say)
     finally:
         if executor is not None:
             executor.shutdown()
