@@ -307,7 +307,8 @@ def test_smooth_stage_trains_runs_md_and_reports(tmp_path, aldp):
                                              / dyn["nve_forcefield"]["energy_fluctuation_per_dof"])
     lang = dyn["langevin"]  # 2 walkers from equilibrium starts, each in its own process
     assert lang["finite"] and lang["n_walkers"] == 2 and lang["n_frames"] == 6 and 0 <= lang["t_w2"] < math.pi
-    assert [w["seed"] for w in lang["walkers"]] == [0, 1] and all(w["n_frames"] == 3 for w in lang["walkers"])
+    # one Context per usable core: walker k's Context has seed 0 + its first walker ([0, 1] on 2 cores, [0, 0] on 1)
+    assert [w["seed"] for w in lang["walkers"]] in ([0, 1], [0, 0]) and all(w["n_frames"] == 3 for w in lang["walkers"])
     assert all(0 <= w["t_w2"] < math.pi and 0 < w["mean_temperature_K"] < 3000 for w in lang["walkers"])
     ff = dyn["langevin_forcefield"]  # the same walkers on the force field: the T-W2 floor of trajectories this long
     assert ff["mode"] == "forcefield" and ff["steps"] == lang["steps"] and ff["seed"] == lang["seed"]
