@@ -152,12 +152,7 @@ def run_md(molecular_system, positions, flow=None, *, mode: str = "flow", integr
     """
     if integrator not in INTEGRATORS:
         raise ValueError(f"integrator must be one of {INTEGRATORS}, got {integrator!r}")
-    for name, value in (("steps", steps), ("report_every", report_every), ("check_every", check_every)):
-        if int(value) < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if not timestep_fs > 0 or not max_temperature_factor > 0:
-        raise ValueError(f"timestep_fs and max_temperature_factor must be > 0, got {timestep_fs}, "
-                         f"{max_temperature_factor}")
+    _check_run_settings(steps, report_every, check_every, timestep_fs, max_temperature_factor)
     temperature = float(temperature_K or molecular_system.temperature)
     system = build_md_system(molecular_system, flow, mode, backend, flow_group, hydrogen_mass_amu,
                              model_path=model_path)
@@ -216,18 +211,13 @@ def run_md(molecular_system, positions, flow=None, *, mode: str = "flow", integr
                     break
                 t_kin = float(kinetic_temperature(e_kin, n_dof))
                 if t_kin > max_temperature_factor * temperature:
-                    failure = {"step": done, "time_ps": done * dt,
-                               "reason": f"ran away: kinetic temperature {t_kin:.4g} K, more than "
-                                         f"{max_temperature_factor:g} x {temperature:g} K (a smaller timestep, or a "
-                                         f"smoother potential)"}
+                    failure = _runaway(done, dt, t_kin, max_temperature_factor, temperature)
                     break
             if save_every and done % save_every == 0:
                 frames.append(context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer))
             if done >= steps:
                 break
-            n = min(report_every - done % report_every, steps - done)
-            if save_every:
-                n = min(n, save_every - done % save_every)
+            n = _steps_to_next_stop(done, steps, report_every, save_every)
             advanced, failure = _advance(context, integ, n, check_every, describe, dt, "", offset=done)
             done += advanced
             if failure is not None:
@@ -259,18 +249,13 @@ def run_flow_walkers(molecular_system, starts, flow, *, steps: int = 1000, times
     """
     import torch
 
-    from .forces import flow_force
+    from ..flows.sampling import flow_dtype
 
     starts = np.asarray(starts, dtype=np.float64)
     n_atoms = molecular_system.n_atoms
     if starts.ndim != 3 or starts.shape[1:] != (n_atoms, 3) or len(starts) < 1:
         raise ValueError(f"starts must have shape (walkers, {n_atoms}, 3) nm, got {starts.shape}")
-    for name, value in (("steps", steps), ("report_every", report_every), ("check_every", check_every)):
-        if int(value) < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if not timestep_fs > 0 or not max_temperature_factor > 0:
-        raise ValueError(f"timestep_fs and max_temperature_factor must be > 0, got {timestep_fs}, "
-                         f"{max_temperature_factor}")
+    _check_run_settings(steps, report_every, check_every, timestep_fs, max_temperature_factor)
     n_walkers = len(starts)
     temperature = float(temperature_K or molecular_system.temperature)
     one = build_md_system(molecular_system, flow, "forcefield", hydrogen_mass_amu=hydrogen_mass_amu)
@@ -289,7 +274,7 @@ def run_flow_walkers(molecular_system, starts, flow, *, steps: int = 1000, times
     rep = flow.representation
     describe = (lambda x: rep.describe_outside(np.asarray(x).reshape(-1, n_atoms, 3))) \
         if getattr(rep, "hard_walls", False) else None
-    dtype = next(flow.parameters()).dtype
+    dtype = flow_dtype(flow)
     n_dof = 3 * n_atoms - 6  # per walker: its flow energy is invariant under its own rigid motions
     settings = {"temperature_K": temperature, "hydrogen_mass_amu": hydrogen_mass_amu, "backend": backend,
                 "seed": seed, "equilibrate_steps": 0, "friction_per_ps": friction_per_ps,
@@ -318,19 +303,14 @@ def run_flow_walkers(molecular_system, starts, flow, *, steps: int = 1000, times
                     break
                 if hot.any():
                     failed = int(np.flatnonzero(hot)[0])
-                    t_kin = float(kinetic_temperature(e_kin[failed], n_dof))
-                    failure = {"step": done, "time_ps": done * dt,
-                               "reason": f"ran away: kinetic temperature {t_kin:.4g} K, more than "
-                                         f"{max_temperature_factor:g} x {temperature:g} K (a smaller timestep, or a "
-                                         f"smoother potential)"}
+                    failure = _runaway(done, dt, float(kinetic_temperature(e_kin[failed], n_dof)),
+                                       max_temperature_factor, temperature)
                     break
             if save_every and done % save_every == 0:
                 frames.append(np.asarray(x))
         if done >= steps:
             break
-        n = min(report_every - done % report_every, steps - done)
-        if save_every:
-            n = min(n, save_every - done % save_every)
+        n = _steps_to_next_stop(done, steps, report_every, save_every)
         advanced, failure = _advance(context, integ, n, check_every, describe, dt, "", offset=done)
         done += advanced
         if failure is not None:
@@ -350,6 +330,28 @@ def run_flow_walkers(molecular_system, starts, flow, *, steps: int = 1000, times
                   flow_energy=pot[:, k].copy(), positions=frames[:, k], seconds=seconds,
                   failure=failure if k == failed else None, settings={**settings, "walker": k})
             for k in range(n_walkers)]
+
+
+def _check_run_settings(steps, report_every, check_every, timestep_fs, max_temperature_factor) -> None:
+    for name, value in (("steps", steps), ("report_every", report_every), ("check_every", check_every)):
+        if int(value) < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not timestep_fs > 0 or not max_temperature_factor > 0:
+        raise ValueError(f"timestep_fs and max_temperature_factor must be > 0, got {timestep_fs}, "
+                         f"{max_temperature_factor}")
+
+
+def _runaway(step: int, dt: float, t_kin: float, factor: float, temperature: float) -> dict:
+    """The failure of a trajectory whose kinetic temperature ``t_kin`` (K) exceeded ``factor`` x ``temperature``."""
+    return {"step": step, "time_ps": step * dt,
+            "reason": f"ran away: kinetic temperature {t_kin:.4g} K, more than {factor:g} x {temperature:g} K "
+                      f"(a smaller timestep, or a smoother potential)"}
+
+
+def _steps_to_next_stop(done: int, steps: int, report_every: int, save_every: int) -> int:
+    """Steps from ``done`` to the next report, saved frame or the end."""
+    n = min(report_every - done % report_every, steps - done)
+    return min(n, save_every - done % save_every) if save_every else n
 
 
 def _advance(context, integ, n: int, check_every: int, describe, dt: float, label: str, offset: int = 0):
