@@ -203,6 +203,9 @@ def test_training_data_joins_the_fine_tuning(aldp, tmp_path):
                               finetune_batch_size=8, progress=False)
     assert [v["n_train_frames"] for v in summary["flow_versions"]] == [0, 3 * 2 + n_train]
     assert summary["settings"]["train_data"] == str(data.resolve())
+    # the fine-tuning frames are relabelled over aldp's three methyl groups (systems.symmetry)
+    assert summary["settings"]["relabel_equivalent_atoms"] == [list(g) for g in aldp.equivalent_atom_groups]
+    assert len(aldp.equivalent_atom_groups) == 3
     with pytest.raises(ValueError, match="other settings"):
         run_adaptive_mc(aldp, flow_path, tmp_path / "mc.h5", 8, schedule=AdaptSchedule(3), n_walkers=2, md_steps=5,
                         flow_moves=1, batch_size=4, finetune_steps=3, finetune_batch_size=8, progress=False)

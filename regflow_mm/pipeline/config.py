@@ -42,12 +42,15 @@ SCHEMA: dict[str, dict] = {
     # CPU-second; needs a C++ compiler, else training runs eagerly with a warning). val_every_epochs: epochs
     # between validations (a RegFlow epoch over 20k pairs is only ~80 steps; validation is not in the budget).
     # reweight_fraction: the last part of an MLE / NLL+FM run draws batches with the full frame weights.
+    # relabel_equivalent_atoms: each training frame's methyl / ammonium hydrogens relabelled by a random cyclic
+    # shift (``systems.symmetry``), so that every rotor well holds its exact share of the data.
     # mle_finetune_fraction > 0 (method "regflow"): the RegFlow route, i.e. the student trains by RegFlow for the first
     # (1 - fraction) of time_budget_s and is then fine-tuned by MLE (the baseline's settings, its weighted last part
     # included) for the rest (``runner.run_regflow_then_mle``); both the student and the fine-tuned flow are evaluated.
     # With target "reflow" the teacher CNF and its pairs are a stage of their own ("teacher"), evaluated as a
     # generator (exact likelihood, rk4) in "evaluate_teacher" beside the student's training.
-    "train": {"data_weight_power": 0.0, "reweight_fraction": 0.0, "mle_finetune_fraction": 0.0, "method": "regflow", "target": "reflow", "time_budget_s": 150.0, "epochs": 1000,
+    "train": {"data_weight_power": 0.0, "reweight_fraction": 0.0, "relabel_equivalent_atoms": True,
+              "mle_finetune_fraction": 0.0, "method": "regflow", "target": "reflow", "time_budget_s": 150.0, "epochs": 1000,
               "batch_size": 256, "lr": 5e-4, "regularizer": "logdet", "lambda_r": 1e-6, "lambda_n": 0.0,
               "n_pairs": 20000, "teacher_steps": 6000, "val_samples": 0, "ode_method": "dopri5",
               "lr_schedule": "constant", "keep_best": False, "compile": False, "val_every_epochs": 1},
@@ -98,7 +101,7 @@ SCHEMA: dict[str, dict] = {
     # nats. w_fm = 1e-3 (the smooth-flows paper's ratio) lets FM pull the density off the data: on aldp it cost
     # 2.5 nats of held-out NLL and left ESS at 1-3%, while 1e-4 gave ESS 44% at the same force error
     # (BENCHMARKS.md, issue 12, "force-matching weight").
-    # data_weight_power / reweight_fraction: as in [train] (frame weights of enhanced-sampling data).
+    # data_weight_power / reweight_fraction / relabel_equivalent_atoms: as in [train].
     # Then, with the exported force (backend): force RMSE against held-out MD forces (n_test_frames of the
     # test split), nve_equilibrate_ps of Langevin + nve_ps of Verlet NVE at 1 fs on the flow potential and
     # on the force field side by side, langevin_ps of Langevin at langevin_timestep_fs with hydrogens of hydrogen_mass_amu
@@ -127,7 +130,8 @@ SCHEMA: dict[str, dict] = {
     "smooth": {"enabled": False, "layers": 6, "components": 8, "hidden": 128, "open_width": 1.0, "interval": "probit",
                "circle_conditioning": "all",
                "time_budget_s": 300.0, "batch_size": 64, "lr": 1e-3, "w_nll": 1.0, "w_fm": 1e-4,
-               "data_weight_power": 0.0, "reweight_fraction": 0.0, "backend": "torch", "n_test_frames": 2000,
+               "data_weight_power": 0.0, "reweight_fraction": 0.0, "relabel_equivalent_atoms": True,
+               "backend": "torch", "n_test_frames": 2000,
                "nve_equilibrate_ps": 1.0, "nve_ps": 5.0, "langevin_ps": 100.0, "langevin_timestep_fs": 1.0,
                "langevin_walkers": 8, "hydrogen_mass_amu": 0.0, "bias_ps": 1.0, "n_samples": 20000},
 }
@@ -290,7 +294,7 @@ def smooth_settings(config: dict) -> dict:
                 "method": "nll+fm", "w_nll": sm["w_nll"], "w_fm": sm["w_fm"], "time_budget_s": sm["time_budget_s"],
                 "epochs": 100000, "batch_size": sm["batch_size"], "lr": sm["lr"], "lr_schedule": "cosine",
                 "data_weight_power": sm["data_weight_power"], "reweight_fraction": sm["reweight_fraction"],
-                "dtype": "float64", "val_samples": 0, "val_every_epochs": 1000, "checkpoint_every": 100000,
+                "relabel_equivalent_atoms": sm["relabel_equivalent_atoms"], "dtype": "float64", "val_samples": 0, "val_every_epochs": 1000, "checkpoint_every": 100000,
                 "seed": config["run"]["seed"], "device": config["run"]["device"]}
     TrainConfig.from_dict(settings)
     return settings

@@ -153,7 +153,7 @@ def run_adaptive_mc(system, flow_path: str | Path, out: str | Path, n_iterations
                     schedule: AdaptSchedule, temperature: float | None = None, train_data: str | Path | None = None,
                     finetune_steps: int = 200, finetune_batch_size: int = 256, finetune_lr: float = 1e-3,
                     finetune_proposals: int = 0, finetune_proposal_mass: float = 0.5,
-                    n_walkers: int = 2, md_steps: int = 500, timestep_fs: float = 1.0,
+                    relabel_equivalent_atoms: bool = True, n_walkers: int = 2, md_steps: int = 500, timestep_fs: float = 1.0,
                     friction_per_ps: float | None = None, flow_moves: int = 1, reject_d_chirality: bool | None = None,
                     batch_size: int = 256, seed: int = 0, platform: str = "Reference", checkpoint_every: int = 20,
                     progress: bool = True) -> dict:
@@ -164,7 +164,9 @@ def run_adaptive_mc(system, flow_path: str | Path, out: str | Path, n_iterations
     train_data: an MD dataset whose train split (with its frame weights) joins the chain's frames in
     every fine-tuning (MolecularSystem only). finetune_*: Adam steps, minibatch, learning rate;
     finetune_proposals: importance-weighted flow samples drawn at each update (0: none), which get
-    finetune_proposal_mass (in (0, 1]) of the batches.
+    finetune_proposal_mass (in (0, 1]) of the batches. relabel_equivalent_atoms (MolecularSystem only): every
+    fine-tuning frame's methyl / ammonium hydrogens relabelled by a random cyclic shift (``systems.symmetry``):
+    short chains, like short MD, leave a rotor's equivalent wells unequally filled.
     reject_d_chirality: default True for a MolecularSystem. The other arguments are those of
     ``run_hybrid_mc``. Reruns with the same ``out`` resume; ``n_iterations`` may grow between reruns.
     Returns :func:`adaptive_summary` plus CPU seconds of this run in MD, flow moves and fine-tuning.
@@ -193,6 +195,9 @@ def run_adaptive_mc(system, flow_path: str | Path, out: str | Path, n_iterations
                 "train_data": None if train_data is None else str(Path(train_data).resolve()), "platform": platform}
     if finetune_proposals:  # (absent when off: chains written before these settings existed still resume)
         settings.update(finetune_proposals=int(finetune_proposals), finetune_proposal_mass=float(finetune_proposal_mass))
+    groups = molsys.equivalent_atom_groups if relabel_equivalent_atoms and molsys is not None else []
+    if groups:  # (absent without groups, as above)
+        settings["relabel_equivalent_atoms"] = [list(g) for g in groups]
     flow_hash = flow_file_hash(flow_path)
     thermo = ThermodynamicState(openmm_system, temperature * unit.kelvin)
     flows_dir = flow_versions_dir(out)
@@ -308,7 +313,9 @@ def _weighted_proposals(flow, target, n: int, seed: int) -> tuple[np.ndarray, np
 def _fine_tune(out: Path, flows_dir: Path, versions: list[dict], n_done: int, data, settings: dict,
                seed: int, target) -> dict:
     """Fine-tune the newest version on the chain's frames [0, n_done) (+ data, + weighted proposals of the
-    newest version), save and record the next one. target: (openmm.System, temperature K)."""
+    newest version; equivalent atoms relabelled where the settings name groups), save and record the next
+    one. target: (openmm.System, temperature K)."""
+    from regflow_mm.systems.symmetry import relabel_equivalent_atoms
     from regflow_mm.training.finetune import fine_tune_nll
 
     version = len(versions)
@@ -324,6 +331,8 @@ def _fine_tune(out: Path, flows_dir: Path, versions: list[dict], n_done: int, da
     if settings.get("finetune_proposals"):
         xp, lwp, proposal_ess = _weighted_proposals(flow, target, settings["finetune_proposals"], tune_seed)
         x, lw = np.concatenate([x, xp]), pooled_log_weights(lw, lwp, settings["finetune_proposal_mass"])
+    if settings.get("relabel_equivalent_atoms"):  # p is symmetric: relabelled frames keep their weights
+        x, _ = relabel_equivalent_atoms(x, [tuple(g) for g in settings["relabel_equivalent_atoms"]], seed=tune_seed)
     weighted = data is not None or proposal_ess is not None
     result = fine_tune_nll(flow, x, steps=settings["finetune_steps"], batch_size=settings["finetune_batch_size"],
                            lr=settings["finetune_lr"], log_weights=lw if weighted else None, seed=tune_seed)

@@ -7,6 +7,7 @@ every atom, so bond lengths to hydrogens must stay free.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import tomllib
@@ -148,6 +149,13 @@ class MolecularSystem:
     def __repr__(self):
         return (f"MolecularSystem({self.name!r}, n_atoms={self.n_atoms}, T={self.temperature} K, "
                 f"forcefield={list(self.spec.forcefield)}, hash={self.spec_hash[:12]})")
+
+    @functools.cached_property
+    def equivalent_atom_groups(self) -> list[tuple[int, ...]]:
+        """Groups of atoms whose cyclic relabelling leaves the energy unchanged (methyl and ammonium
+        hydrogens), found and checked by ``systems.symmetry.equivalent_atom_groups``."""
+        from .symmetry import equivalent_atom_groups
+        return equivalent_atom_groups(self)
 
     @property
     def chiral_residues(self) -> list[str]:

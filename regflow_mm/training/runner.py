@@ -82,6 +82,13 @@ def load_training_data(config: TrainConfig, min_train: int | None = None):
         raise ValueError(f"dataset {config.data} has non-finite energies; re-simulate it")
     if config.method == "nll+fm" and not np.isfinite(dataset.forces).all():
         raise ValueError(f"dataset {config.data} has non-finite forces; re-simulate it")
+    if config.relabel_equivalent_atoms:
+        from dataclasses import replace
+
+        from ..systems.symmetry import relabel_equivalent_atoms
+        positions, forces = relabel_equivalent_atoms(dataset.positions, system.equivalent_atom_groups,
+                                                     seed=config.seed, forces=dataset.forces)
+        dataset = replace(dataset, positions=positions.astype(dataset.positions.dtype), forces=forces)
     return system, dataset
 
 
@@ -247,7 +254,9 @@ def run_training(config: TrainConfig, out_dir: str | Path, *, progress: bool = T
         finished = "final_metrics" in info and (out_dir / "flow.pt").exists()
         info.update(regflow_mm=__version__, torch=torch.__version__, device=str(dist.device),
                     world_size=dist.world_size, dataset=str(config.data), dataset_frames=len(dataset),
-                    train_frames=int(train.shape[0]), dataset_hash=tensor_hash(train))
+                    train_frames=int(train.shape[0]), dataset_hash=tensor_hash(train),
+                    relabelled_groups=[list(g) for g in system.equivalent_atom_groups]
+                    if config.relabel_equivalent_atoms else [])
         if config.init_flow:
             from ..flows.io import flow_file_hash
             digest = flow_file_hash(config.init_flow)

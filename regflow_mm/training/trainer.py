@@ -191,6 +191,11 @@ class TrainConfig:
     # to the frames as sampled (widest coverage), then pulled onto the reweighted ensemble at the annealed
     # learning rate, is a far better importance sampler (BENCHMARKS.md, "weighted phase").
     reweight_fraction: float = 0.0
+    # Relabel each frame's groups of equivalent atoms (methyl and ammonium hydrogens) by a random cyclic
+    # shift before training (``systems.symmetry``): the data then give each rotor well its exact 1/3,
+    # which a short MD run does not (al3: 7-75% in the wells of one methyl between the halves of 2 ns;
+    # relabelled, the same data gave a smooth flow with ESS 26% instead of 0.26%, BENCHMARKS.md).
+    relabel_equivalent_atoms: bool = True
     # groups
     teacher: TeacherSettings = field(default_factory=TeacherSettings)
     couplings: CouplingSettings = field(default_factory=CouplingSettings)
