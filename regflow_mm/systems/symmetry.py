@@ -47,12 +47,16 @@ def relabel(positions: np.ndarray, group: tuple[int, ...], shifts: np.ndarray) -
     """Copy of ``positions`` (B, n_atoms, 3) with the atoms of ``group`` relabelled cyclically by
     ``shifts`` (B,) ints: atom group[i] takes the coordinates of group[(i + shift) % len(group)]."""
     out = np.array(positions, copy=True)
+    _relabel_in_place(out, group, shifts)
+    return out
+
+
+def _relabel_in_place(arr: np.ndarray, group, shifts) -> None:
     idx = np.asarray(group)
     m = len(idx)
     source = idx[(np.arange(m)[None, :] + np.asarray(shifts)[:, None]) % m]  # (B, m)
-    rows = np.arange(out.shape[0])[:, None]
-    out[rows, idx[None, :]] = np.asarray(positions)[rows, source]
-    return out
+    rows = np.arange(arr.shape[0])[:, None]
+    arr[rows, idx[None, :]] = arr[rows, source]  # the right side is a copy of the group's atoms only
 
 
 def _energy(context: openmm.Context, x: np.ndarray) -> float:
@@ -94,11 +98,13 @@ def relabel_equivalent_atoms(positions: np.ndarray, groups, seed: int, forces: n
     if forces is not None and np.shape(forces) != positions.shape:
         raise ValueError(f"forces {np.shape(forces)} must have the positions' shape {positions.shape}")
     rng = np.random.default_rng(seed)
+    positions = positions.copy()
+    forces = None if forces is None else np.array(forces, copy=True)
     for group in groups:
         if max(group) >= positions.shape[1]:
             raise ValueError(f"equivalent-atom group {group} does not fit {positions.shape[1]} atoms")
         shifts = rng.integers(0, len(group), size=positions.shape[0])
-        positions = relabel(positions, group, shifts)
+        _relabel_in_place(positions, group, shifts)
         if forces is not None:
-            forces = relabel(forces, group, shifts)
+            _relabel_in_place(forces, group, shifts)
     return positions, forces

@@ -88,7 +88,7 @@ def load_training_data(config: TrainConfig, min_train: int | None = None):
         from ..systems.symmetry import relabel_equivalent_atoms
         positions, forces = relabel_equivalent_atoms(dataset.positions, system.equivalent_atom_groups,
                                                      seed=config.seed, forces=dataset.forces)
-        dataset = replace(dataset, positions=positions.astype(dataset.positions.dtype), forces=forces)
+        dataset = replace(dataset, positions=positions, forces=forces)
     return system, dataset
 
 
