@@ -294,7 +294,8 @@ def smooth_settings(config: dict) -> dict:
                 "method": "nll+fm", "w_nll": sm["w_nll"], "w_fm": sm["w_fm"], "time_budget_s": sm["time_budget_s"],
                 "epochs": 100000, "batch_size": sm["batch_size"], "lr": sm["lr"], "lr_schedule": "cosine",
                 "data_weight_power": sm["data_weight_power"], "reweight_fraction": sm["reweight_fraction"],
-                "relabel_equivalent_atoms": sm["relabel_equivalent_atoms"], "dtype": "float64", "val_samples": 0, "val_every_epochs": 1000, "checkpoint_every": 100000,
+                "relabel_equivalent_atoms": sm["relabel_equivalent_atoms"], "dtype": "float64", "val_samples": 0,
+                "val_every_epochs": 1000, "checkpoint_every": 100000,
                 "seed": config["run"]["seed"], "device": config["run"]["device"]}
     TrainConfig.from_dict(settings)
     return settings

@@ -153,7 +153,8 @@ def run_adaptive_mc(system, flow_path: str | Path, out: str | Path, n_iterations
                     schedule: AdaptSchedule, temperature: float | None = None, train_data: str | Path | None = None,
                     finetune_steps: int = 200, finetune_batch_size: int = 256, finetune_lr: float = 1e-3,
                     finetune_proposals: int = 0, finetune_proposal_mass: float = 0.5,
-                    relabel_equivalent_atoms: bool = True, n_walkers: int = 2, md_steps: int = 500, timestep_fs: float = 1.0,
+                    relabel_equivalent_atoms: bool = True, n_walkers: int = 2, md_steps: int = 500,
+                    timestep_fs: float = 1.0,
                     friction_per_ps: float | None = None, flow_moves: int = 1, reject_d_chirality: bool | None = None,
                     batch_size: int = 256, seed: int = 0, platform: str = "Reference", checkpoint_every: int = 20,
                     progress: bool = True) -> dict:
