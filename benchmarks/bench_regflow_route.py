@@ -35,7 +35,7 @@ from regflow_mm.flows import load_flow
 from regflow_mm.pipeline.config import train_settings, validate
 from regflow_mm.training.evaluation import evaluate_flow, scalar_metrics
 from regflow_mm.training.runner import run_regflow_then_mle, run_training
-from regflow_mm.training.trainer import TrainConfig
+from regflow_mm.training.trainer import TrainConfig, TrainingDiverged
 
 METHODS = ("mle", "route", "mle_total")
 
@@ -55,7 +55,8 @@ def train_one(method: str, seed: int, config: dict, data: str, work: Path, args,
     mle = {**train_settings(config, method="mle"), "seed": seed, "data": data}
     t = time.process_time()
     if method == "route":
-        regflow = {**train_settings(config), "seed": seed, "data": data,
+        as_regflow = {**config, "train": {**config["train"], "method": "regflow"}}  # runs whose main flow is MLE (al4)
+        regflow = {**train_settings(as_regflow), "seed": seed, "data": data,
                    "time_budget_s": (1.0 - args.mle_fraction) * budget}
         folder = work / f"route_s{seed}"
         info = run_regflow_then_mle(TrainConfig.from_dict(regflow),
@@ -84,17 +85,24 @@ def report(args, config: dict, rows: list[dict]) -> str:
     lines = ["| method | seed | student CPU-s | ESS [5%, 95%] | E-W1 (kT) | T-W2 (rad) | NLL | above max ref. energy "
              "| D |", "|" + "---|" * 9]
     for r in sorted(rows, key=lambda r: (METHODS.index(r["method"]), r["seed"])):
+        if r.get("diverged_step") is not None:
+            lines.append(f"| {r['method']} | {r['seed']} | {r['budget_s']:.0f} | diverged at step {r['diverged_step']} "
+                         f"({r['error']}) | | | | | |")
+            continue
         lines.append(f"| {r['method']} | {r['seed']} | {r['budget_s']:.0f} | {r['ess']:.3f} [{r['ess_p05']:.3f}, "
                      f"{r['ess_p95']:.3f}] | {r['e_w1']:.3f} | {r['t_w2']:.3f} | {r['nll']:.2f} "
                      f"| {r['above_max_fraction']:.4f} | {r['d_fraction']:.4f} |")
-    summary = ["| method | seeds | median ESS | median E-W1 (kT) | median T-W2 (rad) | median NLL |", "|---|---|---|---|---|---|"]
+    summary = ["| method | seeds | diverged | median ESS | median E-W1 (kT) | median T-W2 (rad) | median NLL |",
+               "|---|---|---|---|---|---|---|"]
     for method in METHODS:
         mine = [r for r in rows if r["method"] == method]
+        done = [r for r in mine if r.get("diverged_step") is None]
         if mine:
-            med = {c: float(np.median([r[c] for r in mine])) for c in cols}
+            med = {c: float(np.median([r[c] for r in done])) if done else float("nan") for c in cols}
             summary.append(f"| {method} | {', '.join(str(r['seed']) for r in sorted(mine, key=lambda r: r['seed']))} "
-                           f"| **{med['ess']:.3f}** | **{med['e_w1']:.3f}** | {med['t_w2']:.3f} | {med['nll']:.2f} |")
-    route = [r for r in rows if r["method"] == "route"]
+                           f"| {len(mine) - len(done)} of {len(mine)} | **{med['ess']:.3f}** | **{med['e_w1']:.3f}** "
+                           f"| {med['t_w2']:.3f} | {med['nll']:.2f} |")
+    route = [r for r in rows if r["method"] == "route" and r.get("diverged_step") is None]
     cost = (f"teacher {np.mean([r['teacher_s'] for r in route]):.0f} s + reflow pairs "
             f"{np.mean([r['pairs_s'] for r in route]):.0f} s per seed (wall, one thread)") if route else "-"
     b = config["train"]["time_budget_s"]
@@ -139,15 +147,22 @@ def main(argv=None) -> int:
         return [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
 
     if not args.report:
-        stages = json.loads((run / "metrics.json").read_text())["stages"]
+        # a finished run's metrics.json, else the stage records (a run still training its flows)
+        stages = (json.loads((run / "metrics.json").read_text())["stages"] if (run / "metrics.json").exists() else
+                  {name: json.loads((run / name / "stage.json").read_text())["results"] for name in ("md", "reference")})
         reference = load_dataset(stages["reference"]["reference"])
         jobs = [(m, s) for s in args.seeds for m in ("mle", "route")] + [("mle_total", s) for s in args.equal_total_seeds]
         for method, seed in jobs:
             if any(r["method"] == method and r["seed"] == seed for r in rows()):
                 continue
-            row = train_one(method, seed, config, stages["md"]["dataset"], work, args, rows())
-            folder = work / (f"route_s{seed}/mle_finetune" if method == "route" else f"{method}_s{seed}")
-            row.update(evaluate(folder, reference, seed, args))
+            try:
+                row = train_one(method, seed, config, stages["md"]["dataset"], work, args, rows())
+            except TrainingDiverged as err:  # a failure to count, not a crash of the benchmark
+                row = {"method": method, "seed": seed, "budget_s": config["train"]["time_budget_s"],
+                       "diverged_step": err.step, "error": str(err)}
+            else:
+                folder = work / (f"route_s{seed}/mle_finetune" if method == "route" else f"{method}_s{seed}")
+                row.update(evaluate(folder, reference, seed, args), diverged_step=None)
             print(json.dumps(row), flush=True)
             with open(rows_path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from regflow_mm.flows.base import Flow
-from regflow_mm.training.objectives import force_matching_loss, nll_loss, regflow_loss, reverse_kl_loss
+from regflow_mm.training.objectives import (force_matching_loss, nll_loss, regflow_loss, regression_scale,
+                                            reverse_kl_loss)
 
 D = 3
 LOG2 = math.log(2.0)
@@ -50,6 +51,33 @@ def test_regflow_loss_is_exactly_the_formula():
     assert loss.item() == pytest.approx(9.5 + 2.0 * D * 0.01)
     with pytest.raises(ValueError, match="regularizer"):
         regflow_loss(_Affine(), X0, X1, regularizer="jacobian")
+
+
+def test_regflow_standardised_errors_wrap_before_scaling():
+    # residuals [[0, 1, -1], [1, 0, 4]]; dim 2 a circle: wrapped -1 -> 0, 4 -> 0; scales (1, 0.5, 0.25)
+    scale = torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64)
+    loss, _ = regflow_loss(_Affine(), X0, X1, circular=torch.tensor([False, False, True]), scale=scale)
+    assert loss.item() == pytest.approx((4 + 1) / 2)
+    loss, _ = regflow_loss(_Affine(), X0, X1, scale=scale)
+    assert loss.item() == pytest.approx((4 + 16 + 1 + 256) / 2)
+
+
+def test_regression_scale_is_the_spread_on_intervals_and_circles():
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    narrow = 0.5 + 0.01 * torch.randn(n, generator=g, dtype=torch.float64)
+    across_seam = torch.remainder(0.03 * torch.randn(n, generator=g, dtype=torch.float64), 1.0)  # wraps at 0 / 1
+    uniform = torch.rand(n, generator=g, dtype=torch.float64)
+    x1 = torch.stack([narrow, across_seam, uniform, across_seam], 1)
+    s = regression_scale(x1, circular=torch.tensor([False, True, True, False]))
+    assert s[0].item() == pytest.approx(0.01, rel=0.01)
+    assert s[1].item() == pytest.approx(0.03, rel=0.01)  # the circular spread, not the seam's ~0.5
+    assert s[2].item() == pytest.approx(12 ** -0.5, rel=1e-6)  # capped at a uniform circle's
+    assert s[3].item() > 0.4  # the same column as an interval: its linear spread
+    with pytest.raises(ValueError, match="finite"):
+        regression_scale(torch.tensor([[float("nan"), 0.0], [1.0, 2.0]]))
+    with pytest.raises(ValueError, match="one entry per dimension"):
+        regression_scale(x1, circular=torch.tensor([True]))
 
 
 def test_regflow_noise_from_generator_is_seeded():

@@ -37,8 +37,8 @@ TRAIN_CODE_VERSION = 4
 # Settings of the RegFlow student's optimisation alone: the teacher stage's key leaves them out.
 _STUDENT_ONLY = ("time_budget_s", "epochs", "max_steps", "batch_size", "lr", "weight_decay", "ema_decay", "ema_warmup",
                  "grad_clip", "lr_schedule", "log_every", "checkpoint_every", "compile", "val_every_epochs",
-                 "val_samples", "val_torsion_samples", "keep_best", "early_stop_patience", "regularizer", "lambda_r",
-                 "lambda_n", "lambda_kl", "kl_batch_size", "kl_energy_cap_kT")
+                 "val_samples", "val_torsion_samples", "keep_best", "early_stop_patience", "regression_units",
+                 "regularizer", "lambda_r", "lambda_n", "lambda_kl", "kl_batch_size", "kl_energy_cap_kT")
 
 
 def run_pipeline(config: dict | str | Path | None, out: str | Path, progress: bool = True) -> Path:

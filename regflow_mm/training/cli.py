@@ -11,6 +11,7 @@ _TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--architecture": ("architecture", str, "nsf (default), resnvp, ar-nsf, smooth, gaussian"),
     "--method": ("method", str, "regflow (default), mle or nll+fm"),
     "--target": ("target", str, "regflow target: reflow (teacher CNF, default) or ot"),
+    "--regression-units": ("regression_units", str, "standardised (default: errors per dimension's spread) or raw"),
     "--regularizer": ("regularizer", str, "none, logdet (default) or fwd_bwd"),
     "--lambda-r": ("lambda_r", float, "regulariser weight (default 1e-6)"),
     "--lambda-n": ("lambda_n", float, "target noise scale in flow-space units (default 0)"),

@@ -5,11 +5,12 @@ Each returns ``(loss, parts)``: a scalar tensor to minimise and a dict of floats
 part: ...}``), with no host synchronisation, so that ``torch.compile`` captures them in one graph
 (the trainer's ``compile`` setting); ``as_parts(terms)`` gives the float dict.
 
-- ``regflow_loss``: RegFlow regression E||f(x0) - x1||^2 + lambda_r R on fixed pairs, targets
+- ``regflow_loss``: RegFlow regression E||(f(x0) - x1) / s||^2 + lambda_r R on fixed pairs, targets
   noised x1 + lambda_n eps; R = "none" | "logdet" ((log|det J_f(x0)|)^2, reuses the forward
   log-det) | "fwd_bwd" (||f^-1(f(x0)) - x0||^2, about twice the cost). The norm is summed over
   the D flow-space dimensions and averaged over the batch, exactly as written; on ``circular``
   dimensions (circles [0, 1)) the difference is taken on the circle, wrapped into [-1/2, 1/2).
+  ``s`` (D,) is 1 (raw flow-space units) or ``regression_scale(x1)``, each dimension's own spread.
 - ``nll_loss``: maximum likelihood, -E log q(y) with log q(y) = log p_prior(f^-1(y)) + log|det J_f^-1(y)|.
 - ``force_matching_loss``: E||F/kT - grad_x log q(x)||^2 on Cartesian coordinates (kT/nm).
 - ``reverse_kl_loss``: E_q[log q(x) + u(x)] (kT) with reparameterised flow samples and
@@ -22,6 +23,31 @@ import torch
 from .cnf import wrap_difference
 
 REGULARIZERS = ("none", "logdet", "fwd_bwd")
+REGRESSION_UNITS = ("standardised", "raw")
+
+
+def regression_scale(x1: torch.Tensor, circular: torch.Tensor | None = None) -> torch.Tensor:
+    """Each dimension's spread s (D,) of the RegFlow targets x1 (N, D), in flow-space units.
+
+    Interval dimensions: the standard deviation; circles of period 1 (``circular`` (D,) bool): the circular
+    standard deviation sqrt(-2 ln R) / (2 pi), R the mean resultant length, at most 1/sqrt(12) (a uniform
+    circle's). Floored at 1e-8. Dividing the regression errors by s weighs a bond's error of one standard
+    deviation as much as a torsion's: in raw units the narrowest, stiffest coordinates (bond spreads ~1e-2 of
+    the box) count ~1e-4 as much as a wide torsion, and the student's error there exceeds their width.
+    """
+    if x1.dim() != 2 or x1.shape[0] < 2 or not torch.isfinite(x1).all():
+        raise ValueError(f"regression_scale needs finite targets of shape (N >= 2, D), got {tuple(x1.shape)}")
+    x = x1.detach().double()
+    scale = x.std(0)
+    if circular is not None:
+        circ = torch.as_tensor(circular, dtype=torch.bool, device=x.device)
+        if circ.shape != scale.shape:
+            raise ValueError(f"circular must have one entry per dimension ({scale.numel()}), got {tuple(circ.shape)}")
+        angle = 2 * torch.pi * x
+        r = torch.sqrt(torch.cos(angle).mean(0) ** 2 + torch.sin(angle).mean(0) ** 2)
+        circ_std = torch.sqrt(-2 * torch.log(r.clamp(1e-300, 1.0))) / (2 * torch.pi)
+        scale = torch.where(circ, circ_std.clamp_max(12 ** -0.5), scale)
+    return scale.clamp_min(1e-8).to(x1.dtype)
 
 
 def as_parts(terms: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -37,13 +63,14 @@ def regflow_loss(transform, x0: torch.Tensor, x1: torch.Tensor, **options) -> tu
 
 def regflow_terms(transform, x0: torch.Tensor, x1: torch.Tensor, *, regularizer: str = "none",
                   lambda_r: float = 0.0, lambda_n: float = 0.0, noise: torch.Tensor | None = None,
-                  generator: torch.Generator | None = None,
-                  circular: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                  generator: torch.Generator | None = None, circular: torch.Tensor | None = None,
+                  scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """RegFlow loss and its parts as scalar tensors, on pairs x0 (B, D) latent, x1 (B, D) targets.
 
     ``transform`` is a Flow (latent -> flow space). ``noise`` (B, D) is eps for the target noise;
     drawn from ``generator`` when omitted and ``lambda_n > 0``. ``circular`` (D,) bool: dimensions
     that are circles of period 1, where y - x1 is wrapped into [-1/2, 1/2) (the torus distance).
+    ``scale`` (D,): errors are divided by it after wrapping (``regression_scale``); None: raw units.
     """
     if regularizer not in REGULARIZERS:
         raise ValueError(f"regularizer must be one of {REGULARIZERS}, got {regularizer!r}")
@@ -57,6 +84,8 @@ def regflow_terms(transform, x0: torch.Tensor, x1: torch.Tensor, *, regularizer:
     diff = y - x1
     if circular is not None:  # no data-dependent branch here: torch.compile keeps one graph
         diff = torch.where(circular.to(diff.device), wrap_difference(diff), diff)
+    if scale is not None:
+        diff = diff / scale.to(diff)
     regression = diff.pow(2).sum(1).mean()
     terms = {"regression": regression.detach()}
     loss = regression

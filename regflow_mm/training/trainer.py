@@ -41,7 +41,7 @@ from ..progress import progress_bar
 from ..validation import check_types
 from .couplings import derived_seed
 from .distributed import DistInfo, all_reduce_max, all_reduce_mean, average_gradients
-from .objectives import REGULARIZERS, as_parts, force_matching_loss, nll_terms, regflow_terms, reverse_kl_loss
+from .objectives import REGRESSION_UNITS, REGULARIZERS, as_parts, force_matching_loss, nll_terms, regflow_terms, regression_scale, reverse_kl_loss
 
 METHODS = ("regflow", "mle", "nll+fm")
 TARGETS = ("reflow", "ot")
@@ -138,7 +138,7 @@ class ValidationSettings:
 _GROUPS = {"teacher": TeacherSettings, "couplings": CouplingSettings, "optim": OptimSettings,
            "validation": ValidationSettings}
 # Objective settings that only RegFlow's regression loss reads (with the teacher and coupling groups).
-_REGFLOW_OBJECTIVE = ("regularizer", "lambda_r", "lambda_n")
+_REGFLOW_OBJECTIVE = ("regression_units", "regularizer", "lambda_r", "lambda_n")
 
 
 @dataclass(init=False)
@@ -173,6 +173,10 @@ class TrainConfig:
     # with lambda_kl > 0. Empty: random initialisation (seeded).
     init_flow: str = ""
     # objective
+    # RegFlow's regression errors in "standardised" units (each flow-space dimension divided by the targets'
+    # spread, ``objectives.regression_scale``) or "raw" flow-space units (the narrow bond and angle dimensions
+    # then carry almost no weight).
+    regression_units: str = "standardised"
     regularizer: str = "logdet"
     lambda_r: float = 1e-6
     lambda_n: float = 0.0
@@ -241,6 +245,8 @@ class TrainConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.regression_units not in REGRESSION_UNITS:
+            raise ValueError(f"regression_units must be one of {REGRESSION_UNITS}, got {self.regression_units!r}")
         if self.regularizer not in REGULARIZERS:
             raise ValueError(f"regularizer must be one of {REGULARIZERS}, got {self.regularizer!r}")
         if not 0.0 <= self.data_weight_power <= 1.0:
@@ -468,6 +474,8 @@ class Trainer:
         # torsions on circles of period 1: RegFlow regression errors are taken around the circle
         circ = getattr(self.flow.representation, "circular", None)
         self._circular = circ.to(self.device) if circ is not None and bool(circ.any()) else None
+        self._regression_scale = (regression_scale(self.data[1], self._circular)
+                                  if config.method == "regflow" and config.regression_units == "standardised" else None)
         if config.compile:
             self._nll_terms, self._regflow_terms = compiled_or_eager(nll_terms), compiled_or_eager(regflow_terms)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -575,7 +583,7 @@ class Trainer:
                 noise = noise[mine].to(self.device)
             terms = self._regflow_terms(self.flow.transform, batch[0], batch[1], regularizer=cfg.regularizer,
                                         lambda_r=cfg.lambda_r, lambda_n=cfg.lambda_n, noise=noise,
-                                        circular=self._circular)
+                                        circular=self._circular, scale=self._regression_scale)
             loss, parts = terms["loss"], as_parts(terms)
         elif cfg.method == "mle":
             terms = self._nll_terms(self.flow.transform, self.flow.prior, batch[0])
