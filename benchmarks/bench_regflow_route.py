@@ -83,15 +83,15 @@ def train_one(method: str, seed: int, config: dict, data: str, work: Path, args,
 def report(args, config: dict, rows: list[dict]) -> str:
     cols = ("ess", "ess_p05", "ess_p95", "e_w1", "t_w2", "nll", "above_max_fraction", "d_fraction")
     lines = ["| method | seed | student CPU-s | ESS [5%, 95%] | E-W1 (kT) | T-W2 (rad) | NLL | above max ref. energy "
-             "| D |", "|" + "---|" * 9]
+             "| D | basins missed |", "|" + "---|" * 10]
     for r in sorted(rows, key=lambda r: (METHODS.index(r["method"]), r["seed"])):
         if r.get("diverged_step") is not None:
             lines.append(f"| {r['method']} | {r['seed']} | {r['budget_s']:.0f} | diverged at step {r['diverged_step']} "
-                         f"({r['error']}) | | | | | |")
+                         f"({r['error']}) | | | | | | |")
             continue
-        lines.append(f"| {r['method']} | {r['seed']} | {r['budget_s']:.0f} | {r['ess']:.3f} [{r['ess_p05']:.3f}, "
-                     f"{r['ess_p95']:.3f}] | {r['e_w1']:.3f} | {r['t_w2']:.3f} | {r['nll']:.2f} "
-                     f"| {r['above_max_fraction']:.4f} | {r['d_fraction']:.4f} |")
+        lines.append(f"| {r['method']} | {r['seed']} | {r['budget_s']:.0f} | {r['ess']:.2%} [{r['ess_p05']:.2%}, "
+                     f"{r['ess_p95']:.2%}] | {r['e_w1']:.3f} | {r['t_w2']:.3f} | {r['nll']:.2f} "
+                     f"| {r['above_max_fraction']:.4f} | {r['d_fraction']:.4f} | {r['basins_missing']} |")
     summary = ["| method | seeds | diverged | median ESS | median E-W1 (kT) | median T-W2 (rad) | median NLL |",
                "|---|---|---|---|---|---|---|"]
     for method in METHODS:
@@ -100,7 +100,7 @@ def report(args, config: dict, rows: list[dict]) -> str:
         if mine:
             med = {c: float(np.median([r[c] for r in done])) if done else float("nan") for c in cols}
             summary.append(f"| {method} | {', '.join(str(r['seed']) for r in sorted(mine, key=lambda r: r['seed']))} "
-                           f"| {len(mine) - len(done)} of {len(mine)} | **{med['ess']:.3f}** | **{med['e_w1']:.3f}** "
+                           f"| {len(mine) - len(done)} of {len(mine)} | **{med['ess']:.2%}** | **{med['e_w1']:.3f}** "
                            f"| {med['t_w2']:.3f} | {med['nll']:.2f} |")
     route = [r for r in rows if r["method"] == "route" and r.get("diverged_step") is None]
     cost = (f"teacher {np.mean([r['teacher_s'] for r in route]):.0f} s + reflow pairs "
@@ -108,8 +108,8 @@ def report(args, config: dict, rows: list[dict]) -> str:
     b = config["train"]["time_budget_s"]
     return f"""# bench_regflow_route: RegFlow then MLE vs MLE from scratch, {len({r['seed'] for r in rows})} seeds
 
-Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_regflow_route.py --run {args.run} --seeds ... \
---mle-fraction {args.mle_fraction} --n-samples {args.n_samples} --workdir {args.workdir}` (two processes side by
+Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_regflow_route.py --run {args.run} --seeds \
+{' '.join(str(s) for s in sorted({r['seed'] for r in rows}))} --mle-fraction {args.mle_fraction} --n-samples {args.n_samples} --workdir {args.workdir}` (two processes side by
 side on the two cores, seeds split between them). Machine: 2-core CPU, no GPU ({platform.processor() or
 platform.machine()}, 1 torch thread per process), shared. Date: {datetime.date.today().isoformat()}.
 Data: the run's training frames; evaluation against its held-out reference run with the frame weights,
