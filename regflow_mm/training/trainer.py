@@ -41,7 +41,8 @@ from ..progress import progress_bar
 from ..validation import check_types
 from .couplings import derived_seed
 from .distributed import DistInfo, all_reduce_max, all_reduce_mean, average_gradients
-from .objectives import REGRESSION_UNITS, REGULARIZERS, as_parts, force_matching_loss, nll_terms, regflow_terms, regression_scale, reverse_kl_loss
+from .objectives import (REGRESSION_UNITS, REGULARIZERS, as_parts, force_matching_loss, nll_terms, regflow_terms,
+                         regression_scale, reverse_kl_loss)
 
 METHODS = ("regflow", "mle", "nll+fm")
 TARGETS = ("reflow", "ot")
@@ -151,7 +152,8 @@ class TrainConfig:
     flat names (``TrainConfig(batch_size=64, teacher_steps=100)``); reading a flat name
     (``config.batch_size``) reads it from its group (``config.optim.batch_size``).
 
-    Units: lambda_* are dimensionless weights on losses in flow-space units^2 (regression),
+    Units: lambda_* are dimensionless weights on losses in units of each dimension's spread^2 (regression;
+    flow-space units^2 with regression_units 'raw'),
     nats (NLL), (kT/nm)^2 (force matching) and kT (reverse KL); time budgets in CPU seconds.
 
     Method 'nll+fm' minimises w_n NLL + w_f FM + w_k KL with (w_n, w_f, w_k) = (w_nll, w_fm, lambda_kl):
