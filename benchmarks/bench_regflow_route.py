@@ -106,10 +106,12 @@ def report(args, config: dict, rows: list[dict]) -> str:
     cost = (f"teacher {np.mean([r['teacher_s'] for r in route]):.0f} s + reflow pairs "
             f"{np.mean([r['pairs_s'] for r in route]):.0f} s per seed (wall, one thread)") if route else "-"
     b = config["train"]["time_budget_s"]
+    total_seeds = sorted(r["seed"] for r in rows if r["method"] == "mle_total")
+    total = f" --equal-total-seeds {' '.join(map(str, total_seeds))}" if total_seeds else ""
     return f"""# bench_regflow_route: RegFlow then MLE vs MLE from scratch, {len({r['seed'] for r in rows})} seeds
 
 Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_regflow_route.py --run {args.run} --seeds \
-{' '.join(str(s) for s in sorted({r['seed'] for r in rows}))} --mle-fraction {args.mle_fraction} --n-samples {args.n_samples} --workdir {args.workdir}` (two processes side by
+{' '.join(str(r['seed']) for r in sorted(rows, key=lambda r: r['seed']) if r['method'] == 'mle')}{total} --mle-fraction {args.mle_fraction} --n-samples {args.n_samples} --workdir {args.workdir}` (two processes side by
 side on the two cores, seeds split between them). Machine: 2-core CPU, no GPU ({platform.processor() or
 platform.machine()}, 1 torch thread per process), shared. Date: {datetime.date.today().isoformat()}.
 Data: the run's training frames; evaluation against its held-out reference run with the frame weights,
