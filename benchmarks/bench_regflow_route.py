@@ -65,7 +65,8 @@ def train_one(method: str, seed: int, config: dict, data: str, work: Path, args,
         student = info["regflow"]
         folder = folder / "mle_finetune"
         extra = {"teacher_s": student.get("teacher_train_s", 0.0), "pairs_s": student.get("pairs_s", 0.0),
-                 "student_cpu_s": student["train"]["cpu_time_s"]}
+                 "student_cpu_s": student["train"]["cpu_time_s"],
+                 "student_compile_cpu_s": student["train"].get("compile_cpu_s", 0.0)}
     else:
         if method == "mle_total":
             route = next((r for r in rows if r["method"] == "route" and r["seed"] == seed), None)
@@ -77,6 +78,7 @@ def train_one(method: str, seed: int, config: dict, data: str, work: Path, args,
         extra = {}
     return {"method": method, "seed": seed, "budget_s": budget, "train_cpu_s": info["train"]["cpu_time_s"],
             "best_step": info["train"]["best_step"], "steps": info["train"]["step"],
+            "compile_cpu_s": info["train"].get("compile_cpu_s", 0.0),
             "process_cpu_s": time.process_time() - t, **extra}
 
 

@@ -17,7 +17,7 @@ from zuko.nn import MaskedMLP
 
 from .base import Flow, SequentialFlow
 from .coupling import check_dim
-from .nets import circle_features, feature_sources
+from .nets import CircleFeatures, feature_sources
 from .priors import default_prior
 from .splines import n_spline_params, rq_spline
 
@@ -55,9 +55,10 @@ class AutoregressiveSpline(Flow):
         nn.init.zeros_(self.net[-1].bias)
         self.register_buffer("order", order, persistent=False)
         self.register_buffer("_circular", circular, persistent=False)
+        self.features = CircleFeatures(circular)
 
     def _params(self, z):
-        return self.net(circle_features(z, self._circular)).reshape(z.shape[0], self.dim, self.n_params)
+        return self.net(self.features(z)).reshape(z.shape[0], self.dim, self.n_params)
 
     def _forward(self, z):
         check_dim(self, z)

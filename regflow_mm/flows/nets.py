@@ -31,15 +31,26 @@ class ResidualMLP(nn.Module):
         return self.out(h)
 
 
-def circle_features(x: torch.Tensor, circular: torch.Tensor) -> torch.Tensor:
+class CircleFeatures(nn.Module):
     """Conditioner inputs: circular dims u in [0, 1) become (cos 2 pi u, sin 2 pi u), others are kept.
 
-    x (B, d), circular (d,) bool -> (B, d + n_circular); continuous on the torus.
+    circular (d,) bool; forward x (B, d) -> (B, d + n_circular), continuous on the torus, columns ordered
+    as ``feature_sources``. The split is fixed at construction (long index buffers, a Python count) so that
+    ``torch.compile`` traces it without a graph break (a boolean mask gives a data-dependent shape).
     """
-    if not bool(circular.any()):
-        return x
-    angle = 2 * math.pi * x[:, circular]
-    return torch.cat([x[:, ~circular], angle.cos(), angle.sin()], dim=-1)
+
+    def __init__(self, circular):
+        super().__init__()
+        circular = torch.as_tensor(circular, dtype=torch.bool).reshape(-1)
+        self.n_circular = int(circular.sum())
+        self.register_buffer("_linear_idx", torch.nonzero(~circular).flatten(), persistent=False)
+        self.register_buffer("_circular_idx", torch.nonzero(circular).flatten(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.n_circular == 0:
+            return x
+        angle = 2 * math.pi * x.index_select(1, self._circular_idx)
+        return torch.cat([x.index_select(1, self._linear_idx), angle.cos(), angle.sin()], dim=-1)
 
 
 def feature_sources(circular: torch.Tensor) -> torch.Tensor:

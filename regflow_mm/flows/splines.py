@@ -14,7 +14,7 @@ from zuko.transforms import MonotonicRQSTransform
 
 from .base import SequentialFlow
 from .coupling import CouplingLayer
-from .nets import ResidualMLP, circle_features, coupling_mask
+from .nets import CircleFeatures, ResidualMLP, coupling_mask
 from .priors import default_prior
 
 SLOPE = 1e-3  # minimum knot derivative (zuko's default)
@@ -91,12 +91,13 @@ class SplineCoupling(CouplingLayer):
         self.register_buffer("_circ_a", circular[mask], persistent=False)
         self.register_buffer("_circ_b", circular[~mask], persistent=False)
         self.n_params = n_spline_params(self.bins, domain)
-        n_in = self._idx_b.numel() + int(self._circ_b.sum())
+        self.features = CircleFeatures(self._circ_b)
+        n_in = self._idx_b.numel() + self.features.n_circular
         self.net = ResidualMLP(n_in, self._idx_a.numel() * self.n_params, hidden, blocks)
 
     def _transform(self, x, inverse):
         x_a, x_b = self.split(x)
-        params = self.net(circle_features(x_b, self._circ_b)).reshape(x.shape[0], x_a.shape[1], self.n_params)
+        params = self.net(self.features(x_b)).reshape(x.shape[0], x_a.shape[1], self.n_params)
         y_a, logdet = rq_spline(x_a, params, self.domain, self._circ_a, self.bound, inverse)
         return self.merge(x, y_a), logdet
 
