@@ -38,8 +38,9 @@ SCHEMA: dict[str, dict] = {
     "flow": {"representation": "internal", "architecture": "nsf", "layers": 6, "hidden": 128},
     # Passed to regflow_mm.training.TrainConfig; the baseline trains with the same settings and budget.
     # data_weight_power: MLE / NLL+FM batches draw enhanced-sampling frames ~ w**power (RegFlow trains on
-    # teacher pairs and does not read it). compile: torch.compile the training loss (about 1.7x the steps per
-    # CPU-second; needs a C++ compiler, else training runs eagerly with a warning). val_every_epochs: epochs
+    # teacher pairs and does not read it). compile: torch.compile the training loss (about 1.8x the steps per
+    # CPU-second; its compiling first step is outside time_budget_s; needs a C++ compiler, else training runs
+    # eagerly with a warning). val_every_epochs: epochs
     # between validations (a RegFlow epoch over 20k pairs is only ~80 steps; validation is not in the budget).
     # reweight_fraction: the last part of an MLE / NLL+FM run draws batches with the full frame weights.
     # relabel_equivalent_atoms: each training frame's methyl / ammonium hydrogens relabelled by a random cyclic
