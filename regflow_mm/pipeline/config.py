@@ -52,7 +52,7 @@ SCHEMA: dict[str, dict] = {
     # generator (exact likelihood, rk4) in "evaluate_teacher" beside the student's training.
     "train": {"data_weight_power": 0.0, "reweight_fraction": 0.0, "relabel_equivalent_atoms": True,
               "mle_finetune_fraction": 0.0, "method": "regflow", "target": "reflow", "time_budget_s": 150.0, "epochs": 1000,
-              "batch_size": 256, "lr": 5e-4, "regression_units": "standardised", "regularizer": "logdet", "lambda_r": 1e-6,
+              "batch_size": 256, "lr": 5e-4, "regression_units": "standardised", "regularizer": "none", "lambda_r": 0.0,
               "lambda_n": 0.0,
               "n_pairs": 20000, "teacher_steps": 6000, "val_samples": 0, "ode_method": "dopri5",
               "lr_schedule": "constant", "keep_best": False, "compile": False, "val_every_epochs": 1},
