@@ -89,9 +89,8 @@ class SplineCoupling(CouplingLayer):
             raise ValueError("circular dimensions need domain='box' (flow space [0, 1) per circle)")
         self.domain, self.bins, self.bound = domain, int(bins), float(bound)
         self.register_buffer("_circ_a", circular[mask], persistent=False)
-        self.register_buffer("_circ_b", circular[~mask], persistent=False)
         self.n_params = n_spline_params(self.bins, domain)
-        self.features = CircleFeatures(self._circ_b)
+        self.features = CircleFeatures(circular[~mask])
         n_in = self._idx_b.numel() + self.features.n_circular
         self.net = ResidualMLP(n_in, self._idx_a.numel() * self.n_params, hidden, blocks)
 
