@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 # 2: internal coordinates centre each torsion mid-box (fitted circular-mean offsets).
 # 3: improper-first Z-matrix, narrow torsions as intervals.
 # 4: a final validation at the end of a run, so keep_best can choose the last steps' weights.
-# 5: compiled losses without graph breaks (~1.3x the steps per CPU-s); the compiling step outside the budget.
+# 5: compiled losses without graph breaks (1.24x the steps per CPU-s); the compiling step outside the budget.
 TRAIN_CODE_VERSION = 5
 # Settings of the RegFlow student's optimisation alone: the teacher stage's key leaves them out.
 _STUDENT_ONLY = ("time_budget_s", "epochs", "max_steps", "batch_size", "lr", "weight_decay", "ema_decay", "ema_warmup",

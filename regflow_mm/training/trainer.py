@@ -115,7 +115,7 @@ class OptimSettings:
     device: str = "auto"
     log_every: int = 50
     checkpoint_every: int = 500
-    # torch.compile (inductor) the MLE / RegFlow loss: about 1.9x the steps per CPU-second for the aldp
+    # torch.compile (inductor) the MLE / RegFlow loss: about 1.8x the steps per CPU-second for the aldp
     # NSF on a CPU (BENCHMARKS.md). The first step of each fit() compiles (~30 CPU s cold, ~3 s from
     # inductor's on-disk cache): it is left out of time_budget_s and reported as compile_cpu_s, so that
     # a budget buys the same steps on a cold or a warm cache. Needs a C++ compiler; without one training
