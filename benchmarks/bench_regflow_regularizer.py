@@ -63,8 +63,8 @@ def main(argv=None) -> int:
             settings = {**train_settings(as_regflow), "seed": seed, "data": stages["md"]["dataset"],
                         "time_budget_s": budget, "regularizer": "logdet" if lam > 0 else "none", "lambda_r": lam}
             info = run_training(TrainConfig.from_dict(settings), folder, progress=False)
-            last = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()
-                    if json.loads(line)["kind"] == "train"][-1]
+            records = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+            last = [r for r in records if r["kind"] == "train"][-1]
             row = {"seed": seed, "lambda_r": lam, "steps": info["train"]["step"],
                    "train_cpu_s": info["train"]["cpu_time_s"], "regression": last.get("regression"),
                    "logdet_sq": last.get("logdet"), **evaluate(folder, reference, seed, args)}

@@ -278,7 +278,7 @@ def test_compiling_step_is_outside_the_cpu_budget(tmp_path, monkeypatch):
         calls = []
 
         def call(*args, **kw):
-            if not calls:
+            if not calls:  # busy, not sleep: the budget counts process CPU time
                 t = time.process_time()
                 while time.process_time() - t < 0.5:
                     pass
